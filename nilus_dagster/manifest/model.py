@@ -1,0 +1,221 @@
+"""The typed Nilus manifest: the v2 shape, with the v1 hyphenated option spellings accepted."""
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
+
+from nilus_dagster.manifest.address import (
+    NatsAddress,
+    SinkAddress,
+    parse_nats_address,
+    parse_sink_address,
+)
+
+IncrementalStrategy = Literal["append", "replace", "merge"]
+
+_NAME = re.compile(r"^[a-z0-9]([a-z0-9_\-]{0,62}[a-z0-9])?$")
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+
+
+def _hyphens_to_underscores(value: Any) -> Any:
+    # v1 manifests spell option keys with hyphens (dest-table); both spellings are accepted.
+    if isinstance(value, dict):
+        return {
+            (k.replace("-", "_") if isinstance(k, str) else k): v for k, v in value.items()
+        }
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class SourceOptions(_Strict):
+    """``spec.source.options``."""
+
+    source_table: str = Field(min_length=1, description="JetStream stream name.")
+    run_in_loop: bool = Field(
+        default=False, description="Sensor starts RUNNING and each run drains what is pending."
+    )
+
+
+class SinkOptions(_Strict):
+    """``spec.sink.options``."""
+
+    dest_table: str = Field(description="schema.table")
+    incremental_strategy: IncrementalStrategy = "append"
+    primary_key: tuple[str, ...] | None = None
+    create_table: bool = True
+    commit_max_rows: PositiveInt = Field(
+        default=100_000, description="Rows per Delta commit at most."
+    )
+    commit_max_bytes: PositiveInt = Field(
+        default=64 * 1024 * 1024, description="Payload bytes per Delta commit at most."
+    )
+    compact_every: int = Field(
+        default=100, ge=0, description="Compact small files every N commits (0: never)."
+    )
+    checkpoint_every: int = Field(
+        default=10, ge=0, description="Write a Delta checkpoint every N commits (0: never)."
+    )
+
+    @field_validator("dest_table")
+    @classmethod
+    def _schema_dot_table(cls, value: str) -> str:
+        parts = value.split(".")
+        if len(parts) != 2 or not all(_IDENT.match(p) for p in parts):
+            raise ValueError(
+                f"must be schema.table (letters, digits, '_' or '-'), got {value!r}"
+            )
+        return value
+
+    @field_validator("primary_key", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [p.strip() for p in value.split(",")]
+        if isinstance(value, list | tuple):
+            if not value or not all(isinstance(p, str) and p for p in value):
+                raise ValueError("must be a column name or a non-empty list of column names")
+        return value
+
+    @model_validator(mode="after")
+    def _merge_needs_key(self) -> "SinkOptions":
+        if self.incremental_strategy == "merge" and not self.primary_key:
+            raise ValueError(
+                "incremental_strategy merge needs primary_key: add primary_key: <column> "
+                "(or a list) under spec.sink.options"
+            )
+        return self
+
+    @property
+    def schema_name(self) -> str:
+        return self.dest_table.split(".")[0]
+
+    @property
+    def table_name(self) -> str:
+        return self.dest_table.split(".")[1]
+
+
+def _nats_address(value: Any) -> NatsAddress:
+    if isinstance(value, NatsAddress):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("must be a string: nats+jetstream://HOST:PORT?subject=SUBJECT")
+    return parse_nats_address(value)
+
+
+def _sink_address(value: Any) -> SinkAddress:
+    if isinstance(value, SinkAddress):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("must be a string: dataos://<depot>?purpose=rw")
+    return parse_sink_address(value)
+
+
+class Source(_Strict):
+    """``spec.source``."""
+
+    address: Annotated[NatsAddress, PlainValidator(_nats_address)]
+    options: Annotated[SourceOptions, BeforeValidator(_hyphens_to_underscores)]
+
+
+class Sink(_Strict):
+    """``spec.sink``."""
+
+    address: Annotated[SinkAddress, PlainValidator(_sink_address)]
+    options: Annotated[SinkOptions, BeforeValidator(_hyphens_to_underscores)]
+
+
+class Secret(_Strict):
+    id: str
+    contextAlias: str | None = None  # noqa: N815 (the manifest's own spelling)
+
+
+class EnvVarProjection(_Strict):
+    key: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    template: str | None = None
+    value: str | None = None
+
+
+class Projections(_Strict):
+    envVars: tuple[EnvVarProjection, ...] = ()  # noqa: N815
+
+
+class Projection(_Strict):
+    secrets: tuple[Secret, ...] = ()
+    projections: Projections = Projections()
+
+
+class Use(_Strict):
+    projection: Projection = Projection()
+
+
+class DagsterSettings(_Strict):
+    """``spec.dagster``: how the pipeline appears in Dagster (all optional)."""
+
+    group: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_]+$")
+    partitions: Literal["daily", "hourly", "none"] = "daily"
+    partitions_start: str | None = Field(
+        default=None, description="First partition date (YYYY-MM-DD); default 2020-01-01."
+    )
+    max_lag: int = Field(default=10_000, ge=0, description="Sequence-lag check bound.")
+    sensor_interval_seconds: PositiveInt | None = None
+
+
+class Spec(_Strict):
+    type: str
+    compute: str | None = None
+    use: Use = Use()
+    source: Source
+    sink: Sink
+    dagster: DagsterSettings = DagsterSettings()
+
+    @field_validator("type")
+    @classmethod
+    def _stream_only(cls, value: str) -> str:
+        if value != "stream":
+            raise ValueError(
+                f"{value!r} is not supported: nilus_dagster runs stream pipelines; "
+                "set spec.type: stream"
+            )
+        return value
+
+
+class PipelineManifest(_Strict):
+    """A Nilus stream pipeline, as written in its YAML file."""
+
+    name: str
+    version: str = "v1alpha"
+    type: Literal["nilus"] = "nilus"
+    tags: tuple[str, ...] = ()
+    description: str | None = None
+    spec: Spec
+
+    @field_validator("name")
+    @classmethod
+    def _dns_like(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(
+                f"{value!r} must be lower-case letters, digits, '-' or '_' (at most 64), "
+                "starting and ending with a letter or digit"
+            )
+        return value
+
+    @property
+    def source(self) -> Source:
+        return self.spec.source
+
+    @property
+    def sink(self) -> Sink:
+        return self.spec.sink

