@@ -1,0 +1,93 @@
+"""What a run did and what the stream looks like: the figures behind the run metadata."""
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class LagReport:
+    """The stream's state against the committed position (no messages consumed).
+
+    Attributes:
+        stream: JetStream stream name.
+        subject: The pipeline's subject.
+        position: Last stream sequence committed to the table (0 when nothing is).
+        stream_first_seq: Oldest sequence the stream still holds.
+        stream_last_seq: Newest sequence in the stream (any subject).
+        sequence_lag: Messages on the subject after ``position``, not yet in the table.
+        gap: Sequences lost to retention after ``position`` (``stream_first_seq - position - 1``
+            when positive, else 0).
+        lag_seconds: Age of the newest committed message, or ``None`` with an empty table.
+        table_uri: The Delta table.
+        problem: Why the position cannot be used as is (a recreated stream), else ``None``.
+    """
+
+    stream: str
+    subject: str
+    position: int
+    stream_first_seq: int
+    stream_last_seq: int
+    sequence_lag: int
+    gap: int
+    lag_seconds: float | None
+    table_uri: str
+    problem: str | None = None
+
+    @property
+    def pending(self) -> bool:
+        return self.sequence_lag > 0
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """What one run committed. Every field maps to a run metadata key (see ``metadata()``)."""
+
+    pipeline: str
+    stream: str
+    subject: str
+    table_uri: str
+    first_seq: int | None
+    last_seq: int | None
+    position: int
+    stream_last_seq: int
+    sequence_lag: int
+    lag_seconds: float | None
+    gap: int
+    row_count: int
+    rows_written: int
+    dead_letters: int
+    messages: int
+    bytes: int
+    commits: int
+    duration_seconds: float
+    consumer: str = "ephemeral"
+    realigned: bool = False
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def messages_per_second(self) -> float:
+        return self.messages / self.duration_seconds if self.duration_seconds > 0 else 0.0
+
+    def metadata(self) -> dict[str, Any]:
+        """The run metadata, under the names the design fixes (plain Python values)."""
+        return {
+            "nats/stream": self.stream,
+            "nats/subject": self.subject,
+            "nats/first_seq": self.first_seq if self.first_seq is not None else 0,
+            "nats/last_seq": self.last_seq if self.last_seq is not None else self.position,
+            "nats/stream_last_seq": self.stream_last_seq,
+            "nats/sequence_lag": self.sequence_lag,
+            "nats/lag_seconds": self.lag_seconds if self.lag_seconds is not None else 0.0,
+            "nats/gap": self.gap,
+            "dagster/row_count": self.row_count,
+            "nilus/rows_written": self.rows_written,
+            "nilus/dead_letters": self.dead_letters,
+            "nilus/messages_per_second": round(self.messages_per_second, 1),
+            "nilus/duration_seconds": round(self.duration_seconds, 3),
+            "nilus/table_uri": self.table_uri,
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["messages_per_second"] = self.messages_per_second
+        return data
