@@ -35,6 +35,66 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_one(path: str):  # type: ignore[no-untyped-def]
+    from nilus_dagster.manifest.loader import parse_pipeline
+
+    return parse_pipeline(path)
+
+
+def _progress_printer():  # type: ignore[no-untyped-def]
+    if not sys.stderr.isatty():
+        return None
+
+    def show(progress) -> None:  # type: ignore[no-untyped-def]
+        target = f"/{progress.target}" if progress.target else ""
+        sys.stderr.write(
+            f"\r  position {progress.position}{target}  {progress.messages} messages  "
+            f"{progress.messages_per_second:,.0f} msg/s  {progress.elapsed_seconds:.1f}s "
+        )
+        sys.stderr.flush()
+
+    return show
+
+
+def _run(args: argparse.Namespace) -> int:
+    from nilus_dagster.engine import run_pipeline
+
+    pipeline = _load_one(args.pipeline)
+    drain = True if args.drain else (False if args.one_batch else None)
+    report = run_pipeline(
+        pipeline,
+        drain=drain,
+        max_messages=args.max_messages,
+        max_seconds=args.max_seconds,
+        on_progress=_progress_printer(),
+    )
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")
+    for key, value in report.metadata().items():
+        print(f"{key:28} {value}")
+    return 0
+
+
+def _lag(args: argparse.Namespace) -> int:
+    from nilus_dagster.engine import measure_lag
+
+    pipeline = _load_one(args.pipeline)
+    lag = measure_lag(pipeline)
+    print(f"{'pipeline':16} {pipeline.name}")
+    print(f"{'stream':16} {lag.stream} (sequences {lag.stream_first_seq}..{lag.stream_last_seq})")
+    print(f"{'subject':16} {lag.subject}")
+    print(f"{'position':16} {lag.position}")
+    print(f"{'sequence_lag':16} {lag.sequence_lag}")
+    age = f"{lag.lag_seconds:.1f}" if lag.lag_seconds is not None else "-"
+    print(f"{'lag_seconds':16} {age}")
+    print(f"{'gap':16} {lag.gap}")
+    print(f"{'table':16} {lag.table_uri}")
+    if lag.problem:
+        print(f"problem: {redact(lag.problem)}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nilus-dagster",
@@ -47,6 +107,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     validate.add_argument("paths", nargs="+", help="manifest files, folders or globs")
     validate.set_defaults(handler=_validate)
+
+    run = verbs.add_parser("run", help="run one pipeline through the engine, without Dagster")
+    run.add_argument("pipeline", help="the pipeline's YAML file")
+    run.add_argument("--max-messages", type=int, default=None, help="stop after N messages")
+    run.add_argument(
+        "--max-seconds", type=float, default=None, help="stop pulling after S seconds"
+    )
+    mode = run.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--drain", action="store_true", help="drain what is pending (default with run_in_loop)"
+    )
+    mode.add_argument("--one-batch", action="store_true", help="pull one batch (the other default)")
+    run.set_defaults(handler=_run)
+
+    lag = verbs.add_parser("lag", help="stream, committed position and sequence lag")
+    lag.add_argument("pipeline", help="the pipeline's YAML file")
+    lag.set_defaults(handler=_lag)
     return parser
 
 
