@@ -33,7 +33,7 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNatsS
 
 @pytest.fixture(scope="session")
 def system_nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNatsServer]:
-    """The system nats-server (Debian's 2.9) on a free port with its own store; skipped if absent."""
+    """The system nats-server (Debian 2.9), free port, own store; skipped where absent."""
     if not os.access(SYSTEM_NATS_SERVER, os.X_OK):
         pytest.skip(f"{SYSTEM_NATS_SERVER} is not installed")
     server = LocalNatsServer(SYSTEM_NATS_SERVER, store_dir=tmp_path_factory.mktemp("nats29"))
