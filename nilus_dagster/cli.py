@@ -95,6 +95,19 @@ def _lag(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from nilus_dagster.demo import run_demo
+
+    return run_demo(
+        port=args.port,
+        rate=args.rate,
+        seconds=args.seconds,
+        keep_running=args.keep_running,
+        reset=args.reset,
+        store_dir=args.store,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nilus-dagster",
@@ -124,6 +137,28 @@ def build_parser() -> argparse.ArgumentParser:
     lag = verbs.add_parser("lag", help="stream, committed position and sequence lag")
     lag.add_argument("pipeline", help="the pipeline's YAML file")
     lag.set_defaults(handler=_lag)
+
+    demo = verbs.add_parser(
+        "demo",
+        help="local JetStream server, sample orders, one run into a local Delta table",
+    )
+    demo.add_argument(
+        "--port", type=int, default=None, help="server port (default 4333 when free, else any)"
+    )
+    demo.add_argument("--rate", type=int, default=400, help="orders published per second")
+    demo.add_argument("--seconds", type=float, default=2.0, help="how long to publish first")
+    demo.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="keep the server and the publisher up until Ctrl-C (to watch it in dagster dev)",
+    )
+    demo.add_argument(
+        "--reset", action="store_true", help="start over: delete the demo stream and its table"
+    )
+    demo.add_argument(
+        "--store", default=".nilus_demo", help="the demo server's JetStream store (kept)"
+    )
+    demo.set_defaults(handler=_demo)
     return parser
 
 
