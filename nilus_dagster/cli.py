@@ -12,18 +12,29 @@ from nilus_dagster.redaction import redact
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from nilus_dagster.errors import ManifestError
     from nilus_dagster.manifest.loader import collect_pipelines
 
     pipelines, problems = collect_pipelines(args.paths)
     for pipeline in pipelines:
         source = pipeline.manifest.source
         sink = pipeline.manifest.sink
-        location = pipeline.table_location(fill_secrets=False)
+        try:
+            # Placeholders stay unfilled: validate never reads a secret.
+            location = pipeline.table_location(fill_secrets=False)
+        except ManifestError as exc:
+            problems.extend(exc.problems)
+            continue
+        needs = source.address.placeholders()
         print(
-            f"ok  {pipeline.path}: {pipeline.name}: stream {pipeline.stream} subject "
-            f"{source.address.subject} -> {sink.options.dest_table} "
-            f"({sink.options.incremental_strategy}) at {location.uri}"
+            redact(
+                f"ok  {pipeline.path}: {pipeline.name}: stream {pipeline.stream} subject "
+                f"{source.address.subject} -> {sink.options.dest_table} "
+                f"({sink.options.incremental_strategy}) at {location.uri}"
+                + (f"; needs {', '.join(needs)} at run time" if needs else "")
+            )
         )
+    problems = list(dict.fromkeys(problems))  # one bad depots file is named once
     for problem in problems:
         print(redact(str(problem)), file=sys.stderr)
     if problems:
