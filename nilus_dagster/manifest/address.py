@@ -8,6 +8,7 @@ holding ``@`` or ``/`` never breaks the parse and no secret is read before a run
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
+from difflib import get_close_matches
 from typing import Literal
 from urllib.parse import parse_qsl, unquote
 
@@ -176,13 +177,14 @@ def _parse_time(part: str, value: str) -> datetime:
         text = text[:-1] + "+00:00"
     try:
         moment = datetime.fromisoformat(text)
-    except ValueError:
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=timezone.utc)
+        # Converting can leave the calendar (0001-01-01T00:00+01:00): same message.
+        return moment.astimezone(timezone.utc)
+    except (ValueError, OverflowError):
         raise AddressError(
             part, f"must be an ISO-8601 time such as 2025-01-31T00:00:00Z, got {value!r}"
         ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc)
 
 
 def _parse_bool(part: str, value: str) -> bool:
@@ -205,7 +207,9 @@ def _split_servers(hostlist: str) -> tuple[str, ...]:
             if end < 0:
                 raise AddressError("host", f"has an unclosed IPv6 bracket in {item!r}")
             host, rest = item[: end + 1], item[end + 1 :]
-            port = rest[1:] if rest.startswith(":") else ""
+            if rest and not rest.startswith(":"):
+                raise AddressError("host", f"{item!r} is not [IPv6]:port")
+            port = rest[1:]
         elif item.count(":") == 1:
             host, port = item.split(":")
         elif ":" in item:
@@ -218,10 +222,7 @@ def _split_servers(hostlist: str) -> tuple[str, ...]:
         elif placeholders_in(port) and port.startswith("{") and port.endswith("}"):
             port_text = port
         else:
-            try:
-                number = int(port)
-            except ValueError:
-                raise AddressError("port", f"must be a number from 1 to 65535, got {port!r}") from None
+            number = int(port) if port.isascii() and port.isdigit() else 0
             if not 0 < number < 65536:
                 raise AddressError("port", f"must be a number from 1 to 65535, got {port!r}")
             port_text = str(number)
@@ -229,6 +230,28 @@ def _split_servers(hostlist: str) -> tuple[str, ...]:
             raise AddressError("host", f"{host!r} is not a valid host name")
         servers.append(f"{host}:{port_text}")
     return tuple(servers)
+
+
+def _check_subject(subject: str) -> None:
+    # The server accepts a bad filter subject and then matches nothing: refuse it here.
+    tokens = subject.split(".")
+    bad = (
+        any(c.isspace() for c in subject)
+        or any(not t for t in tokens)
+        or any(("*" in t or ">" in t) and len(t) > 1 for t in tokens)
+        or ">" in tokens[:-1]
+    )
+    if bad:
+        raise AddressError(
+            "subject",
+            f"{subject!r} is not a valid NATS subject: dot-separated non-empty tokens without "
+            "spaces, '*' as a whole token, '>' only as the last token (e.g. orders.created)",
+        )
+
+
+def _suggest(key: str, known: list[str]) -> str:
+    close = get_close_matches(key, known, n=1)
+    return f"did you mean {close[0]}? " if close else ""
 
 
 def parse_nats_address(raw: str) -> NatsAddress:
@@ -281,12 +304,19 @@ def parse_nats_address(raw: str) -> NatsAddress:
     servers = _split_servers(hostlist) if hostlist else (f"{DEFAULT_HOST}:{DEFAULT_PORT}",)
 
     params: dict[str, str] = {}
-    for key, value in parse_qsl(query, keep_blank_values=True):
+    # A literal '+' in a token or seed is a '+', not a space as in HTML forms.
+    for key, value in parse_qsl(query.replace("+", "%2B"), keep_blank_values=True):
+        if not key:
+            raise AddressError("address", "has an option without a name (=value) in its query")
         if key not in NATS_OPTIONS:
             known = ", ".join(NATS_OPTIONS)
-            raise AddressError(key, f"is not a known address option; known options: {known}")
+            raise AddressError(
+                key,
+                f"is not a known address option; {_suggest(key, list(NATS_OPTIONS))}"
+                f"known options: {known}",
+            )
         if key in params:
-            raise AddressError(key, "is given twice in the address")
+            raise AddressError(key, "is given twice in the address; keep one")
         params[key] = value
 
     subject = params.get("subject", "").strip()
@@ -295,22 +325,37 @@ def parse_nats_address(raw: str) -> NatsAddress:
             "subject",
             "is required: add ?subject=<subject> to the address (e.g. ?subject=orders.created)",
         )
-    if any(c.isspace() for c in subject) or ".." in subject or subject.startswith("."):
-        raise AddressError("subject", f"{subject!r} is not a valid NATS subject")
+    _check_subject(subject)
 
     if "token" in params:
         if token is not None:
-            raise AddressError("token", "is given both as userinfo and as ?token=; keep one")
+            raise AddressError(
+                "token",
+                "is given both before '@' and as ?token=; keep one (?token={NATS_TOKEN})",
+            )
         token = params["token"] or None
         if token is None:
-            raise AddressError("token", "is empty")
+            raise AddressError("token", "is empty: write token={NATS_TOKEN} or remove it")
     nkeys_seed = params.get("nkeys_seed")
     if nkeys_seed is not None and not nkeys_seed:
-        raise AddressError("nkeys_seed", "is empty")
-    modes = [m for m, v in (("user/password", user), ("token", token), ("nkeys_seed", nkeys_seed),
-                            ("creds", params.get("creds"))) if v]
+        raise AddressError(
+            "nkeys_seed", "is empty: write nkeys_seed={NATS_NKEYS_SEED} or remove it"
+        )
+    modes = [
+        m
+        for m, v in (
+            ("user/password", user),
+            ("token", token),
+            ("nkeys_seed", nkeys_seed),
+            ("creds", params.get("creds")),
+        )
+        if v
+    ]
     if len(modes) > 1:
-        raise AddressError("auth", f"gives several auth modes ({', '.join(modes)}); keep one")
+        raise AddressError(
+            "auth",
+            f"gives several auth modes ({', '.join(modes)}); NATS takes one: keep one of them",
+        )
 
     ack_policy = params.get("ack_policy", "none").lower()
     if ack_policy not in ("none", "all", "explicit"):
@@ -319,9 +364,13 @@ def parse_nats_address(raw: str) -> NatsAddress:
     if payload_format not in ("json", "raw"):
         raise AddressError("format", f"must be json or raw, got {payload_format!r}")
     durable = params.get("durable")
-    if durable is not None and (not durable or any(c in durable for c in " .*>")):
+    if durable is not None and (
+        not durable or any(c in durable for c in ".*>/\\") or any(c.isspace() for c in durable)
+    ):
         raise AddressError(
-            "durable", f"{durable!r} is not a valid consumer name (no spaces, '.', '*' or '>')"
+            "durable",
+            f"{durable!r} is not a valid consumer name: use letters, digits, '-' or '_' "
+            "(no spaces, '.', '*', '>', '/' or '\\')",
         )
     if ack_policy != "none" and not durable:
         raise AddressError(
@@ -335,10 +384,19 @@ def parse_nats_address(raw: str) -> NatsAddress:
     )
     start_time = _parse_time("start_time", params["start_time"]) if "start_time" in params else None
     if start_sequence is not None and start_time is not None:
-        raise AddressError("start_time", "and start_sequence are both given; keep one")
+        raise AddressError(
+            "start_time",
+            "and start_sequence are both given; keep one of them (they both set "
+            "where the first run starts)",
+        )
     tls_cert, tls_key = params.get("tls_cert"), params.get("tls_key")
     if bool(tls_cert) != bool(tls_key):
-        raise AddressError("tls_cert", "and tls_key go together: give both or neither")
+        missing = "tls_key" if tls_cert else "tls_cert"
+        raise AddressError(
+            missing,
+            f"is missing: tls_cert and tls_key go together; add &{missing}=<path> "
+            "or remove the other",
+        )
 
     return NatsAddress(
         servers=servers,

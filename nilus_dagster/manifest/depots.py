@@ -13,7 +13,9 @@ With ``NILUS_DEPOTS`` pointing at a YAML file, each depot maps to a storage root
           AWS_ACCESS_KEY_ID: "{AWS_ACCESS_KEY_ID}"
           AWS_SECRET_ACCESS_KEY: "{AWS_SECRET_ACCESS_KEY}"
 
-Without a depots file every depot is a folder under ``NILUS_LAKEHOUSE`` (default ``./.lakehouse``).
+A relative ``root`` is relative to the depots file. Without a depots file every depot is a folder
+under ``NILUS_LAKEHOUSE`` (default ``./.lakehouse``). Either way ``dest_table: schema.table`` is the
+Delta table at ``<root>/<schema>/<table>``.
 """
 
 import os
@@ -27,6 +29,7 @@ from nilus_dagster.errors import ManifestError, Problem
 from nilus_dagster.manifest.address import DIRECT_SCHEMES
 from nilus_dagster.manifest.model import Sink
 from nilus_dagster.manifest.placeholders import fill
+from nilus_dagster.manifest.yaml_text import yaml_problem
 
 DEPOTS_ENV = "NILUS_DEPOTS"
 LAKEHOUSE_ENV = "NILUS_LAKEHOUSE"
@@ -60,10 +63,10 @@ class Depot:
 
 def _absolute_root(root: str, base: Path) -> str:
     if "://" in root:
-        scheme = root.partition("://")[0].lower()
-        if scheme == "file":
-            return str(Path(root.partition("://")[2]).resolve())
-        return root.rstrip("/")
+        scheme, _, rest = root.partition("://")
+        if scheme.lower() != "file":
+            return root.rstrip("/")
+        root = rest
     path = Path(root).expanduser()
     if not path.is_absolute():
         path = base / path
@@ -79,38 +82,86 @@ def load_depots(path: str | os.PathLike[str]) -> dict[str, Depot]:
     file = Path(path)
     where = str(file)
     try:
-        data = yaml.safe_load(file.read_text())
-    except OSError as exc:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
         raise ManifestError(
-            [Problem(where, DEPOTS_ENV, f"cannot read the depots file ({exc.strerror})")]
+            [
+                Problem(
+                    where,
+                    "(file)",
+                    f"cannot read the depots file ({reason}); fix {DEPOTS_ENV} or the file",
+                )
+            ]
         ) from None
-    except yaml.YAMLError as exc:
-        raise ManifestError([Problem(where, "depots", f"is not valid YAML: {exc}")]) from None
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
+        raise ManifestError([yaml_problem(where, exc)]) from None
     if not isinstance(data, dict) or not isinstance(data.get("depots"), dict):
         raise ManifestError(
-            [Problem(where, "depots", "must be a mapping: depots: {NAME: {root: URI}}")]
+            [
+                Problem(
+                    where,
+                    "depots",
+                    "is missing or not a mapping: a depots file holds "
+                    "depots: {<depot>: {root: <URI or folder>, storage_options: {...}}}",
+                )
+            ]
         )
+    problems: list[Problem] = []
     depots: dict[str, Depot] = {}
     for name, entry in data["depots"].items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("root"), str):
-            raise ManifestError(
-                [Problem(where, f"depots.{name}.root", "is required: the storage root URI")]
+        field_name = f"depots.{name}"
+        if not isinstance(entry, dict):
+            problems.append(
+                Problem(where, field_name, "must be a mapping: {root: <URI or folder>}")
             )
-        unknown = set(entry) - {"root", "storage_options"}
+            continue
+        unknown = sorted(str(k) for k in entry if k not in ("root", "storage_options"))
         if unknown:
-            raise ManifestError(
-                [Problem(where, f"depots.{name}", f"unknown keys {sorted(unknown)}")]
+            problems.append(
+                Problem(
+                    where,
+                    f"{field_name}.{unknown[0]}",
+                    "is not a known depot key; a depot has root and storage_options",
+                )
             )
+        root = entry.get("root")
+        if not isinstance(root, str) or not root.strip():
+            problems.append(
+                Problem(
+                    where,
+                    f"{field_name}.root",
+                    "is required: the storage root (s3://bucket/prefix, or a folder)",
+                )
+            )
+            continue
         options = entry.get("storage_options") or {}
         if not isinstance(options, dict):
-            raise ManifestError(
-                [Problem(where, f"depots.{name}.storage_options", "must be a mapping")]
+            problems.append(
+                Problem(where, f"{field_name}.storage_options", "must be a mapping of text")
             )
+            continue
+        bad = [k for k, v in options.items() if not isinstance(v, str | int | float | bool)]
+        for key in bad:
+            problems.append(
+                Problem(
+                    where,
+                    f"{field_name}.storage_options.{key}",
+                    'must be text (quote it; a secret goes in as "{VARIABLE}")',
+                )
+            )
+        if bad:
+            continue
         depots[str(name)] = Depot(
             name=str(name),
-            root=_absolute_root(entry["root"], file.parent),
-            storage_options={str(k): str(v) for k, v in options.items()},
+            root=_absolute_root(root.strip(), file.parent),
+            storage_options={
+                str(k): (str(v).lower() if isinstance(v, bool) else str(v))
+                for k, v in options.items()
+            },
         )
+    if problems:
+        raise ManifestError(problems)
     return depots
 
 
@@ -118,7 +169,7 @@ def resolve_table_location(
     sink: Sink,
     env: Mapping[str, str] | None = None,
     *,
-    where: str = "spec.sink",
+    file: str = "(manifest)",
     fill_secrets: bool = True,
 ) -> TableLocation:
     """Resolve the Delta table a sink writes to.
@@ -126,17 +177,18 @@ def resolve_table_location(
     Args:
         sink: The manifest's sink.
         env: The run-time environment (``os.environ`` by default).
-        where: Words naming the manifest for errors.
+        file: The manifest's file, named in errors.
         fill_secrets: Fill ``{PLACEHOLDER}``s in storage options (run time). ``False`` keeps
             them as written, for display at load time.
 
     Raises:
-        ManifestError: The depot is not in the depots file.
+        ManifestError: The depots file is malformed or does not hold the sink's depot.
         PlaceholderError: A storage option needs a variable that is not set.
     """
     env = os.environ if env is None else env
     address = sink.address
     options: Mapping[str, str] = {}
+    options_where = ""
     if address.is_depot:
         depots_file = env.get(DEPOTS_ENV)
         if depots_file:
@@ -146,14 +198,16 @@ def resolve_table_location(
                 raise ManifestError(
                     [
                         Problem(
-                            where,
-                            "address",
-                            f"depot {address.depot!r} is not in {depots_file} "
-                            f"(known: {', '.join(sorted(depots)) or 'none'}); add it there",
+                            file,
+                            "spec.sink.address",
+                            f"depot {address.depot!r} is not in the depots file {depots_file} "
+                            f"({DEPOTS_ENV}; it has: {', '.join(sorted(depots)) or 'none'}): "
+                            "add it there or fix the depot name",
                         )
                     ]
                 )
             root, options = depot.root, depot.storage_options
+            options_where = f"{depots_file}: depots.{depot.name}.storage_options"
         else:
             lakehouse = env.get(LAKEHOUSE_ENV) or DEFAULT_LAKEHOUSE
             root = _absolute_root(str(Path(lakehouse) / (address.depot or "")), Path.cwd())
@@ -163,7 +217,7 @@ def resolve_table_location(
         root = _absolute_root(raw_root, Path.cwd()) if scheme in DIRECT_SCHEMES else raw_root
     if fill_secrets:
         options = {
-            k: fill(v, env, where=f"{where}: storage_options.{k}", secret=True)
+            k: fill(v, env, where=f"{options_where}.{k} (for {file})", secret=True)
             for k, v in options.items()
         }
     opts = sink.options

@@ -4,17 +4,25 @@ import glob
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 from nilus_dagster.errors import ManifestError, Problem
-from nilus_dagster.manifest.address import NATS_OPTIONS, AddressError, NatsAddress
-from nilus_dagster.manifest.depots import TableLocation, resolve_table_location
-from nilus_dagster.manifest.model import PipelineManifest, SinkOptions, SourceOptions
+from nilus_dagster.manifest.address import AddressError, NatsAddress
+from nilus_dagster.manifest.depots import TableLocation, load_depots, resolve_table_location
+from nilus_dagster.manifest.model import (
+    PipelineManifest,
+    Sink,
+    SinkOptions,
+    Source,
+    SourceOptions,
+    Spec,
+)
 from nilus_dagster.manifest.projection import projected_environment
+from nilus_dagster.manifest.yaml_text import load_yaml
 
 PIPELINES_ENV = "NILUS_PIPELINES"
 DEFAULT_PIPELINES_DIR = "pipelines"
@@ -36,8 +44,30 @@ _REQUIRED_HINTS = {
 }
 
 _KNOWN_KEYS = {
+    "": sorted(PipelineManifest.model_fields),
+    "spec": sorted(Spec.model_fields),
+    "spec.source": sorted(Source.model_fields),
+    "spec.sink": sorted(Sink.model_fields),
     "spec.source.options": sorted(SourceOptions.model_fields),
     "spec.sink.options": sorted(SinkOptions.model_fields),
+}
+
+# What a wrong literal usually means.
+_LITERAL_HINTS = {
+    "type": "v1 workflow/service manifests (stack: nilus) are not read; write the v2 shape "
+    "with type: nilus and the pipeline under spec",
+}
+
+_TYPE_WORDS = {
+    "NoneType": "nothing",
+    "str": "text",
+    "int": "a number",
+    "float": "a number",
+    "bool": "true/false",
+    "list": "a list",
+    "dict": "a mapping",
+    "date": "a date",
+    "datetime": "a time",
 }
 
 
@@ -78,13 +108,23 @@ class Pipeline:
     def table_location(
         self, env: Mapping[str, str] | None = None, *, fill_secrets: bool = True
     ) -> TableLocation:
-        """Where the pipeline's Delta table lives."""
-        environment = self.environment(env) if fill_secrets else dict(os.environ if env is None else env)
+        """Where the pipeline's Delta table lives.
+
+        Args:
+            env: The environment (``os.environ`` by default).
+            fill_secrets: Fill storage-option placeholders (run time); ``False`` keeps them
+                as written and reads no secret (load time, display).
+
+        Raises:
+            ManifestError: The depots file is malformed or lacks the sink's depot.
+            PlaceholderError: A storage option needs a variable that is not set.
+        """
+        if fill_secrets:
+            environment = self.environment(env)
+        else:
+            environment = dict(os.environ if env is None else env)
         return resolve_table_location(
-            self.manifest.sink,
-            environment,
-            where=f"{self.path}: spec.sink",
-            fill_secrets=fill_secrets,
+            self.manifest.sink, environment, file=str(self.path), fill_secrets=fill_secrets
         )
 
 
@@ -92,51 +132,69 @@ def _loc_to_field(loc: Sequence[Any]) -> str:
     return ".".join(str(part) for part in loc if not str(part).startswith("function-"))
 
 
+def _shown(value: object) -> str:
+    # Inputs can be long (a pasted certificate): keep messages to one readable line.
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _type_word(value: object) -> str:
+    name = type(value).__name__
+    return _TYPE_WORDS.get(name, name)
+
+
+def _message(field: str, item: Mapping[str, Any]) -> tuple[str, str]:
+    """The field to name and the message for one pydantic error item."""
+    kind = item["type"]
+    value = item.get("input")
+    ctx = item.get("ctx") or {}
+    if kind == "missing":
+        return field, f"is required: {_REQUIRED_HINTS.get(field, 'add it')}"
+    if kind == "extra_forbidden":
+        parent, _, key = field.rpartition(".")
+        known = _KNOWN_KEYS.get(parent, [])
+        message = f"is not a known option; {_did_you_mean(key, known)}"
+        if known:
+            return field, message + f"known options: {', '.join(known)}"
+        return field, message + "remove it or check its spelling"
+    if kind == "value_error":
+        cause = ctx.get("error")
+        if isinstance(cause, AddressError):
+            return f"{field}.{cause.part}", str(cause)
+        return field, str(cause) if cause else str(item["msg"])
+    if value is None and field in _REQUIRED_HINTS:
+        return field, f"is empty: {_REQUIRED_HINTS[field]}"
+    if kind == "literal_error":
+        message = f"must be {ctx.get('expected', '')}, got {_shown(value)}"
+        if field in _LITERAL_HINTS:
+            message += f"; {_LITERAL_HINTS[field]}"
+        return field, message
+    if kind in ("bool_parsing", "bool_type"):
+        return field, f"must be true or false, got {_shown(value)}"
+    if kind.startswith(("int_", "greater_than")):
+        return field, f"must be a positive whole number, got {_shown(value)}"
+    if kind.startswith("string_"):
+        if kind == "string_type":
+            return field, f"must be text, got {_type_word(value)} {_shown(value)}"
+        return field, f"{item['msg'].lower()}, got {_shown(value)}"
+    if kind in ("dict_type", "model_type", "model_attributes_type"):
+        return field, f"must be a mapping (key: value lines), got {_type_word(value)}"
+    if kind in ("tuple_type", "list_type"):
+        return field, f"must be a list, got {_type_word(value)} {_shown(value)}"
+    return field, f"{item['msg']}, got {_shown(value)}"
+
+
+def _did_you_mean(key: str, known: Sequence[str]) -> str:
+    close = get_close_matches(key, known, n=1)
+    return f"did you mean {close[0]}? " if close else ""
+
+
 def _problems_from_validation(file: str, error: ValidationError) -> list[Problem]:
     problems = []
     for item in error.errors():
-        field = _loc_to_field(item["loc"])
-        kind = item["type"]
-        if kind == "missing":
-            hint = _REQUIRED_HINTS.get(field, "add it")
-            message = f"is required: {hint}"
-        elif kind == "extra_forbidden":
-            parent, _, key = field.rpartition(".")
-            known = _KNOWN_KEYS.get(parent)
-            message = f"{key!r} is not a known option"
-            if known:
-                message += f"; known options: {', '.join(known)}"
-            else:
-                message += "; remove it or check its spelling"
-        elif kind == "value_error":
-            cause = item.get("ctx", {}).get("error")
-            if isinstance(cause, AddressError):
-                field = f"{field}.{cause.part}"
-                message = str(cause)
-                if cause.part in NATS_OPTIONS or cause.part in ("host", "port"):
-                    pass
-            else:
-                message = str(cause) if cause else item["msg"]
-        elif kind == "literal_error":
-            expected = item.get("ctx", {}).get("expected", "")
-            message = f"must be {expected}, got {item.get('input')!r}"
-        elif kind in ("bool_parsing", "bool_type"):
-            message = f"must be true or false, got {item.get('input')!r}"
-        elif kind.startswith(("int_", "greater_than")):
-            message = f"must be a positive whole number, got {item.get('input')!r}"
-        elif kind in ("string_type", "dict_type", "model_type", "tuple_type", "list_type"):
-            expected = {
-                "string_type": "a string",
-                "dict_type": "a mapping",
-                "model_type": "a mapping",
-                "tuple_type": "a list",
-                "list_type": "a list",
-            }[kind]
-            message = f"must be {expected}, got {type(item.get('input')).__name__}"
-        else:
-            message = item["msg"]
+        field, message = _message(_loc_to_field(item["loc"]), item)
         problems.append(Problem(file, field or "(top level)", message))
-    return problems
+    return list(dict.fromkeys(problems))
 
 
 def is_depots_file(data: object) -> bool:
@@ -159,20 +217,25 @@ def parse_pipeline(path: str | os.PathLike[str], text: str | None = None) -> Pip
             raise ManifestError([Problem(where, "(file)", "does not exist")]) from None
         except (OSError, UnicodeDecodeError) as exc:
             raise ManifestError([Problem(where, "(file)", f"cannot be read: {exc}")]) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        position = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(yaml)"
-        reason = getattr(exc, "problem", None) or str(exc)
-        raise ManifestError(
-            [Problem(where, position, f"is not valid YAML: {reason}; fix the indentation or quoting")]
-        ) from None
+    return _pipeline_from_data(file, load_yaml(text, where))
+
+
+def _pipeline_from_data(file: Path, data: object) -> Pipeline:
+    where = str(file)
     if data is None:
-        raise ManifestError([Problem(where, "(file)", "is empty: write a Nilus manifest")])
+        raise ManifestError(
+            [Problem(where, "(file)", "is empty: write a Nilus manifest (name:, spec:)")]
+        )
     if not isinstance(data, dict):
         raise ManifestError(
-            [Problem(where, "(top level)", f"must be a mapping, got {type(data).__name__}")]
+            [
+                Problem(
+                    where,
+                    "(top level)",
+                    f"must be a mapping (name:, spec: ...), got {_type_word(data)}; "
+                    "a file holds one pipeline",
+                )
+            ]
         )
     try:
         manifest = PipelineManifest.model_validate(data)
@@ -181,27 +244,41 @@ def parse_pipeline(path: str | os.PathLike[str], text: str | None = None) -> Pip
     return Pipeline(manifest=manifest, path=file)
 
 
+def _is_glob(text: str) -> bool:
+    return any(c in text for c in "*?[")
+
+
 def find_manifest_files(targets: Iterable[str | os.PathLike[str]]) -> list[Path]:
-    """Expand folders (recursively), files and glob patterns to YAML files, sorted and unique."""
-    found: dict[Path, None] = {}
+    """Expand folders (recursively), files and glob patterns to YAML files, sorted and unique.
+
+    A file named directly is kept whatever its suffix (and even when it does not exist, so that
+    the caller can say so); folders and globs contribute ``*.yaml``/``*.yml`` files only.
+    """
+    found: dict[Path, Path] = {}
     for target in targets:
         text = str(target)
-        if any(c in text for c in "*?["):
+        if _is_glob(text):
             matches = [Path(m) for m in sorted(glob.glob(text, recursive=True))]
+            matches = [m for m in matches if m.is_dir() or m.suffix in YAML_SUFFIXES]
         else:
             matches = [Path(text)]
         for match in matches:
             if match.is_dir():
-                for child in sorted(match.rglob("*")):
-                    if child.suffix in YAML_SUFFIXES and child.is_file():
-                        found[child] = None
+                children = [
+                    child
+                    for child in sorted(match.rglob("*"))
+                    if child.suffix in YAML_SUFFIXES and child.is_file()
+                ]
             else:
-                found[match] = None
-    return list(found)
+                children = [match]
+            for child in children:
+                # One file reached twice (pipelines/ and pipelines/a.yaml) is read once.
+                found.setdefault(child.resolve(), child)
+    return list(found.values())
 
 
 def default_pipeline_targets(env: Mapping[str, str] | None = None) -> list[str]:
-    """``NILUS_PIPELINES`` (a folder, file or glob; several joined by os.pathsep) or ``pipelines/``."""
+    """``NILUS_PIPELINES`` (folders, files or globs joined by os.pathsep), else ``pipelines/``."""
     env = os.environ if env is None else env
     value = env.get(PIPELINES_ENV)
     if value:
@@ -218,25 +295,20 @@ def collect_pipelines(
     """
     pipelines: list[Pipeline] = []
     problems: list[Problem] = []
-    files = find_manifest_files(targets)
-    if not files:
-        problems.append(
-            Problem(", ".join(str(t) for t in targets), "(files)", "no *.yaml or *.yml found")
-        )
-    for file in files:
-        if not file.exists():
-            problems.append(Problem(str(file), "(file)", "does not exist"))
-            continue
+    targets = list(targets)
+    for target in targets:
+        if _is_glob(str(target)) and not find_manifest_files([target]):
+            problems.append(Problem(str(target), "(files)", "matches no *.yaml or *.yml file"))
+        elif Path(target).is_dir() and not find_manifest_files([target]):
+            problems.append(Problem(str(target), "(files)", "holds no *.yaml or *.yml file"))
+    for file in find_manifest_files(targets):
         try:
-            text = file.read_text(encoding="utf-8")
-            if is_depots_file(yaml.safe_load(text)):
-                continue
-        except (OSError, UnicodeDecodeError, yaml.YAMLError):
-            text = None
-        try:
-            pipelines.append(parse_pipeline(file, text))
+            pipeline = _read_pipeline(file)
         except ManifestError as exc:
             problems.extend(exc.problems)
+            continue
+        if pipeline is not None:
+            pipelines.append(pipeline)
     seen: dict[str, Pipeline] = {}
     unique: list[Pipeline] = []
     for pipeline in pipelines:
@@ -254,6 +326,23 @@ def collect_pipelines(
         seen[pipeline.name] = pipeline
         unique.append(pipeline)
     return unique, problems
+
+
+def _read_pipeline(file: Path) -> Pipeline | None:
+    """Parse one file; ``None`` for a depots file (checked, then skipped)."""
+    where = str(file)
+    if not file.exists():
+        raise ManifestError([Problem(where, "(file)", "does not exist")])
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ManifestError([Problem(where, "(file)", f"cannot be read: {reason}")]) from None
+    data = load_yaml(text, where)
+    if is_depots_file(data):
+        load_depots(file)
+        return None
+    return _pipeline_from_data(file, data)
 
 
 def load_pipelines(targets: Iterable[str | os.PathLike[str]]) -> list[Pipeline]:

@@ -10,8 +10,8 @@ from pydantic import (
     Field,
     PlainValidator,
     PositiveInt,
+    ValidationInfo,
     field_validator,
-    model_validator,
 )
 
 from nilus_dagster.manifest.address import (
@@ -29,11 +29,18 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
 def _hyphens_to_underscores(value: Any) -> Any:
     # v1 manifests spell option keys with hyphens (dest-table); both spellings are accepted.
-    if isinstance(value, dict):
-        return {
-            (k.replace("-", "_") if isinstance(k, str) else k): v for k, v in value.items()
-        }
-    return value
+    if not isinstance(value, dict):
+        return value
+    converted: dict[Any, Any] = {}
+    spelled: dict[Any, Any] = {}
+    for key, item in value.items():
+        new = key.replace("-", "_") if isinstance(key, str) else key
+        if new in converted:
+            raise ValueError(
+                f"{spelled[new]!r} and {key!r} are the same option spelled twice; keep one"
+            )
+        converted[new], spelled[new] = item, key
+    return converted
 
 
 class _Strict(BaseModel):
@@ -54,7 +61,7 @@ class SinkOptions(_Strict):
 
     dest_table: str = Field(description="schema.table")
     incremental_strategy: IncrementalStrategy = "append"
-    primary_key: tuple[str, ...] | None = None
+    primary_key: tuple[str, ...] | None = Field(default=None, validate_default=True)
     create_table: bool = True
     commit_max_rows: PositiveInt = Field(
         default=100_000, description="Rows per Delta commit at most."
@@ -75,28 +82,36 @@ class SinkOptions(_Strict):
         parts = value.split(".")
         if len(parts) != 2 or not all(_IDENT.match(p) for p in parts):
             raise ValueError(
-                f"must be schema.table (letters, digits, '_' or '-'), got {value!r}"
+                f"must be <schema>.<table> (letters, digits, '_' or '-', one dot), got "
+                f"{value!r:.80}: write e.g. dest_table: analytics.orders"
             )
         return value
 
     @field_validator("primary_key", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
+        if value is None:
+            return None
         if isinstance(value, str):
             value = [p.strip() for p in value.split(",")]
-        if isinstance(value, list | tuple):
-            if not value or not all(isinstance(p, str) and p for p in value):
-                raise ValueError("must be a column name or a non-empty list of column names")
+        if not isinstance(value, list | tuple) or not all(isinstance(p, str) and p for p in value):
+            raise ValueError(f"must be a column name or a list of column names, got {value!r:.80}")
+        if not value:
+            raise ValueError("is an empty list: give a column name or a list of column names")
         return value
 
-    @model_validator(mode="after")
-    def _merge_needs_key(self) -> "SinkOptions":
-        if self.incremental_strategy == "merge" and not self.primary_key:
+    @field_validator("primary_key")
+    @classmethod
+    def _merge_needs_key(
+        cls, value: tuple[str, ...] | None, info: ValidationInfo
+    ) -> tuple[str, ...] | None:
+        # Checked here rather than on the model so that the problem names primary_key.
+        if info.data.get("incremental_strategy") == "merge" and not value:
             raise ValueError(
-                "incremental_strategy merge needs primary_key: add primary_key: <column> "
-                "(or a list) under spec.sink.options"
+                "is required with incremental_strategy: merge (the column(s) a row is upserted "
+                "on): add primary_key: <column> (or a list) under spec.sink.options"
             )
-        return self
+        return value
 
     @property
     def schema_name(self) -> str:
@@ -111,7 +126,7 @@ def _nats_address(value: Any) -> NatsAddress:
     if isinstance(value, NatsAddress):
         return value
     if not isinstance(value, str):
-        raise ValueError("must be a string: nats+jetstream://HOST:PORT?subject=SUBJECT")
+        raise ValueError("must be text: nats+jetstream://HOST:PORT?subject=SUBJECT")
     return parse_nats_address(value)
 
 
@@ -119,7 +134,7 @@ def _sink_address(value: Any) -> SinkAddress:
     if isinstance(value, SinkAddress):
         return value
     if not isinstance(value, str):
-        raise ValueError("must be a string: dataos://<depot>?purpose=rw")
+        raise ValueError("must be text: dataos://<depot>?purpose=rw")
     return parse_sink_address(value)
 
 
@@ -139,7 +154,7 @@ class Sink(_Strict):
 
 class Secret(_Strict):
     id: str
-    contextAlias: str | None = None  # noqa: N815 (the manifest's own spelling)
+    contextAlias: str | None = None  # the manifest's own spelling
 
 
 class EnvVarProjection(_Strict):
@@ -149,7 +164,7 @@ class EnvVarProjection(_Strict):
 
 
 class Projections(_Strict):
-    envVars: tuple[EnvVarProjection, ...] = ()  # noqa: N815
+    envVars: tuple[EnvVarProjection, ...] = ()
 
 
 class Projection(_Strict):

@@ -41,7 +41,8 @@ def fill(
         if value is None or value == "":
             raise PlaceholderError(
                 f"{where}: environment variable {name} is not set: export {name}, or project "
-                f"it through spec.use.projection (envVars key {name})"
+                f"it through spec.use.projection (envVars key {name}, rendered from the "
+                "NILUS_SECRETS file when run locally)"
             )
         if secret:
             register_secret(value)

@@ -5,13 +5,16 @@ the projection: a variable already set wins. A key that is not set is rendered f
 ``template`` (Jinja, with ``secrets['<alias>'].<field>`` and the ``base64_decode`` filter) when a
 local secrets file is available (``NILUS_SECRETS``), or taken from its literal ``value``.
 
-The secrets file is YAML, one mapping per secret alias (the ``contextAlias``, or the secret ``id``):
+The secrets file is YAML, one mapping of fields per secret, keyed by the secret's
+``contextAlias`` or by its ``id`` (``<tenant>:<secret>``, which is then reachable under its alias):
 
 .. code-block:: yaml
 
-    natssecret:
+    natssecret:                   # or "engineering:natssecret"
       username: nilus
       password: c2VjcmV0          # base64, as DataOS stores it
+
+Every rendered value is registered for redaction.
 """
 
 import base64
@@ -23,6 +26,7 @@ import yaml
 
 from nilus_dagster.errors import PlaceholderError
 from nilus_dagster.manifest.model import PipelineManifest
+from nilus_dagster.manifest.yaml_text import yaml_problem
 from nilus_dagster.redaction import register_secret
 
 SECRETS_ENV = "NILUS_SECRETS"
@@ -34,12 +38,32 @@ def _base64_decode(value: object) -> str:
 
 def _load_secrets(path: Path) -> dict[str, object]:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise PlaceholderError(f"{path}: cannot read the secrets file: {exc}") from None
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise PlaceholderError(
+            f"{path}: cannot read the secrets file ({reason}); fix {SECRETS_ENV}"
+        ) from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
+        # yaml_problem keeps the position only: the offending line may hold a secret.
+        raise PlaceholderError(str(yaml_problem(str(path), exc))) from None
     if not isinstance(data, dict):
-        raise PlaceholderError(f"{path}: the secrets file must map secret aliases to fields")
+        raise PlaceholderError(
+            f"{path}: the secrets file must map secret aliases to fields "
+            "(natssecret: {username: ..., password: ...})"
+        )
     return data
+
+
+def _by_alias(manifest: PipelineManifest, secrets: dict[str, object]) -> dict[str, object]:
+    # A file keyed by secret id serves templates that use the alias, as in DataOS.
+    by_alias = dict(secrets)
+    for secret in manifest.spec.use.projection.secrets:
+        if secret.contextAlias and secret.contextAlias not in by_alias and secret.id in secrets:
+            by_alias[secret.contextAlias] = secrets[secret.id]
+    return by_alias
 
 
 def projected_environment(
@@ -61,7 +85,7 @@ def projected_environment(
     secrets: dict[str, object] = {}
     secrets_file = base.get(SECRETS_ENV)
     if secrets_file:
-        secrets = _load_secrets(Path(secrets_file))
+        secrets = _by_alias(manifest, _load_secrets(Path(secrets_file)))
     from jinja2 import StrictUndefined
     from jinja2.sandbox import SandboxedEnvironment
 
@@ -74,10 +98,13 @@ def projected_environment(
             try:
                 rendered = jinja.from_string(projection.template).render(secrets=secrets)
             except Exception as exc:
+                # Jinja's messages name keys and filters, never the values.
+                known = ", ".join(sorted(map(str, secrets))) or "none"
                 raise PlaceholderError(
-                    f"{where}: envVars {projection.key}: cannot render its template from "
-                    f"{SECRETS_ENV} ({type(exc).__name__}: {exc}); check the secret alias and "
-                    "field names"
+                    f"{where}: envVars {projection.key}: cannot render its template "
+                    f"{projection.template!r} from the secrets file {secrets_file} "
+                    f"({SECRETS_ENV}): {type(exc).__name__}: {exc}; the file has secrets: "
+                    f"{known}; check the secret alias and field names"
                 ) from None
             register_secret(rendered)
             base[projection.key] = rendered
