@@ -12,11 +12,13 @@ _MASK = "***"
 _lock = threading.Lock()
 _secrets: set[str] = set()
 
-# Userinfo in any URI (scheme://user:pass@host) and credential-bearing query parameters.
-_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<userinfo>[^@/\s?#]+)@")
+# Userinfo in any URI (scheme://user:pass@host). Greedy up to the last '@' of the authority, so
+# that an unencoded '@' inside a password is masked with the rest of it.
+_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<userinfo>[^/\s?#]+)@")
+# Credential-bearing query parameters (token=, nkeys_seed=, password=, AWS/Azure keys...).
 _SECRET_PARAMS = re.compile(
-    r"(?P<key>\b(?:token|nkeys_seed|password|pass|secret|auth_token|access_key|secret_key|"
-    r"account_key|sas_token|client_secret)=)(?P<value>[^&\s'\"]+)",
+    r"(?P<key>\b(?:\w*(?:token|seed|password|passwd|secret)|pass|pwd|access_key|"
+    r"access_key_id|secret_key|account_key|sas|sig)=)(?P<value>[^&\s'\"]+)",
     re.IGNORECASE,
 )
 # NKEY seeds are recognisable on their own: 'S' + a key type letter + base32.
@@ -67,20 +69,57 @@ def _mask_param(match: re.Match[str]) -> str:
     return match.group("key") + _MASK
 
 
+def _redact_record(record: logging.LogRecord) -> None:
+    try:
+        message = record.getMessage()
+    except Exception:
+        # Bad %-args: logging reports that itself at emit time; mask what is there.
+        message = f"{record.msg} {record.args}"
+    record.msg = redact(message)
+    record.args = None
+    if record.exc_info and not record.exc_text:
+        # Formatters reuse exc_text, so the traceback is masked too.
+        record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+    elif record.exc_text:
+        record.exc_text = redact(record.exc_text)
+    if record.stack_info:
+        record.stack_info = redact(record.stack_info)
+
+
 class RedactingFilter(logging.Filter):
-    """A logging filter that redacts the formatted message of every record it sees."""
+    """A logging filter that redacts each record's message, traceback and stack.
+
+    A filter on a logger sees only the records logged through that very logger, not those of its
+    children; :func:`install_log_redaction` covers a whole logger tree.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.args:
-            record.msg = redact(record.getMessage())
-            record.args = None
-        else:
-            record.msg = redact(record.msg)
+        _redact_record(record)
         return True
 
 
+_installed: set[str] = set()
+
+
 def install_log_redaction(logger: logging.Logger | None = None) -> None:
-    """Attach :class:`RedactingFilter` to ``logger`` (the package logger by default)."""
+    """Redact every record of ``logger`` and of its children (``nilus_dagster`` by default).
+
+    Records are redacted as they are created, so that every handler (Dagster's, pytest's, a
+    file) sees the masked text, whichever logger of the tree they are attached to.
+    """
     target = logger or logging.getLogger("nilus_dagster")
     if not any(isinstance(f, RedactingFilter) for f in target.filters):
         target.addFilter(RedactingFilter())
+    with _lock:
+        if not _installed:
+            previous = logging.getLogRecordFactory()
+
+            def factory(*args: object, **kwargs: object) -> logging.LogRecord:
+                record = previous(*args, **kwargs)
+                name = record.name
+                if any(n == "root" or name == n or name.startswith(n + ".") for n in _installed):
+                    _redact_record(record)
+                return record
+
+            logging.setLogRecordFactory(factory)
+        _installed.add(target.name)
