@@ -1,0 +1,1 @@
+"""The nilus_dagster benchmark: ``python -m benchmarks`` (see benchmarks/README.md)."""
