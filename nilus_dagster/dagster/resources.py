@@ -1,0 +1,200 @@
+"""Deployment settings for the engine: where NATS is, which credentials, where the tables live.
+
+Manifests say *what* a pipeline does; these resources say *where it runs*. Both are
+``ConfigurableResource``\\ s, so a deployment overrides them (``Definitions(resources=...)``,
+the component's ``nats:``/``sink:`` blocks) and tests swap them. Secrets go in as
+``dg.EnvVar("NAME")``: Dagster reads the variable when a run or a sensor tick starts, and shows
+only its name in the UI.
+"""
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+import dagster as dg
+from pydantic import Field
+
+from nilus_dagster.errors import SourceError
+from nilus_dagster.manifest.depots import DEPOTS_ENV, LAKEHOUSE_ENV, TableLocation
+from nilus_dagster.manifest.loader import Pipeline
+
+# Reserved variables through which explicit credentials reach the address. Going through a
+# placeholder means the value is filled exactly once (braces in a password stay literal) and is
+# registered for redaction like any other secret.
+_CREDENTIAL_VARS = {
+    "user": "NILUS_RESOURCE_NATS_USER",
+    "password": "NILUS_RESOURCE_NATS_PASSWORD",
+    "token": "NILUS_RESOURCE_NATS_TOKEN",
+    "nkeys_seed": "NILUS_RESOURCE_NATS_NKEYS_SEED",
+    "creds": "NILUS_RESOURCE_NATS_CREDS",
+}
+
+
+class NatsResource(dg.ConfigurableResource):
+    """How every pipeline reaches NATS in this deployment.
+
+    Everything is optional: by default each pipeline uses its manifest's address, with
+    ``{PLACEHOLDER}``\\ s filled from the process environment at run time.
+
+    Examples:
+        .. code-block:: python
+
+            import dagster as dg
+            from nilus_dagster.dagster import NatsResource, build_nilus_definitions
+
+            defs = build_nilus_definitions(
+                "pipelines",
+                resources={
+                    "nats": NatsResource(
+                        servers=["nats-0.nats:4222", "nats-1.nats:4222"],
+                        env={"NATS_PASSWORD": dg.EnvVar("PROD_NATS_PASSWORD")},
+                    )
+                },
+            )
+    """
+
+    servers: list[str] | None = Field(
+        default=None,
+        description="host:port list replacing every address's servers (else NILUS_NATS_SERVERS, "
+        "else the address).",
+    )
+    connect_timeout: float = Field(
+        default=5.0, description="Seconds a sensor's lag probe may spend connecting."
+    )
+    probe_timeout: float = Field(
+        default=20.0,
+        description="Seconds a whole sensor lag probe may take before the tick is skipped.",
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Values for the addresses' {PLACEHOLDER}s; they win over the process "
+        "environment. Use EnvVar for secrets.",
+    )
+    user: str | None = Field(default=None, description="Replaces every address's credentials.")
+    password: str | None = Field(default=None, description="Goes with user. Use EnvVar.")
+    token: str | None = Field(
+        default=None, description="Replaces every address's credentials. Use EnvVar."
+    )
+    nkeys_seed: str | None = Field(
+        default=None, description="Replaces every address's credentials. Use EnvVar."
+    )
+    creds: str | None = Field(
+        default=None, description="Credentials file; replaces every address's credentials."
+    )
+
+    def credential_overrides(self) -> dict[str, str]:
+        """The explicit credentials set on the resource, by address field."""
+        values = {
+            "user": self.user,
+            "password": self.password,
+            "token": self.token,
+            "nkeys_seed": self.nkeys_seed,
+            "creds": self.creds,
+        }
+        return {name: value for name, value in values.items() if value}
+
+
+class DeltaSinkResource(dg.ConfigurableResource):
+    """Where every pipeline's Delta table lives in this deployment.
+
+    ``depots_file`` and ``lakehouse`` stand for ``NILUS_DEPOTS`` and ``NILUS_LAKEHOUSE``;
+    ``storage_options`` are added to (and win over) the depot's ``deltalake`` storage options.
+    """
+
+    depots_file: str | None = Field(
+        default=None, description="Depots file (NILUS_DEPOTS): depot -> root + storage options."
+    )
+    lakehouse: str | None = Field(
+        default=None,
+        description="Folder for depots without a depots file (NILUS_LAKEHOUSE, ./.lakehouse).",
+    )
+    storage_options: dict[str, str] = Field(
+        default_factory=dict, description="deltalake storage options; use EnvVar for keys."
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Values for the depots file's {PLACEHOLDER}s. Use EnvVar for secrets.",
+    )
+
+
+@dataclass(frozen=True)
+class DeployedPipeline(Pipeline):
+    """A pipeline with the deployment's storage options added to its table location."""
+
+    storage_options: Mapping[str, str] = field(default_factory=dict)
+
+    def table_location(
+        self, env: Mapping[str, str] | None = None, *, fill_secrets: bool = True
+    ) -> TableLocation:
+        location = super().table_location(env, fill_secrets=fill_secrets)
+        if not self.storage_options:
+            return location
+        return TableLocation(location.uri, {**location.storage_options, **self.storage_options})
+
+
+@dataclass(frozen=True)
+class EngineCall:
+    """The engine's arguments for one pipeline under the deployment's resources."""
+
+    pipeline: Pipeline
+    env: dict[str, str]
+    servers: list[str] | None
+
+
+def engine_call(
+    pipeline: Pipeline,
+    nats: NatsResource | None = None,
+    sink: DeltaSinkResource | None = None,
+    base_env: Mapping[str, str] | None = None,
+) -> EngineCall:
+    """Combine a pipeline with the resources into what the engine takes.
+
+    The environment is ``base_env`` (``os.environ``) with the resources' values on top; the
+    engine reads placeholders, ``NILUS_DEPOTS``, ``NILUS_LAKEHOUSE`` and ``NILUS_NATS_SERVERS``
+    from it.
+    """
+    nats = nats or NatsResource()
+    sink = sink or DeltaSinkResource()
+    env = dict(os.environ if base_env is None else base_env)
+    env.update(sink.env)
+    env.update(nats.env)
+    if sink.depots_file:
+        env[DEPOTS_ENV] = sink.depots_file
+    if sink.lakehouse:
+        env[LAKEHOUSE_ENV] = sink.lakehouse
+
+    overrides = nats.credential_overrides()
+    modes = [m for m in ("token", "nkeys_seed", "creds") if m in overrides]
+    if len(modes) + bool({"user", "password"} & set(overrides)) > 1:
+        raise SourceError(
+            f"the NATS resource sets several auth modes ({', '.join(sorted(overrides))}); "
+            "keep one: user/password, token, nkeys_seed or creds"
+        )
+    source = pipeline.manifest.source
+    address = source.address
+    if overrides:
+        # One auth mode at a time: the resource's credentials replace the manifest's. Setting
+        # only a password keeps the manifest's user (and the other way round).
+        fields: dict[str, str | None] = dict.fromkeys(_CREDENTIAL_VARS, None)
+        if {"user", "password"} & set(overrides):
+            fields["user"], fields["password"] = address.user, address.password
+        for name, value in overrides.items():
+            fields[name] = "{" + _CREDENTIAL_VARS[name] + "}"
+            env[_CREDENTIAL_VARS[name]] = value
+        address = replace(address, **fields)
+    manifest = pipeline.manifest
+    if address is not source.address:
+        manifest = manifest.model_copy(
+            update={
+                "spec": manifest.spec.model_copy(
+                    update={"source": source.model_copy(update={"address": address})}
+                )
+            }
+        )
+    deployed: Pipeline = pipeline
+    if manifest is not pipeline.manifest or sink.storage_options:
+        deployed = DeployedPipeline(
+            manifest=manifest, path=pipeline.path, storage_options=dict(sink.storage_options)
+        )
+    servers = list(nats.servers) if nats.servers else None
+    return EngineCall(pipeline=deployed, env=env, servers=servers)

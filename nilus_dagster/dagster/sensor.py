@@ -1,0 +1,180 @@
+"""The sensor of one pipeline: it decides, it never consumes.
+
+Each tick compares the stream with the committed position (``measure_lag``: a few JetStream API
+calls and a read of the Delta log, bounded by the NATS resource's timeouts), records the lag as an
+``AssetObservation`` so the lag chart is continuous, and requests a run only when messages are
+pending and no run of the pipeline is queued or running. Runs carry no ``run_key``: a failed run
+is simply requested again on a later tick, because the messages are still pending.
+"""
+
+import asyncio
+import math
+from datetime import datetime, timezone
+
+import dagster as dg
+
+from nilus_dagster.dagster.constants import (
+    MODE_APPEND,
+    MODE_TAG,
+    PIPELINE_TAG,
+    POSITION_TAG,
+    RANGE_END_TAG,
+    RANGE_START_TAG,
+)
+from nilus_dagster.dagster.metadata import lag_metadata
+from nilus_dagster.dagster.partitions import sensor_partition_range
+from nilus_dagster.dagster.resources import DeltaSinkResource, NatsResource, engine_call
+from nilus_dagster.dagster.translator import DagsterNilusTranslator
+from nilus_dagster.engine import LagReport, measure_lag_async
+from nilus_dagster.errors import NilusError
+from nilus_dagster.manifest.loader import Pipeline
+from nilus_dagster.redaction import redact
+
+IN_FLIGHT_STATUSES = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+    dg.DagsterRunStatus.CANCELING,
+]
+# How many in-flight runs to inspect for one that targets the asset without the pipeline tag
+# (UI materializations, CLI backfills).
+_IN_FLIGHT_SCAN = 200
+
+
+def sensor_interval_seconds(pipeline: Pipeline) -> int:
+    """``spec.dagster.sensor_interval_seconds``, else the address ``timeout`` (rounded up)."""
+    settings = pipeline.manifest.spec.dagster
+    if settings.sensor_interval_seconds:
+        return settings.sensor_interval_seconds
+    return max(1, math.ceil(pipeline.manifest.source.address.timeout))
+
+
+def build_nilus_sensor(
+    pipeline: Pipeline,
+    asset: dg.AssetsDefinition,
+    *,
+    translator: DagsterNilusTranslator | None = None,
+) -> dg.SensorDefinition:
+    """Build the sensor that keeps ``asset`` fresh.
+
+    Starts RUNNING when the manifest says ``run_in_loop: true``, STOPPED otherwise. It uses the
+    same ``nats`` and ``nilus_sink`` resources as the asset.
+    """
+    translator = translator or DagsterNilusTranslator()
+    key = asset.key
+    partitions_def = asset.partitions_def
+    run_in_loop = pipeline.manifest.source.options.run_in_loop
+
+    @dg.sensor(
+        name=translator.get_sensor_name(pipeline),
+        minimum_interval_seconds=sensor_interval_seconds(pipeline),
+        default_status=(
+            dg.DefaultSensorStatus.RUNNING if run_in_loop else dg.DefaultSensorStatus.STOPPED
+        ),
+        asset_selection=[key],
+        description=(
+            f"Requests a run of {key.to_user_string()} when messages on {pipeline.subject} are "
+            "not yet in the table and no run of it is in flight; records the lag every tick."
+        ),
+        tags={PIPELINE_TAG: pipeline.name},
+    )
+    def _sensor(
+        context: dg.SensorEvaluationContext, nats: NatsResource, nilus_sink: DeltaSinkResource
+    ) -> dg.SensorResult:
+        return evaluate_tick(context, pipeline, key, partitions_def, nats, nilus_sink)
+
+    return _sensor
+
+
+def evaluate_tick(
+    context: dg.SensorEvaluationContext,
+    pipeline: Pipeline,
+    key: dg.AssetKey,
+    partitions_def: dg.PartitionsDefinition | None,
+    nats: NatsResource,
+    sink: DeltaSinkResource,
+) -> dg.SensorResult:
+    """One tick: measure, observe, and request a run when one is needed."""
+    try:
+        lag = probe_lag(pipeline, nats, sink)
+    except asyncio.TimeoutError:
+        return dg.SensorResult(
+            skip_reason=f"{pipeline.name}: the lag probe did not finish within "
+            f"{nats.probe_timeout:g}s (NATS or the table store answers too slowly); "
+            "trying again next tick"
+        )
+    except NilusError as exc:
+        return dg.SensorResult(
+            skip_reason=f"{pipeline.name}: cannot measure the lag: {redact(exc)}"
+        )
+
+    events = [dg.AssetObservation(asset_key=key, metadata=lag_metadata(lag))]
+    problem = getattr(lag, "problem", None)
+    if problem:
+        # A recreated stream needs a person; a run would only fail the same way.
+        return dg.SensorResult(
+            skip_reason=f"{pipeline.name}: {redact(problem)}", asset_events=events
+        )
+    if not lag.pending:
+        return dg.SensorResult(
+            skip_reason=f"{pipeline.name}: up to date (position {lag.position}, stream last "
+            f"sequence {lag.stream_last_seq})",
+            asset_events=events,
+        )
+    in_flight = run_in_flight(context.instance, pipeline, key)
+    if in_flight is not None:
+        return dg.SensorResult(
+            skip_reason=f"{pipeline.name}: {lag.sequence_lag} messages pending; run "
+            f"{in_flight.run_id} is {in_flight.status.value}, the next tick looks again",
+            asset_events=events,
+        )
+    tags = {PIPELINE_TAG: pipeline.name, MODE_TAG: MODE_APPEND, POSITION_TAG: str(lag.position)}
+    if isinstance(partitions_def, dg.TimeWindowPartitionsDefinition):
+        keys = sensor_partition_range(partitions_def, lag.lag_seconds, datetime.now(timezone.utc))
+        if keys is not None:
+            tags[RANGE_START_TAG] = keys.start
+            tags[RANGE_END_TAG] = keys.end
+    return dg.SensorResult(
+        run_requests=[dg.RunRequest(asset_selection=[key], tags=tags)], asset_events=events
+    )
+
+
+def probe_lag(pipeline: Pipeline, nats: NatsResource, sink: DeltaSinkResource) -> LagReport:
+    """``measure_lag`` under the resources, with a hard bound on the whole probe.
+
+    Raises:
+        asyncio.TimeoutError: The probe took longer than ``nats.probe_timeout``.
+        NilusError: The server is down, a placeholder is unset, the stream is missing...
+    """
+    call = engine_call(pipeline, nats, sink)
+    # A sensor runs in a gRPC worker thread without an event loop: asyncio.run is safe here.
+    return asyncio.run(
+        asyncio.wait_for(
+            measure_lag_async(
+                call.pipeline,
+                env=call.env,
+                servers=call.servers,
+                connect_timeout=nats.connect_timeout,
+            ),
+            timeout=nats.probe_timeout,
+        )
+    )
+
+
+def run_in_flight(
+    instance: dg.DagsterInstance, pipeline: Pipeline, key: dg.AssetKey
+) -> dg.DagsterRun | None:
+    """A queued or running run of the pipeline (by its tag, or by the asset it targets)."""
+    tagged = instance.get_runs(
+        filters=dg.RunsFilter(statuses=IN_FLIGHT_STATUSES, tags={PIPELINE_TAG: pipeline.name}),
+        limit=1,
+    )
+    if tagged:
+        return tagged[0]
+    for run in instance.get_runs(
+        filters=dg.RunsFilter(statuses=IN_FLIGHT_STATUSES), limit=_IN_FLIGHT_SCAN
+    ):
+        if run.asset_selection and key in run.asset_selection:
+            return run
+    return None

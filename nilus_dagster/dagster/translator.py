@@ -1,0 +1,145 @@
+"""Pipeline manifest -> Dagster asset spec; subclass `DagsterNilusTranslator` to change it."""
+
+import re
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from nilus_dagster.dagster.constants import (
+    DEFAULT_GROUP,
+    META_COLUMN_SCHEMA,
+    META_MANIFEST,
+    META_SINK_ADDRESS,
+    META_SOURCE_ADDRESS,
+    META_STRATEGY,
+    META_STREAM,
+    META_SUBJECT,
+    META_TABLE_URI,
+)
+from nilus_dagster.dagster.metadata import column_schema
+from nilus_dagster.dagster.partitions import build_partitions_def
+from nilus_dagster.errors import NilusError
+from nilus_dagster.manifest.loader import Pipeline
+from nilus_dagster.redaction import redact
+
+_NOT_NAME_CHARS = re.compile(r"[^A-Za-z0-9_]")
+_NOT_TAG_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
+
+
+def dagster_name(text: str) -> str:
+    """``text`` as a Dagster op/sensor name (letters, digits and ``_``)."""
+    name = _NOT_NAME_CHARS.sub("_", text)
+    return name if name[:1].isalpha() or name[:1] == "_" else f"_{name}"
+
+
+def _code_reference(path: Path) -> dg.CodeReferencesMetadataValue:
+    # Code references are beta in Dagster 1.13; the UI link to the manifest is worth it.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.BetaWarning)
+        return dg.CodeReferencesMetadataValue(
+            code_references=[dg.LocalFileCodeReference(file_path=str(path), label="Nilus manifest")]
+        )
+
+
+def _tag_key(text: str) -> str:
+    return _NOT_TAG_CHARS.sub("_", text.strip())[:63] or "_"
+
+
+@dataclass
+class DagsterNilusTranslator:
+    """Turns a pipeline into the asset Dagster shows. Every ``get_*`` method may be overridden.
+
+    Args:
+        display_env: Environment used at load time to show where the table lives
+            (``NILUS_DEPOTS``, ``NILUS_LAKEHOUSE``); ``os.environ`` by default. Secrets are never
+            filled at load time.
+
+    Examples:
+        .. code-block:: python
+
+            class PrefixedTranslator(DagsterNilusTranslator):
+                def get_asset_key(self, pipeline):
+                    return dg.AssetKey(["streams", pipeline.name])
+    """
+
+    display_env: Mapping[str, str] | None = field(default=None)
+
+    def get_asset_spec(self, pipeline: Pipeline) -> dg.AssetSpec:
+        """The asset spec of ``pipeline``: key, group, description, tags, kinds, metadata and
+        partitions."""
+        return dg.AssetSpec(
+            key=self.get_asset_key(pipeline),
+            description=self.get_description(pipeline),
+            group_name=self.get_group_name(pipeline),
+            tags=self.get_tags(pipeline),
+            kinds=self.get_kinds(pipeline),
+            metadata=self.get_metadata(pipeline),
+            partitions_def=self.get_partitions_def(pipeline),
+        )
+
+    def get_asset_key(self, pipeline: Pipeline) -> dg.AssetKey:
+        return dg.AssetKey([pipeline.name])
+
+    def get_group_name(self, pipeline: Pipeline) -> str:
+        return pipeline.manifest.spec.dagster.group or DEFAULT_GROUP
+
+    def get_description(self, pipeline: Pipeline) -> str:
+        manifest = pipeline.manifest
+        flow = (
+            f"NATS JetStream stream `{pipeline.stream}`, subject `{pipeline.subject}` -> Delta "
+            f"table `{manifest.sink.options.dest_table}` "
+            f"({manifest.sink.options.incremental_strategy})."
+        )
+        return f"{manifest.description.strip()}\n\n{flow}" if manifest.description else flow
+
+    def get_tags(self, pipeline: Pipeline) -> dict[str, str]:
+        # Nilus tags are labels; Dagster shows a tag with an empty value as a label.
+        return {_tag_key(tag): "" for tag in pipeline.manifest.tags if tag.strip()}
+
+    def get_kinds(self, pipeline: Pipeline) -> set[str]:
+        return {"nats", "delta"}
+
+    def get_partitions_def(self, pipeline: Pipeline) -> dg.TimeWindowPartitionsDefinition | None:
+        return build_partitions_def(pipeline)
+
+    def get_metadata(self, pipeline: Pipeline) -> dict[str, Any]:
+        """Static facts: redacted addresses, stream, subject, table, manifest file, and the
+        column schema when the table already exists (local tables only: no I/O to remote
+        storage while definitions load)."""
+        manifest = pipeline.manifest
+        path = pipeline.path.resolve()
+        metadata: dict[str, Any] = {
+            META_SOURCE_ADDRESS: dg.MetadataValue.text(manifest.source.address.redacted()),
+            META_STREAM: dg.MetadataValue.text(pipeline.stream),
+            META_SUBJECT: dg.MetadataValue.text(pipeline.subject),
+            META_SINK_ADDRESS: dg.MetadataValue.text(redact(manifest.sink.address.raw)),
+            "dagster/table_name": dg.MetadataValue.text(manifest.sink.options.dest_table),
+            META_STRATEGY: dg.MetadataValue.text(manifest.sink.options.incremental_strategy),
+            META_MANIFEST: dg.MetadataValue.path(str(path)),
+            "dagster/code_references": _code_reference(path),
+        }
+        try:
+            location = pipeline.table_location(self.display_env, fill_secrets=False)
+        except NilusError:
+            # A depot missing from the depots file: the run reports it; the asset still loads.
+            return metadata
+        metadata[META_TABLE_URI] = dg.MetadataValue.path(redact(location.uri))
+        if location.is_local:
+            schema = column_schema(location)
+            if schema is not None:
+                metadata[META_COLUMN_SCHEMA] = dg.MetadataValue.table_schema(schema)
+        return metadata
+
+    def get_pool(self, pipeline: Pipeline) -> str:
+        """The concurrency pool: one per pipeline, so that two runs never ingest at once."""
+        return f"nilus/{pipeline.name}"
+
+    def get_op_name(self, pipeline: Pipeline) -> str:
+        return dagster_name(f"nilus_{pipeline.name}")
+
+    def get_sensor_name(self, pipeline: Pipeline) -> str:
+        return dagster_name(f"{pipeline.name}_sensor")

@@ -1,0 +1,162 @@
+"""Definitions from a folder of manifests, the bad-manifest policy, and the root entry point."""
+
+import logging
+import os
+import runpy
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from nilus_dagster.dagster import (
+    NatsResource,
+    build_nilus_definitions,
+    build_pipeline_definitions,
+    default_resources,
+)
+from nilus_dagster.errors import ManifestError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write(folder: Path, name: str, *, run_in_loop: bool = True, query: str = "") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.yaml"
+    path.write_text(
+        textwrap.dedent(
+            f"""\
+            name: {name}
+            spec:
+              type: stream
+              source:
+                address: nats+jetstream://localhost:4222?subject={name}.x{query}
+                options: {{source_table: {name.upper()}, run_in_loop: {str(run_in_loop).lower()}}}
+              sink:
+                address: dataos://lake?purpose=rw
+                options: {{dest_table: s.{name.replace("-", "_")}}}
+            """
+        )
+    )
+    return path
+
+
+def _bad(folder: Path) -> Path:
+    path = folder / "broken.yaml"
+    path.write_text(
+        "name: broken\nspec:\n  type: stream\n  source:\n"
+        "    address: nats+jetstream://h?subject=x&batch_size=0\n"
+        "    options: {source_table: S}\n"
+    )
+    return path
+
+
+def test_every_manifest_becomes_an_asset_and_a_sensor(tmp_path):
+    folder = tmp_path / "pipelines"
+    _write(folder, "alpha", query="&timeout=3")
+    _write(folder / "nested", "beta", run_in_loop=False)
+    (folder / "depots.yaml").write_text("depots: {lake: {root: /tmp/x}}\n")
+
+    defs = build_nilus_definitions(folder)
+    repo = defs.get_repository_def()
+
+    assert {k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()} == {"alpha", "beta"}
+    alpha, beta = repo.get_sensor_def("alpha_sensor"), repo.get_sensor_def("beta_sensor")
+    assert alpha.default_status == dg.DefaultSensorStatus.RUNNING
+    assert beta.default_status == dg.DefaultSensorStatus.STOPPED
+    assert alpha.minimum_interval_seconds == 3
+    assert beta.minimum_interval_seconds == 10  # the address's default timeout
+    assert set(defs.resources) == {"nats", "nilus_sink"}
+
+
+def test_sensor_interval_can_be_set_in_spec_dagster(tmp_path):
+    path = _write(tmp_path, "gamma")
+    path.write_text(path.read_text() + "  dagster: {sensor_interval_seconds: 42}\n")
+
+    sensor = build_pipeline_definitions(path).get_repository_def().get_sensor_def("gamma_sensor")
+
+    assert sensor.minimum_interval_seconds == 42
+
+
+def test_a_bad_manifest_is_skipped_and_logged_the_others_load(tmp_path, caplog):
+    folder = tmp_path / "pipelines"
+    _write(folder, "alpha")
+    bad = _bad(folder)
+
+    with caplog.at_level(logging.WARNING, logger="nilus_dagster.dagster"):
+        defs = build_nilus_definitions(folder)
+
+    keys = defs.get_repository_def().asset_graph.get_all_asset_keys()
+    assert keys == {dg.AssetKey("alpha")}
+    assert f"{bad}: spec.sink: is required" in caplog.text
+    assert "spec.source.address.batch_size" in caplog.text
+    assert "nilus-dagster validate" in caplog.text
+    assert str(bad) in defs.metadata["nilus/skipped_manifests"].value
+
+
+def test_spec_dagster_settings_dagster_refuses_are_skipped_too(tmp_path, caplog):
+    path = _write(tmp_path, "delta")
+    path.write_text(path.read_text() + "  dagster: {partitions_start: 'not a date'}\n")
+
+    with caplog.at_level(logging.WARNING, logger="nilus_dagster.dagster"):
+        defs = build_nilus_definitions(tmp_path)
+
+    assert not defs.get_repository_def().asset_graph.get_all_asset_keys()
+    assert f"{path}: spec.dagster:" in caplog.text
+
+
+def test_on_invalid_fail_raises_with_every_problem(tmp_path):
+    _write(tmp_path, "alpha")
+    bad = _bad(tmp_path)
+
+    with pytest.raises(ManifestError) as raised:
+        build_nilus_definitions(tmp_path, on_invalid="fail")
+
+    assert str(bad) in str(raised.value)
+
+
+def test_resources_can_be_overridden_and_per_pipeline_defs_merge(tmp_path):
+    nats = NatsResource(servers=["other:4222"])
+    defs = build_nilus_definitions(
+        [_write(tmp_path, "alpha"), _write(tmp_path, "beta")], resources={"nats": nats}
+    )
+    merged = dg.Definitions.merge(
+        build_pipeline_definitions(_write(tmp_path / "a", "one")),
+        build_pipeline_definitions(_write(tmp_path / "b", "two")),
+    )
+
+    assert defs.resources["nats"] is nats
+    assert defs.resources["nilus_sink"] is default_resources()["nilus_sink"]
+    assert len(merged.get_repository_def().asset_graph.get_all_asset_keys()) == 2
+
+
+def test_root_definitions_module_loads_the_repo_pipelines(monkeypatch):
+    monkeypatch.delenv("NILUS_PIPELINES", raising=False)
+    defs = runpy.run_path(str(REPO / "definitions.py"))["defs"]
+
+    keys = {k.to_user_string() for k in defs.get_repository_def().asset_graph.get_all_asset_keys()}
+    shipped = {p.stem for p in (REPO / "pipelines").glob("*.yaml") if p.stem != "depots.example"}
+    assert keys == shipped
+
+
+def test_dagster_asset_list_cli_with_nilus_pipelines(tmp_path):
+    folder = tmp_path / "pipelines"
+    _write(folder, "alpha")
+    _write(folder, "beta")
+    _bad(folder)
+    env = {**os.environ, "NILUS_PIPELINES": str(folder)}
+
+    result = subprocess.run(
+        [sys.executable, "-m", "dagster", "asset", "list", "-f", str(REPO / "definitions.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["alpha", "beta"]
+    assert "broken.yaml: spec.sink: is required" in result.stderr
