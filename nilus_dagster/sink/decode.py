@@ -1,0 +1,353 @@
+"""MessageBatch -> Arrow: one Arrow JSON read for the whole batch, dead letters for the rest.
+
+The happy path joins the payloads with newlines and reads them with Arrow's JSON reader in one
+call: no Python object per message. Only when that read fails (or a cheap check says it could
+misalign rows) does the slow path look closer: payloads that are not JSON objects are found
+with cheap checks and ``json``, the remainder is bisected with Arrow so that the rows Arrow
+rejects (a type that conflicts with earlier rows of the batch, nesting too deep for Delta)
+become dead letters while every good row of the batch is kept.
+"""
+
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.json as pj
+
+from nilus_dagster.messages import MessageBatch
+from nilus_dagster.sink.schema import (
+    DATA_COLUMN,
+    DEAD_LETTER_SCHEMA,
+    METADATA_COLUMNS,
+    METADATA_FIELDS,
+    METADATA_SCHEMA,
+    RAW_SCHEMA,
+    dead_letter_table,
+    metadata_arrays,
+    nesting_depth,
+)
+
+PayloadFormat = Literal["json", "raw"]
+
+MAX_NESTING = 32
+"""Deepest struct/list nesting a row may have; Delta rejects table schemas much deeper."""
+
+# Arrow's JSON reader recurses per nesting level and crashes the process on very deep input
+# (measured: fine at 15k levels, segfault at 20k). A payload with fewer opening brackets than
+# this cannot be deeper, so only longer payloads with more brackets are checked with `json`
+# (whose own recursion limit is far lower) before Arrow sees them.
+_ARROW_SAFE_BRACKETS = 2000
+
+_MIN_BLOCK = 4 << 20  # several blocks per commit-sized batch let Arrow parse on both cores
+_SMALL_RANGE = 32  # failed ranges this small are examined row by row instead of bisected
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A decoded batch.
+
+    Attributes:
+        rows: One row per good message, in stream order: the payload's top-level fields, then
+            the metadata columns (``format=raw``: ``_nats_data`` then the metadata columns).
+        dead_letters: One row per message that could not become a row
+            (:data:`~nilus_dagster.sink.schema.DEAD_LETTER_SCHEMA`).
+    """
+
+    rows: pa.Table
+    dead_letters: pa.Table
+
+
+class BatchDecoder:
+    """Decodes batches of one pipeline; keeps what it learnt about the payloads' fields.
+
+    Arrow reads ISO-8601-looking strings as timestamps, which would make a field's type depend
+    on how each batch happened to format its values (and drop the text's UTC offset). Strings
+    stay strings: the fields where Arrow inferred a timestamp are re-read as strings, and the
+    decoder remembers them so later batches are read right the first time.
+
+    Args:
+        format: ``json`` parses payloads into columns; ``raw`` keeps them as binary
+            ``_nats_data``.
+        max_nesting: Deepest struct/list nesting a row may have before it is a dead letter.
+    """
+
+    def __init__(self, format: PayloadFormat = "json", *, max_nesting: int = MAX_NESTING):
+        if format not in ("json", "raw"):
+            raise ValueError(f"format must be json or raw, got {format!r}")
+        self.format = format
+        self.max_nesting = max_nesting
+        self._hints: pa.Schema | None = None
+
+    def decode(self, batch: MessageBatch) -> Decoded:
+        """Turn ``batch`` into rows and dead letters. Never raises for a bad payload."""
+        if self.format == "raw":
+            return _decode_raw(batch)
+        if not len(batch):
+            return Decoded(METADATA_SCHEMA.empty_table(), DEAD_LETTER_SCHEMA.empty_table())
+        table = self._fast(batch.payloads)
+        if table is not None:
+            return Decoded(_with_metadata(table, batch, None), DEAD_LETTER_SCHEMA.empty_table())
+        return self._slow(batch)
+
+    # -- happy path ----------------------------------------------------------------------------
+
+    def _fast(self, payloads: Sequence[bytes]) -> pa.Table | None:
+        n = len(payloads)
+        joined = b"\n".join(payloads)
+        # Every line must start with '{' and no payload may hold a line break: then Arrow can
+        # neither skip a blank payload nor split one, so row i is payload i whenever it returns
+        # n rows (a line holding two objects would give more).
+        if (
+            joined[:1] != b"{"
+            or joined.count(b"\n") != n - 1
+            or joined.count(b"\n{") != n - 1
+            or b"\r" in joined
+        ):
+            return None
+        if not joined.isascii():
+            try:
+                joined.decode("utf-8")  # Arrow checks string values but not field names
+            except UnicodeDecodeError:
+                return None
+        longest = max(map(len, payloads))
+        if longest > _ARROW_SAFE_BRACKETS and any(_many_brackets(p) for p in payloads):
+            return None
+        try:
+            table = self._read(joined, longest)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+            return None
+        if table.num_rows != n or _too_deep(table.schema, self.max_nesting):
+            return None
+        return table
+
+    def _read(self, joined: bytes, longest: int) -> pa.Table:
+        """One Arrow read; fields Arrow takes for timestamps are read again as strings."""
+        read_options = pj.ReadOptions(block_size=max(_MIN_BLOCK, 2 * longest + 2))
+        table = pj.read_json(
+            io.BytesIO(joined), read_options=read_options, parse_options=self._parse_options()
+        )
+        overrides = _string_overrides(table.schema)
+        if overrides is not None:
+            self._hints = _merge_hints(self._hints, overrides)
+            table = pj.read_json(
+                io.BytesIO(joined), read_options=read_options, parse_options=self._parse_options()
+            )
+        if self._hints is not None:
+            # A hinted field none of these payloads has comes back as an all-null column.
+            absent = [
+                f.name
+                for f in self._hints
+                if f.name in table.column_names
+                and table.column(f.name).null_count == table.num_rows
+            ]
+            if absent:
+                table = table.drop_columns(absent)
+        return table
+
+    def _parse_options(self) -> pj.ParseOptions:
+        if self._hints is None:
+            return pj.ParseOptions()
+        return pj.ParseOptions(explicit_schema=self._hints, unexpected_field_behavior="infer")
+
+    # -- slow path -----------------------------------------------------------------------------
+
+    def _slow(self, batch: MessageBatch) -> Decoded:
+        failures: dict[int, str] = {}
+        lines: list[bytes] = []
+        indices: list[int] = []
+        for i, payload in enumerate(batch.payloads):
+            if (
+                payload[:1] != b"{"
+                or b"\n" in payload
+                or b"\r" in payload
+                or (len(payload) > _ARROW_SAFE_BRACKETS and _many_brackets(payload))
+                or not payload.isascii()
+            ):
+                error = validate_payload(payload)
+                if error is not None:
+                    failures[i] = error
+                    continue
+                # A raw line break in valid JSON can only be whitespace between tokens (JSON
+                # strings may not hold one), so flattening a pretty-printed payload is exact.
+                payload = payload.replace(b"\r", b" ").replace(b"\n", b" ")
+            lines.append(payload)
+            indices.append(i)
+        tables, bad = self._bisect(lines)
+        for position, error in bad:
+            failures[indices[position]] = error
+        good = [i for i in range(len(batch)) if i not in failures]
+        rows = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+        dead = dead_letter_table(batch, sorted(failures.items()))
+        return Decoded(_with_metadata(rows, batch, good), dead)
+
+    def _bisect(self, lines: list[bytes]) -> tuple[list[pa.Table], list[tuple[int, str]]]:
+        """Read ``lines`` in as few Arrow reads as the bad ones allow, earliest rows first.
+
+        Returns the tables of the good rows (in order) and ``(line index, error)`` for the bad
+        ones. A field's type is decided by the earliest good rows; a later row whose value has
+        a type that cannot be merged with it is a dead letter.
+        """
+        tables: list[pa.Table] = []
+        bad: list[tuple[int, str]] = []
+        schema: pa.Schema | None = None
+        stack = [(0, len(lines))] if lines else []
+        while stack:
+            lo, hi = stack.pop()
+            table, error, merged = self._try(lines[lo:hi], schema)
+            if table is not None:
+                tables.append(table)
+                schema = merged
+                continue
+            if hi - lo == 1:
+                bad.append((lo, validate_payload(lines[lo]) or error or "cannot be read"))
+                continue
+            if hi - lo <= _SMALL_RANGE:
+                # Few rows left: one read each beats more halving.
+                stack.extend((i, i + 1) for i in range(hi - 1, lo - 1, -1))
+                continue
+            mid = (lo + hi) // 2
+            stack.append((mid, hi))
+            stack.append((lo, mid))
+        return tables, bad
+
+    def _try(
+        self, lines: list[bytes], schema: pa.Schema | None
+    ) -> tuple[pa.Table | None, str | None, pa.Schema | None]:
+        try:
+            table = self._read(b"\n".join(lines), max(map(len, lines)))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+            return None, str(exc), None
+        if table.num_rows != len(lines):
+            return None, "not exactly one JSON object", None
+        depth = max((nesting_depth(f.type) for f in table.schema), default=0)
+        if depth > self.max_nesting:
+            return None, f"payload is nested {depth} levels deep (at most {self.max_nesting})", None
+        if schema is None:
+            return table, None, table.schema
+        try:
+            merged = pa.unify_schemas([schema, table.schema], promote_options="permissive")
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            return None, f"a field's type conflicts with earlier messages of the batch: {exc}", None
+        return table, None, merged
+
+
+def decode(
+    batch: MessageBatch, format: PayloadFormat = "json", *, decoder: BatchDecoder | None = None
+) -> Decoded:
+    """Decode one batch (see :class:`BatchDecoder`; pass one to reuse what it learnt)."""
+    return (decoder or BatchDecoder(format)).decode(batch)
+
+
+def validate_payload(payload: bytes) -> str | None:
+    """Why ``payload`` cannot be a row, or ``None`` when it is a JSON object."""
+    if not payload.strip():
+        return "empty payload"
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"payload is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        return "payload is nested too deeply to read"
+    except ValueError as exc:
+        return f"payload is not JSON: {exc}"
+    if not isinstance(value, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+            type(value), "a number"
+        )
+        return f"payload is {kind}, not a JSON object"
+    return None
+
+
+def _decode_raw(batch: MessageBatch) -> Decoded:
+    columns = [pa.array(batch.payloads, pa.binary()), *metadata_arrays(batch)]
+    return Decoded(
+        pa.Table.from_arrays(columns, schema=RAW_SCHEMA), DEAD_LETTER_SCHEMA.empty_table()
+    )
+
+
+def _with_metadata(table: pa.Table, batch: MessageBatch, indices: list[int] | None) -> pa.Table:
+    # Metadata is authoritative: a payload field with a metadata column's name is dropped.
+    clash = [name for name in table.column_names if name in METADATA_COLUMNS]
+    if clash:
+        table = table.drop_columns(clash)
+    arrays = metadata_arrays(batch, indices)
+    if table.num_columns == 0:
+        return pa.Table.from_arrays(arrays, schema=METADATA_SCHEMA)
+    for field, array in zip(METADATA_FIELDS, arrays, strict=True):
+        table = table.append_column(field, array)
+    return table
+
+
+def _many_brackets(payload: bytes) -> bool:
+    return payload.count(b"{") + payload.count(b"[") > _ARROW_SAFE_BRACKETS
+
+
+def _too_deep(schema: pa.Schema, limit: int) -> bool:
+    return any(nesting_depth(f.type) > limit for f in schema)
+
+
+def _string_overrides(schema: pa.Schema) -> pa.Schema | None:
+    """The fields of ``schema`` that hold an inferred timestamp, typed as strings instead.
+
+    Structs keep only their children that need an override, so that the rest of the
+    struct is still inferred.
+    """
+    fields = []
+    for field in schema:
+        override = _override_type(field.type)
+        if override is not None:
+            fields.append(pa.field(field.name, override))
+    return pa.schema(fields) if fields else None
+
+
+def _override_type(dtype: pa.DataType) -> pa.DataType | None:
+    if pa.types.is_timestamp(dtype):
+        return pa.string()
+    if pa.types.is_struct(dtype):
+        children = []
+        for i in range(dtype.num_fields):
+            child = dtype.field(i)
+            override = _override_type(child.type)
+            if override is not None:
+                children.append(pa.field(child.name, override))
+        return pa.struct(children) if children else None
+    if pa.types.is_list(dtype):
+        inner = _override_type(dtype.value_type)
+        return pa.list_(inner) if inner is not None else None
+    return None
+
+
+def _merge_hints(old: pa.Schema | None, new: pa.Schema) -> pa.Schema:
+    if old is None:
+        return new
+    fields = {f.name: f for f in old}
+    for field in new:
+        previous = fields.get(field.name)
+        merged = field.type if previous is None else _merge_hint_types(previous.type, field.type)
+        fields[field.name] = pa.field(field.name, merged)
+    return pa.schema(list(fields.values()))
+
+
+def _merge_hint_types(old: pa.DataType, new: pa.DataType) -> pa.DataType:
+    if pa.types.is_struct(old) and pa.types.is_struct(new):
+        merged = _merge_hints(pa.schema(list(old)), pa.schema(list(new)))
+        return pa.struct(list(merged))
+    if pa.types.is_list(old) and pa.types.is_list(new):
+        return pa.list_(_merge_hint_types(old.value_type, new.value_type))
+    return new  # the payloads changed shape; the newest shape is the better guess
+
+
+__all__ = [
+    "DATA_COLUMN",
+    "MAX_NESTING",
+    "BatchDecoder",
+    "Decoded",
+    "PayloadFormat",
+    "decode",
+    "validate_payload",
+]
