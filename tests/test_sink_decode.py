@@ -31,7 +31,11 @@ def test_nested_objects_and_arrays_become_nested_arrow_types() -> None:
     decoded = decode(
         batch(
             [
-                {"id": 1, "customer": {"name": "a", "tags": ["x"]}, "items": [{"sku": "s", "q": 2}]},
+                {
+                    "id": 1,
+                    "customer": {"name": "a", "tags": ["x"]},
+                    "items": [{"sku": "s", "q": 2}],
+                },
                 {"id": 2, "customer": {"name": "b", "tags": []}, "items": []},
             ]
         )
@@ -186,7 +190,7 @@ def test_mixed_types_in_a_batch_dead_letter_the_later_rows() -> None:
     assert decoded.rows.num_rows == 98
     dead = decoded.dead_letters.to_pylist()
     assert [d["_nats_seq"] for d in dead] == [41, 71]
-    assert all("conflicts with earlier messages" in d["error"] for d in dead)
+    assert all("conflicts with the table or earlier messages" in d["error"] for d in dead)
     assert "int64 vs string" in dead[0]["error"]
 
 
@@ -279,3 +283,13 @@ def test_every_message_is_a_row_or_a_dead_letter_exactly_once(payloads: list[byt
     for seq, row in zip(kept, decoded.rows.to_pylist(), strict=True):
         original = json.loads(by_seq[seq])
         assert {k: row.get(k) for k in original} == original
+
+
+def test_with_the_table_schema_the_table_type_decides_in_batch_conflicts() -> None:
+    table = pa.schema([("n", pa.int64()), ("s", pa.struct([("a", pa.string())]))])
+    payloads: list[object] = [{"n": "first but wrong"}, {"n": 2}, {"n": 3.5}, {"s": {"a": 1}}]
+    decoded = decode(batch(payloads), table_schema=table)
+    assert decoded.rows.column("n").to_pylist() == [2.0, 3.5]  # conform() judges 3.5
+    assert decoded.dead_letters.column("_nats_seq").to_pylist() == [1, 4]
+    without = decode(batch(payloads))  # no table yet: the earliest row decides
+    assert without.rows.column("n").to_pylist()[0] == "first but wrong"

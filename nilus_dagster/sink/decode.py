@@ -81,8 +81,15 @@ class BatchDecoder:
         self.max_nesting = max_nesting
         self._hints: pa.Schema | None = None
 
-    def decode(self, batch: MessageBatch) -> Decoded:
-        """Turn ``batch`` into rows and dead letters. Never raises for a bad payload."""
+    def decode(self, batch: MessageBatch, table_schema: pa.Schema | None = None) -> Decoded:
+        """Turn ``batch`` into rows and dead letters. Never raises for a bad payload.
+
+        Args:
+            batch: The messages.
+            table_schema: The destination table's schema, if it exists. When the messages of
+                the batch disagree on a field's type, the rows that disagree with the table
+                are the dead letters (without a table, the batch's earliest rows decide).
+        """
         if self.format == "raw":
             return _decode_raw(batch)
         if not len(batch):
@@ -90,7 +97,7 @@ class BatchDecoder:
         table = self._fast(batch.payloads)
         if table is not None:
             return Decoded(_with_metadata(table, batch, None), DEAD_LETTER_SCHEMA.empty_table())
-        return self._slow(batch)
+        return self._slow(batch, table_schema)
 
     # -- happy path ----------------------------------------------------------------------------
 
@@ -100,12 +107,7 @@ class BatchDecoder:
         # Every line must start with '{' and no payload may hold a line break: then Arrow can
         # neither skip a blank payload nor split one, so row i is payload i whenever it returns
         # n rows (a line holding two objects would give more).
-        if (
-            joined[:1] != b"{"
-            or joined.count(b"\n") != n - 1
-            or joined.count(b"\n{") != n - 1
-            or b"\r" in joined
-        ):
+        if joined.count(b"\n") != n - 1 or b"\r" in joined or any(p[:1] != b"{" for p in payloads):
             return None
         if not joined.isascii():
             try:
@@ -154,7 +156,7 @@ class BatchDecoder:
 
     # -- slow path -----------------------------------------------------------------------------
 
-    def _slow(self, batch: MessageBatch) -> Decoded:
+    def _slow(self, batch: MessageBatch, table_schema: pa.Schema | None) -> Decoded:
         failures: dict[int, str] = {}
         lines: list[bytes] = []
         indices: list[int] = []
@@ -175,7 +177,7 @@ class BatchDecoder:
                 payload = payload.replace(b"\r", b" ").replace(b"\n", b" ")
             lines.append(payload)
             indices.append(i)
-        tables, bad = self._bisect(lines)
+        tables, bad = self._bisect(lines, _as_json_types(table_schema))
         for position, error in bad:
             failures[indices[position]] = error
         good = [i for i in range(len(batch)) if i not in failures]
@@ -183,16 +185,17 @@ class BatchDecoder:
         dead = dead_letter_table(batch, sorted(failures.items()))
         return Decoded(_with_metadata(rows, batch, good), dead)
 
-    def _bisect(self, lines: list[bytes]) -> tuple[list[pa.Table], list[tuple[int, str]]]:
+    def _bisect(
+        self, lines: list[bytes], schema: pa.Schema | None
+    ) -> tuple[list[pa.Table], list[tuple[int, str]]]:
         """Read ``lines`` in as few Arrow reads as the bad ones allow, earliest rows first.
 
         Returns the tables of the good rows (in order) and ``(line index, error)`` for the bad
-        ones. A field's type is decided by the earliest good rows; a later row whose value has
-        a type that cannot be merged with it is a dead letter.
+        ones. A field's type is decided by ``schema`` (the table's), else by the earliest good
+        rows; a row whose value has a type that cannot be merged with it is a dead letter.
         """
         tables: list[pa.Table] = []
         bad: list[tuple[int, str]] = []
-        schema: pa.Schema | None = None
         stack = [(0, len(lines))] if lines else []
         while stack:
             lo, hi = stack.pop()
@@ -230,15 +233,20 @@ class BatchDecoder:
         try:
             merged = pa.unify_schemas([schema, table.schema], promote_options="permissive")
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-            return None, f"a field's type conflicts with earlier messages of the batch: {exc}", None
+            return None, f"a field's type conflicts with the table or earlier messages: {exc}", None
         return table, None, merged
 
 
 def decode(
-    batch: MessageBatch, format: PayloadFormat = "json", *, decoder: BatchDecoder | None = None
+    batch: MessageBatch,
+    format: PayloadFormat = "json",
+    *,
+    decoder: BatchDecoder | None = None,
+    table_schema: pa.Schema | None = None,
 ) -> Decoded:
-    """Decode one batch (see :class:`BatchDecoder`; pass one to reuse what it learnt)."""
-    return (decoder or BatchDecoder(format)).decode(batch)
+    """Decode one batch (see :meth:`BatchDecoder.decode`; pass a decoder to reuse what it
+    learnt about the payloads)."""
+    return (decoder or BatchDecoder(format)).decode(batch, table_schema)
 
 
 def validate_payload(payload: bytes) -> str | None:
@@ -281,6 +289,47 @@ def _with_metadata(table: pa.Table, batch: MessageBatch, indices: list[int] | No
     for field, array in zip(METADATA_FIELDS, arrays, strict=True):
         table = table.append_column(field, array)
     return table
+
+
+def _as_json_types(schema: pa.Schema | None) -> pa.Schema | None:
+    """The table's payload columns as the types Arrow infers from JSON holding their values."""
+    if schema is None:
+        return None
+    fields = []
+    for field in schema:
+        if field.name in METADATA_COLUMNS or field.name == DATA_COLUMN:
+            continue
+        dtype = _as_json_type(field.type)
+        if dtype is not None:
+            fields.append(pa.field(field.name, dtype))
+    return pa.schema(fields) if fields else None
+
+
+def _as_json_type(dtype: pa.DataType) -> pa.DataType | None:
+    if pa.types.is_boolean(dtype):
+        return dtype
+    if pa.types.is_integer(dtype):
+        return pa.int64()
+    if pa.types.is_floating(dtype) or pa.types.is_decimal(dtype):
+        return pa.float64()
+    if (
+        pa.types.is_string(dtype)
+        or pa.types.is_large_string(dtype)
+        or pa.types.is_temporal(dtype)
+        or pa.types.is_binary(dtype)
+    ):
+        return pa.string()  # dates and times arrive as ISO text
+    if pa.types.is_struct(dtype):
+        children = [
+            pa.field(dtype.field(i).name, t)
+            for i in range(dtype.num_fields)
+            if (t := _as_json_type(dtype.field(i).type)) is not None
+        ]
+        return pa.struct(children)
+    if pa.types.is_list(dtype) or pa.types.is_large_list(dtype):
+        inner = _as_json_type(dtype.value_type)
+        return pa.list_(inner) if inner is not None else None
+    return None  # no JSON value is inferred as this type: let conform() judge it
 
 
 def _many_brackets(payload: bytes) -> bool:

@@ -1,0 +1,436 @@
+"""The Delta sink: strategies, position, schema growth, dead letters, concurrency, backfills."""
+
+import json
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from deltalake import DeltaTable
+
+from nilus_dagster.errors import SinkError
+from nilus_dagster.manifest.depots import TableLocation
+from nilus_dagster.messages import MessageBatch
+from nilus_dagster.redaction import register_secret
+from nilus_dagster.sink.decode import decode
+from nilus_dagster.sink.delta import (
+    STREAM_CREATED_KEY,
+    CommitResult,
+    DeltaSink,
+    PositionConflict,
+)
+
+DAY0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
+APP = "pipeline-orders"
+
+
+def batch(payloads: list[object], start: int, times: list[datetime] | None = None) -> MessageBatch:
+    data = [p if isinstance(p, bytes) else json.dumps(p).encode() for p in payloads]
+    n = len(data)
+    times = times or [DAY0 + timedelta(seconds=start + i) for i in range(n)]
+    return MessageBatch(
+        sequences=list(range(start, start + n)),
+        timestamps_ns=[int(t.timestamp() * 1_000_000) * 1000 for t in times],
+        subjects=["orders.created"] * n,
+        payloads=data,
+    )
+
+
+def sink_at(path: Path, **kwargs: object) -> DeltaSink:
+    kwargs.setdefault("app_id", APP)
+    sink = DeltaSink(TableLocation(str(path)), **kwargs)  # type: ignore[arg-type]
+    sink.open()
+    return sink
+
+
+def write(sink: DeltaSink, b: MessageBatch, **kwargs: object) -> CommitResult:
+    prepared = sink.prepare(b)
+    return sink.commit(
+        prepared.rows,
+        prepared.dead_letters,
+        last_seq=b.last_seq,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def table_rows(path: Path) -> list[dict]:
+    rows = DeltaTable(str(path)).to_pyarrow_table().to_pylist()
+    return sorted(rows, key=lambda r: r["_nats_seq"])
+
+
+def test_a_missing_table_opens_empty_and_is_created_by_the_first_commit(tmp_path: Path) -> None:
+    path = tmp_path / "analytics" / "orders"
+    sink = DeltaSink(TableLocation(str(path)), app_id=APP)
+    state = sink.open()
+    assert (state.exists, state.position, state.stream_created, state.schema) == (
+        False,
+        0,
+        None,
+        None,
+    )
+    assert sink.row_count() == 0 and sink.newest_timestamp() is None
+    result = write(sink, batch([{"id": 1}, {"id": 2}], start=1))
+    assert result == CommitResult(2, 0, 0, 2)
+    assert [r["id"] for r in table_rows(path)] == [1, 2]
+    assert DeltaTable(str(path)).transaction_version(APP) == 2
+
+
+def test_create_table_false_and_missing_table_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "analytics" / "orders"
+    sink = DeltaSink(TableLocation(str(path)), app_id=APP, create_table=False)
+    with pytest.raises(SinkError) as info:
+        sink.open()
+    assert str(path) in str(info.value)
+    assert "create_table" in str(info.value)
+
+
+def test_append_and_position_round_trip(tmp_path: Path) -> None:
+    sink = sink_at(tmp_path / "t")
+    write(sink, batch([{"id": i} for i in range(3)], start=1), commit_metadata={"k": "v"})
+    write(
+        sink,
+        batch([{"id": i} for i in range(3, 5)], start=4),
+        commit_metadata={STREAM_CREATED_KEY: "2025-01-01T00:00:00+00:00"},
+    )
+    assert sink.position == 5
+    write(sink, batch([{"id": 5}], start=6))  # no metadata: the creation time is carried on
+    again = DeltaSink(TableLocation(str(tmp_path / "t")), app_id=APP)
+    state = again.open()
+    assert state.exists and state.position == 6
+    assert state.stream_created == "2025-01-01T00:00:00+00:00"
+    assert state.schema is not None and "id" in state.schema.names
+    assert again.row_count() == 6
+    assert again.newest_timestamp() == DAY0 + timedelta(seconds=6)
+    history = DeltaTable(str(tmp_path / "t")).history(1)[0]
+    assert history[STREAM_CREATED_KEY] == "2025-01-01T00:00:00+00:00"
+    other_app = DeltaSink(TableLocation(str(tmp_path / "t")), app_id="another")
+    assert other_app.open().position == 0
+
+
+def test_commit_refuses_a_sequence_not_past_the_position(tmp_path: Path) -> None:
+    sink = sink_at(tmp_path / "t")
+    write(sink, batch([{"id": 1}, {"id": 2}], start=1))
+    with pytest.raises(SinkError, match="refusing to commit up to sequence 2"):
+        write(sink, batch([{"id": 2}], start=2))
+    assert len(table_rows(tmp_path / "t")) == 2
+
+
+def test_rows_at_or_below_the_position_are_never_written_again(tmp_path: Path) -> None:
+    sink = sink_at(tmp_path / "t")
+    write(sink, batch([{"id": 1}, {"id": 2}], start=1))
+    result = write(sink, batch([{"id": 2}, {"id": 3}], start=2))
+    assert result.rows_written == 1
+    assert [r["_nats_seq"] for r in table_rows(tmp_path / "t")] == [1, 2, 3]
+
+
+def test_empty_commit_moves_the_position(tmp_path: Path) -> None:
+    sink = sink_at(tmp_path / "t")
+    write(sink, batch([{"id": 1}], start=1))
+    empty = decode(MessageBatch()).rows
+    result = sink.commit(empty, None, last_seq=10)
+    assert result.rows_written == 0 and result.position == 10
+    assert DeltaSink(TableLocation(str(tmp_path / "t")), app_id=APP).open().position == 10
+    # a brand-new table whose first messages were all poison still records the position
+    fresh = sink_at(tmp_path / "fresh")
+    result = write(fresh, batch([b"bad", b"[]"], start=1))
+    assert (result.rows_written, result.dead_letters, result.position) == (0, 2, 2)
+    assert DeltaSink(TableLocation(str(tmp_path / "fresh")), app_id=APP).open().position == 2
+
+
+def test_merge_keeps_the_latest_sequence_per_key(tmp_path: Path) -> None:
+    path = tmp_path / "t"
+    sink = sink_at(path, strategy="merge", primary_key=["id"])
+    write(
+        sink,
+        batch(
+            [
+                {"id": 1, "v": "a1"},
+                {"id": 2, "v": "b1"},
+                {"id": 1, "v": "a2"},  # in-batch: the latest sequence wins
+                {"id": None, "v": "no key"},
+                {"id": None, "v": "no key either"},
+            ],
+            start=1,
+        ),
+    )
+    assert {(r["id"], r["v"]) for r in table_rows(path)} == {
+        (1, "a2"),
+        (2, "b1"),
+        (None, "no key"),
+        (None, "no key either"),
+    }
+    write(sink, batch([{"id": 2, "v": "b2"}, {"id": 3, "v": "c1"}], start=6))
+    rows = {r["id"]: (r["v"], r["_nats_seq"]) for r in table_rows(path) if r["id"]}
+    assert rows == {1: ("a2", 3), 2: ("b2", 6), 3: ("c1", 7)}
+    # An older message for key 1 (another writer replaying sequence 2) never rolls it back.
+    replay = sink_at(path, app_id="replayer", strategy="merge", primary_key=["id"])
+    write(replay, batch([{"id": 1, "v": "stale"}], start=2))
+    assert {r["id"]: r["v"] for r in table_rows(path) if r["id"]}[1] == "a2"
+    assert len(table_rows(path)) == 5
+
+
+def test_merge_that_changes_nothing_still_moves_the_position(tmp_path: Path) -> None:
+    path = tmp_path / "t"
+    write(
+        sink_at(path, app_id="first", strategy="merge", primary_key=["id"]),
+        batch([{"id": 1, "v": "new"}], start=50),
+    )
+    sink = sink_at(path, strategy="merge", primary_key=["id"])
+    result = write(sink, batch([{"id": 1, "v": "old"}], start=10))
+    assert result.position == 10
+    assert DeltaSink(TableLocation(str(path)), app_id=APP).open().position == 10
+    assert [r["v"] for r in table_rows(path)] == ["new"]
+
+
+def test_merge_rows_without_a_key_field_are_an_error(tmp_path: Path) -> None:
+    sink = sink_at(tmp_path / "t", strategy="merge", primary_key=["id"])
+    with pytest.raises(SinkError, match="primary_key"):
+        write(sink, batch([{"other": 1}], start=1))
+    with pytest.raises(SinkError, match="primary_key"):
+        DeltaSink(TableLocation(str(tmp_path / "t")), app_id=APP, strategy="merge")
+
+
+def test_replace_overwrites_on_the_first_commit_of_a_run_then_appends(tmp_path: Path) -> None:
+    path = tmp_path / "t"
+    write(sink_at(path, strategy="replace"), batch([{"id": i} for i in range(5)], start=1))
+    run = sink_at(path, strategy="replace")
+    write(run, batch([{"id": 10}], start=6), overwrite=True)
+    write(run, batch([{"id": 11}], start=7))
+    assert [r["id"] for r in table_rows(path)] == [10, 11]
+    assert run.position == 7
+
+
+def test_schema_grows_with_new_fields(tmp_path: Path) -> None:
+    path = tmp_path / "t"
+    sink = sink_at(path)
+    write(sink, batch([{"id": 1, "o": {"a": 1}}], start=1))
+    write(sink, batch([{"id": 2, "extra": "x", "o": {"a": 2, "b": "new"}}], start=2))
+    write(sink, batch([{"id": 3}], start=3))  # fields missing from a batch are nulls
+    rows = table_rows(path)
+    assert [(r["id"], r["extra"]) for r in rows] == [(1, None), (2, "x"), (3, None)]
+    assert [r["o"] for r in rows] == [{"a": 1, "b": None}, {"a": 2, "b": "new"}, None]
+
+
+def test_castable_types_are_cast_to_the_table_type(tmp_path: Path) -> None:
+    path = tmp_path / "t"
+    sink = sink_at(path)
+    write(sink, batch([{"price": 1.5, "qty": 1, "tags": ["a"]}], start=1))
+    # price arrives integral (int64) and qty integral-valued floats: both fit
+    write(sink, batch([{"price": 2, "qty": 2.0, "tags": []}, {"price": None}], start=2))
+    rows = table_rows(path)
+    assert [r["price"] for r in rows] == [1.5, 2.0, None]
+    assert [r["qty"] for r in rows] == [1, 2, None]
+    schema = DeltaTable(str(path)).schema().to_arrow()
+    assert pa.schema(schema).field("price").type == pa.float64()
+    assert pa.schema(schema).field("qty").type == pa.int64()
+
+
+def test_values_that_conflict_with_the_table_type_become_dead_letters(tmp_path: Path) -> None:
+    path = tmp_path / "t"
+    sink = sink_at(path)
+    write(sink, batch([{"id": 1, "qty": 1, "o": {"a": 1}}], start=1))
+    b = batch(
+        [
+            {"id": 2, "qty": "two"},  # first in its batch: the table's type still decides
+            {"id": 3, "qty": 3.5},
+            {"id": 4, "qty": 4, "o": {"a": "text"}},
+            {"id": 5, "QTY": 5},
+            {"id": 6, "qty": 6},
+            {"id": 7},
+        ],
+        start=2,
+    )
+    prepared = sink.prepare(b)
+    assert prepared.rows.column("id").to_pylist() == [6, 7]
+    by_seq = {d["_nats_seq"]: d for d in prepared.dead_letters.to_pylist()}
+    assert set(by_seq) == {2, 3, 4, 5}
+    assert "qty" in by_seq[2]["error"] and "int64 vs string" in by_seq[2]["error"]
+    assert "'qty' value does not fit double" in by_seq[3]["error"]
+    assert "int64 in the table" in by_seq[3]["error"]
+    assert "a has incompatible types: int64 vs string" in by_seq[4]["error"]
+    assert "letter case" in by_seq[5]["error"]
+    assert all(by_seq[s]["_nats_data"] == b.payloads[s - 2] for s in by_seq)  # exact bytes
+    result = sink.commit(prepared.rows, prepared.dead_letters, last_seq=b.last_seq)
+    assert (result.rows_written, result.dead_letters) == (2, 4)
+    dead = DeltaTable(str(path) + "__dead_letters").to_pyarrow_table().to_pylist()
+    assert sorted(d["_nats_seq"] for d in dead) == [2, 3, 4, 5]
+    assert [r["id"] for r in table_rows(path)] == [1, 6, 7]
+
+
+def test_conform_alone_names_column_and_types(tmp_path: Path) -> None:
+    sink = sink_at(tmp_path / "t")
+    write(sink, batch([{"id": 1, "qty": 1}], start=1))
+    rows, dead = sink.conform(decode(batch([{"id": 7, "qty": "x"}, {"id": 8}], start=2)).rows)
+    assert rows.column("id").to_pylist() == [8]
+    letter = dead.to_pylist()[0]
+    assert letter["error"] == (
+        "field 'qty' is string in this message but column 'qty' is int64 in the table"
+    )
+    # without the raw payloads at hand, the dead letter holds the row as JSON
+    assert json.loads(letter["_nats_data"]) == {"id": 7, "qty": "x"}
+
+
+@pytest.mark.parametrize("strategy", ["append", "merge", "replace"])
+@pytest.mark.parametrize("poison", [False, True], ids=["rows", "rows+dead-letters"])
+def test_two_sinks_on_one_snapshot_the_second_commit_conflicts(
+    tmp_path: Path, strategy: str, poison: bool
+) -> None:
+    path = tmp_path / "t"
+    key = {"primary_key": ["id"]} if strategy == "merge" else {}
+    write(sink_at(path, strategy=strategy, **key), batch([{"id": 0}], start=1))
+    first, second = (sink_at(path, strategy=strategy, **key) for _ in range(2))
+    b = batch([{"id": 1}, {"id": 2}, b"poison" if poison else {"id": 3}], start=2)
+    write(first, b)
+    with pytest.raises(PositionConflict):
+        write(second, b)
+    with pytest.raises(PositionConflict):  # stays refused until re-opened
+        write(second, batch([{"id": 9}], start=5))
+    assert [r["_nats_seq"] for r in table_rows(path)] == [1, 2, 3] + ([] if poison else [4])
+    if poison:
+        dead = DeltaTable(str(path) + "__dead_letters").to_pyarrow_table()
+        assert dead.column("_nats_seq").to_pylist() == [4]
+    assert second.open().position == 4
+    write(second, batch([{"id": 9}], start=5))
+    assert DeltaTable(str(path)).transaction_version(APP) == 5
+
+
+def test_concurrent_creation_of_a_new_table_conflicts(tmp_path: Path) -> None:
+    path = tmp_path / "t"
+    first, second = sink_at(path), sink_at(path)
+    write(first, batch([{"id": 1}], start=1))
+    with pytest.raises(PositionConflict):
+        write(second, batch([{"id": 1}], start=1))
+    assert len(table_rows(path)) == 1
+
+
+def test_dead_letters_are_written_once_across_a_retry(tmp_path: Path) -> None:
+    path = tmp_path / "t"
+    write(sink_at(path), batch([{"id": 0}], start=1))
+    retried, other = sink_at(path), sink_at(path)
+    # The other writer commits rows 2..4 (no dead letters of its own reach the table) ...
+    other.commit(decode(batch([{"id": 1}, {"id": 2}, {"id": 3}], start=2)).rows, None, last_seq=4)
+    # ... so this attempt writes its dead letters, then its main commit conflicts.
+    b = batch([{"id": 1}, b"bad-3", b"bad-4"], start=2)
+    with pytest.raises(PositionConflict):
+        write(retried, b)
+    assert retried.open().position == 4
+    # The retry covers more messages; dead letters at or below the dead-letter table's
+    # position are not written again.
+    result = write(retried, batch([{"id": 1}, b"bad-3", b"bad-4", b"bad-5"], start=2))
+    assert result.dead_letters == 1
+    dead = DeltaTable(str(path) + "__dead_letters").to_pyarrow_table()
+    assert sorted(dead.column("_nats_seq").to_pylist()) == [3, 4, 5]
+
+
+def _window_batch(start: int, day: int, ids: list[int], tag: str) -> MessageBatch:
+    times = [DAY0 + timedelta(days=day, hours=i) for i in range(len(ids))]
+    return batch([{"id": i, "tag": tag} for i in ids], start=start, times=times)
+
+
+@pytest.mark.parametrize("strategy", ["append", "merge"])
+def test_replace_window_is_idempotent_and_leaves_other_windows(
+    tmp_path: Path, strategy: str
+) -> None:
+    path = tmp_path / "t"
+    key = {"primary_key": ["id"]} if strategy == "merge" else {}
+    sink = sink_at(path, strategy=strategy, **key)
+    write(sink, _window_batch(1, 0, [1, 2], "day0"))
+    write(sink, _window_batch(3, 1, [3, 4, 5], "day1"))
+    write(sink, _window_batch(6, 2, [6], "day2"))
+    before = table_rows(path)
+    version_position = sink.position
+    # the replay of day 1 (sequences 3..5) with a message that is not in the window
+    replay = decode(_window_batch(3, 1, [3, 4, 5], "day1")).rows
+    stray = decode(_window_batch(6, 2, [6], "stray")).rows
+    start, end = DAY0 + timedelta(days=1), DAY0 + timedelta(days=2)
+    for _ in range(2):
+        rows, _dead = sink.conform(pa.concat_tables([replay, stray]))
+        result = sink.replace_window(rows, None, start=start, end=end)
+        assert result.rows_written == 3 and result.position == version_position
+        assert table_rows(path) == before
+    assert DeltaSink(TableLocation(str(path)), app_id=APP).open().position == version_position
+    # a corrected replay of the window replaces exactly that window
+    fixed = decode(_window_batch(3, 1, [3, 4], "fixed")).rows
+    sink.replace_window(sink.conform(fixed)[0], None, start=start, end=end)
+    tags = {r["id"]: r["tag"] for r in table_rows(path)}
+    if strategy == "append":
+        assert tags == {1: "day0", 2: "day0", 3: "fixed", 4: "fixed", 6: "day2"}
+    else:  # merge tables merge the window's rows in (equal sequence wins, nothing deleted)
+        assert tags == {1: "day0", 2: "day0", 3: "fixed", 4: "fixed", 5: "day1", 6: "day2"}
+
+
+def test_replace_window_replaces_dead_letters_of_the_window(tmp_path: Path) -> None:
+    path = tmp_path / "t"
+    sink = sink_at(path)
+    times = [DAY0 + timedelta(hours=1), DAY0 + timedelta(hours=2), DAY0 + timedelta(days=3)]
+    b = batch([{"id": 1}, b"bad", b"bad later"], start=1, times=times)
+    write(sink, b)
+    decoded = decode(batch([{"id": 1}, b"bad"], start=1, times=times[:2]))
+    for _ in range(2):
+        result = sink.replace_window(
+            decoded.rows, decoded.dead_letters, start=DAY0, end=DAY0 + timedelta(days=1)
+        )
+        assert result.dead_letters == 1
+    dead = DeltaTable(str(path) + "__dead_letters").to_pyarrow_table()
+    assert sorted(dead.column("_nats_seq").to_pylist()) == [2, 3]
+
+
+def test_checkpoints_and_compaction_keep_the_position(tmp_path: Path) -> None:
+    path = tmp_path / "t"
+    sink = sink_at(path, checkpoint_every=4, compact_every=6)
+    for i in range(12):
+        write(sink, batch([{"id": i}], start=i + 1))
+    log = sorted(p.name for p in (path / "_delta_log").iterdir())
+    assert any(name.endswith(".checkpoint.parquet") for name in log)
+    table = DeltaTable(str(path))
+    assert len(table.file_uris()) < 12  # compacted
+    assert table.transaction_version(APP) == 12
+    assert [r["id"] for r in table_rows(path)] == list(range(12))
+    reopened = sink_at(path)
+    assert reopened.position == 12
+    write(reopened, batch([{"id": 12}], start=13))
+    assert reopened.row_count() == 13
+
+
+def test_maintenance_that_picks_up_another_writer_makes_the_next_commit_conflict(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "t"
+    write(sink_at(path), batch([{"id": 0}], start=1))
+    mine = sink_at(path, compact_every=1)
+    theirs = sink_at(path)
+    write(theirs, batch([{"id": 1}], start=2))
+    with pytest.raises(PositionConflict):
+        write(mine, batch([{"id": 1}], start=2))
+    assert [r["_nats_seq"] for r in table_rows(path)] == [1, 2]
+
+
+def test_storage_options_reach_deltalake(tmp_path: Path) -> None:
+    bad = {"max_retries": "not-a-number"}
+    fresh = DeltaSink(TableLocation(f"file://{tmp_path}/t", bad), app_id=APP)
+    fresh.open()  # nothing to read yet
+    with pytest.raises(SinkError, match="max_retries"):
+        write(fresh, batch([{"id": 1}], start=1))  # the create write used the options
+    write(sink_at(tmp_path / "t"), batch([{"id": 1}], start=1))
+    with pytest.raises(SinkError, match="max_retries"):
+        DeltaSink(TableLocation(f"file://{tmp_path}/t", bad), app_id=APP).open()
+    good = DeltaSink(TableLocation(f"file://{tmp_path}/t", {"max_retries": "1"}), app_id=APP)
+    assert good.open().position == 1
+    secret = "s3cr3t-access-key-value"
+    register_secret(secret)
+    s3 = TableLocation(
+        "s3://bucket/analytics/orders",
+        {
+            "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+            "AWS_ALLOW_HTTP": "true",
+            "AWS_ACCESS_KEY_ID": "key-id",
+            "AWS_SECRET_ACCESS_KEY": secret,
+            "AWS_REGION": "us-east-1",
+            "max_retries": "0",
+            "retry_timeout": "1s",
+        },
+    )
+    with pytest.raises(SinkError) as info:
+        DeltaSink(s3, app_id=APP).open()
+    assert "127.0.0.1:9" in str(info.value)  # the endpoint option was used
+    assert secret not in str(info.value)
