@@ -66,7 +66,12 @@ CASES: list[tuple[str, str, str, str]] = [
         "line 2, column 7",
         "is not valid YAML: mapping values are not allowed here",
     ),
-    ("impossible-date", "name: 2001-02-30\n", "(file)", "is not valid YAML: day is out of range"),
+    (
+        "impossible-date",
+        "name: 2001-02-30\n",
+        "(file)",
+        "is not valid YAML: a value cannot be read as its type (ValueError); quote dates",
+    ),
     ("empty-file", "", "(file)", "is empty: write a Nilus manifest (name:, spec:)"),
     ("only-comments", "# nothing yet\n", "(file)", "is empty: write a Nilus manifest"),
     (

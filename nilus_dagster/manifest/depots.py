@@ -23,13 +23,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from nilus_dagster.errors import ManifestError, Problem
 from nilus_dagster.manifest.address import DIRECT_SCHEMES
 from nilus_dagster.manifest.model import Sink
 from nilus_dagster.manifest.placeholders import fill
-from nilus_dagster.manifest.yaml_text import yaml_problem
+from nilus_dagster.manifest.yaml_text import field_key, load_yaml
 
 DEPOTS_ENV = "NILUS_DEPOTS"
 LAKEHOUSE_ENV = "NILUS_LAKEHOUSE"
@@ -82,7 +80,7 @@ def load_depots(path: str | os.PathLike[str]) -> dict[str, Depot]:
     file = Path(path)
     where = str(file)
     try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+        text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc)
         raise ManifestError(
@@ -94,8 +92,7 @@ def load_depots(path: str | os.PathLike[str]) -> dict[str, Depot]:
                 )
             ]
         ) from None
-    except (yaml.YAMLError, ValueError, RecursionError) as exc:
-        raise ManifestError([yaml_problem(where, exc)]) from None
+    data = load_yaml(text, where)
     if not isinstance(data, dict) or not isinstance(data.get("depots"), dict):
         raise ManifestError(
             [
@@ -110,7 +107,7 @@ def load_depots(path: str | os.PathLike[str]) -> dict[str, Depot]:
     problems: list[Problem] = []
     depots: dict[str, Depot] = {}
     for name, entry in data["depots"].items():
-        field_name = f"depots.{name}"
+        field_name = f"depots.{field_key(name)}"
         if not isinstance(entry, dict):
             problems.append(
                 Problem(where, field_name, "must be a mapping: {root: <URI or folder>}")
@@ -121,7 +118,7 @@ def load_depots(path: str | os.PathLike[str]) -> dict[str, Depot]:
             problems.append(
                 Problem(
                     where,
-                    f"{field_name}.{unknown[0]}",
+                    f"{field_name}.{field_key(unknown[0])}",
                     "is not a known depot key; a depot has root and storage_options",
                 )
             )
@@ -146,7 +143,7 @@ def load_depots(path: str | os.PathLike[str]) -> dict[str, Depot]:
             problems.append(
                 Problem(
                     where,
-                    f"{field_name}.storage_options.{key}",
+                    f"{field_name}.storage_options.{field_key(key)}",
                     'must be text (quote it; a secret goes in as "{VARIABLE}")',
                 )
             )

@@ -22,7 +22,7 @@ from nilus_dagster.manifest.model import (
     Spec,
 )
 from nilus_dagster.manifest.projection import projected_environment
-from nilus_dagster.manifest.yaml_text import load_yaml
+from nilus_dagster.manifest.yaml_text import field_key, load_yaml
 
 PIPELINES_ENV = "NILUS_PIPELINES"
 DEFAULT_PIPELINES_DIR = "pipelines"
@@ -129,7 +129,7 @@ class Pipeline:
 
 
 def _loc_to_field(loc: Sequence[Any]) -> str:
-    return ".".join(str(part) for part in loc if not str(part).startswith("function-"))
+    return ".".join(field_key(part) for part in loc if not str(part).startswith("function-"))
 
 
 def _shown(value: object) -> str:
@@ -143,24 +143,25 @@ def _type_word(value: object) -> str:
     return _TYPE_WORDS.get(name, name)
 
 
-def _message(field: str, item: Mapping[str, Any]) -> tuple[str, str]:
+def _message(item: Mapping[str, Any]) -> tuple[str, str]:
     """The field to name and the message for one pydantic error item."""
+    loc = [part for part in item["loc"] if not str(part).startswith("function-")]
+    field = _loc_to_field(loc)
     kind = item["type"]
     value = item.get("input")
     ctx = item.get("ctx") or {}
     if kind == "missing":
         return field, f"is required: {_REQUIRED_HINTS.get(field, 'add it')}"
     if kind == "extra_forbidden":
-        parent, _, key = field.rpartition(".")
-        known = _KNOWN_KEYS.get(parent, [])
-        message = f"is not a known option; {_did_you_mean(key, known)}"
+        known = _KNOWN_KEYS.get(_loc_to_field(loc[:-1]), [])
+        message = f"is not a known option; {_did_you_mean(str(loc[-1]), known)}"
         if known:
             return field, message + f"known options: {', '.join(known)}"
         return field, message + "remove it or check its spelling"
     if kind == "value_error":
         cause = ctx.get("error")
         if isinstance(cause, AddressError):
-            return f"{field}.{cause.part}", str(cause)
+            return f"{field}.{field_key(cause.part)}", str(cause)
         return field, str(cause) if cause else str(item["msg"])
     if value is None and field in _REQUIRED_HINTS:
         return field, f"is empty: {_REQUIRED_HINTS[field]}"
@@ -192,7 +193,7 @@ def _did_you_mean(key: str, known: Sequence[str]) -> str:
 def _problems_from_validation(file: str, error: ValidationError) -> list[Problem]:
     problems = []
     for item in error.errors():
-        field, message = _message(_loc_to_field(item["loc"]), item)
+        field, message = _message(item)
         problems.append(Problem(file, field or "(top level)", message))
     return list(dict.fromkeys(problems))
 

@@ -22,11 +22,9 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-import yaml
-
-from nilus_dagster.errors import PlaceholderError
+from nilus_dagster.errors import ManifestError, PlaceholderError
 from nilus_dagster.manifest.model import PipelineManifest
-from nilus_dagster.manifest.yaml_text import yaml_problem
+from nilus_dagster.manifest.yaml_text import load_yaml
 from nilus_dagster.redaction import register_secret
 
 SECRETS_ENV = "NILUS_SECRETS"
@@ -45,10 +43,10 @@ def _load_secrets(path: Path) -> dict[str, object]:
             f"{path}: cannot read the secrets file ({reason}); fix {SECRETS_ENV}"
         ) from None
     try:
-        data = yaml.safe_load(text) or {}
-    except (yaml.YAMLError, ValueError, RecursionError) as exc:
-        # yaml_problem keeps the position only: the offending line may hold a secret.
-        raise PlaceholderError(str(yaml_problem(str(path), exc))) from None
+        # load_yaml's problems give a position only: the offending line may hold a secret.
+        data = load_yaml(text, str(path)) or {}
+    except ManifestError as exc:
+        raise PlaceholderError(str(exc)) from None
     if not isinstance(data, dict):
         raise PlaceholderError(
             f"{path}: the secrets file must map secret aliases to fields "

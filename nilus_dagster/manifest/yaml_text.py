@@ -1,8 +1,18 @@
 """Reading YAML text with problems that point at a line and column, never at a traceback."""
 
+import re
+
 import yaml
 
 from nilus_dagster.errors import ManifestError, Problem
+
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_\-]+")
+
+
+def field_key(part: object) -> str:
+    """One part of a problem's field path; odd keys are quoted so the problem stays one line."""
+    text = str(part)
+    return text if _PLAIN_KEY.fullmatch(text) else repr(text)
 
 
 def yaml_problem(file: str, exc: BaseException) -> Problem:
@@ -14,8 +24,14 @@ def yaml_problem(file: str, exc: BaseException) -> Problem:
     if isinstance(exc, RecursionError):
         return Problem(file, "(file)", "is not valid YAML: it nests too deeply")
     if not isinstance(exc, yaml.YAMLError):
-        # PyYAML lets a few constructor errors through as plain ValueError (2001-02-30).
-        return Problem(file, "(file)", f"is not valid YAML: {exc}; quote the value")
+        # PyYAML's constructors let some errors through: an impossible date (2001-02-30) taken
+        # for a timestamp, a tagged empty value (!!int). Their text may quote the value.
+        return Problem(
+            file,
+            "(file)",
+            f"is not valid YAML: a value cannot be read as its type ({type(exc).__name__}); "
+            "quote dates that are not real dates (2001-02-30) and check explicit !!tags",
+        )
     mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
     position = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
     reason = getattr(exc, "problem", None) or getattr(exc, "context", None) or type(exc).__name__
@@ -30,5 +46,6 @@ def load_yaml(text: str, file: str) -> object:
     """
     try:
         return yaml.safe_load(text)
-    except (yaml.YAMLError, ValueError, RecursionError) as exc:
+    except Exception as exc:
+        # Parsing text has no side effects; whatever PyYAML raises means "not valid YAML".
         raise ManifestError([yaml_problem(file, exc)]) from None
