@@ -1,6 +1,7 @@
 """Bad manifests: each gives one ``FILE: FIELD: message`` problem that says what to fix."""
 
 import copy
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,12 @@ import pytest
 import yaml
 
 from nilus_dagster.errors import ManifestError, Problem
-from nilus_dagster.manifest import collect_pipelines, load_pipelines, parse_pipeline
+from nilus_dagster.manifest import (
+    collect_pipelines,
+    default_pipeline_targets,
+    load_pipelines,
+    parse_pipeline,
+)
 
 ADDRESS = "nats+jetstream://localhost:4222?subject=orders.created"
 BASE: dict[str, Any] = {
@@ -536,3 +542,11 @@ def test_folders_files_and_globs(tmp_path: Path) -> None:
 
     assert found == [["a", "b"], ["c", "d"], ["b", "d"], ["a", "b"]]
     assert {a, b, c, d} == {p.path for p in collect_pipelines([tmp_path])[0]}
+
+
+def test_default_targets() -> None:
+    assert default_pipeline_targets({}) == ["pipelines"]
+    assert default_pipeline_targets({"NILUS_PIPELINES": f"a{os.pathsep}b/*.yaml"}) == [
+        "a",
+        "b/*.yaml",
+    ]
