@@ -292,7 +292,9 @@ def collect_pipelines(
 ) -> tuple[list[Pipeline], list[Problem]]:
     """Load every manifest under ``targets``; return the good ones and every problem found.
 
-    Depots files are skipped. Two pipelines with one name are both reported.
+    Depots-only files are checked, then skipped. Of two pipelines with one name the first (in
+    path order) is kept and the second reported. A glob or folder that finds nothing, and a
+    named file that does not exist, are problems too.
     """
     pipelines: list[Pipeline] = []
     problems: list[Problem] = []
