@@ -147,26 +147,36 @@ def test_merge_keeps_the_latest_sequence_per_key(tmp_path: Path) -> None:
                 {"id": 1, "v": "a1"},
                 {"id": 2, "v": "b1"},
                 {"id": 1, "v": "a2"},  # in-batch: the latest sequence wins
-                {"id": None, "v": "no key"},
-                {"id": None, "v": "no key either"},
+                {"id": 4, "v": "d1"},
+                {"id": 4, "v": "d2"},
             ],
             start=1,
         ),
     )
-    assert {(r["id"], r["v"]) for r in table_rows(path)} == {
-        (1, "a2"),
-        (2, "b1"),
-        (None, "no key"),
-        (None, "no key either"),
-    }
+    assert {(r["id"], r["v"]) for r in table_rows(path)} == {(1, "a2"), (2, "b1"), (4, "d2")}
     write(sink, batch([{"id": 2, "v": "b2"}, {"id": 3, "v": "c1"}], start=6))
-    rows = {r["id"]: (r["v"], r["_nats_seq"]) for r in table_rows(path) if r["id"]}
-    assert rows == {1: ("a2", 3), 2: ("b2", 6), 3: ("c1", 7)}
+    rows = {r["id"]: (r["v"], r["_nats_seq"]) for r in table_rows(path)}
+    assert rows == {1: ("a2", 3), 2: ("b2", 6), 3: ("c1", 7), 4: ("d2", 5)}
     # An older message for key 1 (another writer replaying sequence 2) never rolls it back.
     replay = sink_at(path, app_id="replayer", strategy="merge", primary_key=["id"])
     write(replay, batch([{"id": 1, "v": "stale"}], start=2))
-    assert {r["id"]: r["v"] for r in table_rows(path) if r["id"]}[1] == "a2"
-    assert len(table_rows(path)) == 5
+    assert {r["id"]: r["v"] for r in table_rows(path)}[1] == "a2"
+    assert len(table_rows(path)) == 4
+
+
+def test_merge_rows_without_a_key_are_dead_letters(tmp_path: Path) -> None:
+    path = tmp_path / "t"
+    sink = sink_at(path, strategy="merge", primary_key=["id"])
+    # a first batch with no key at all creates the table without the key column ...
+    result = write(sink, batch([{"v": "no key"}, {"id": None, "v": "null key"}], start=1))
+    assert (result.rows_written, result.dead_letters, result.position) == (0, 2, 2)
+    # ... and the next batches still merge on it
+    write(sink, batch([{"id": 1, "v": "a1"}, {"v": "keyless"}], start=3))
+    write(sink, batch([{"id": 1, "v": "a2"}], start=5))
+    assert [(r["id"], r["v"]) for r in table_rows(path)] == [(1, "a2")]
+    dead = DeltaTable(str(path) + "__dead_letters").to_pyarrow_table().to_pylist()
+    assert sorted(d["_nats_seq"] for d in dead) == [1, 2, 4]
+    assert all("primary key field 'id' is missing or null" in d["error"] for d in dead)
 
 
 def test_merge_that_changes_nothing_still_moves_the_position(tmp_path: Path) -> None:
@@ -182,10 +192,7 @@ def test_merge_that_changes_nothing_still_moves_the_position(tmp_path: Path) -> 
     assert [r["v"] for r in table_rows(path)] == ["new"]
 
 
-def test_merge_rows_without_a_key_field_are_an_error(tmp_path: Path) -> None:
-    sink = sink_at(tmp_path / "t", strategy="merge", primary_key=["id"])
-    with pytest.raises(SinkError, match="primary_key"):
-        write(sink, batch([{"other": 1}], start=1))
+def test_merge_without_a_primary_key_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(SinkError, match="primary_key"):
         DeltaSink(TableLocation(str(tmp_path / "t")), app_id=APP, strategy="merge")
 
@@ -341,10 +348,11 @@ def test_replace_window_is_idempotent_and_leaves_other_windows(
     version_position = sink.position
     # the replay of day 1 (sequences 3..5) with a message that is not in the window
     replay = decode(_window_batch(3, 1, [3, 4, 5], "day1")).rows
-    stray = decode(_window_batch(6, 2, [6], "stray")).rows
+    stray = decode(_window_batch(6, 2, [6], "stray")).rows  # outside the window
+    ahead = decode(_window_batch(7, 1, [7], "ahead")).rows  # past the position
     start, end = DAY0 + timedelta(days=1), DAY0 + timedelta(days=2)
     for _ in range(2):
-        rows, _dead = sink.conform(pa.concat_tables([replay, stray]))
+        rows, _dead = sink.conform(pa.concat_tables([replay, stray, ahead]))
         result = sink.replace_window(rows, None, start=start, end=end)
         assert result.rows_written == 3 and result.position == version_position
         assert table_rows(path) == before

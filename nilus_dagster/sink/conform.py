@@ -43,6 +43,7 @@ def conform(
     table_schema: pa.Schema | None,
     *,
     payloads: Mapping[int, bytes] | None = None,
+    required: Sequence[str] = (),
     failed_at: datetime | None = None,
 ) -> tuple[pa.Table, pa.Table]:
     """Align ``rows`` with ``table_schema``.
@@ -52,6 +53,7 @@ def conform(
         table_schema: The table's current schema, or ``None`` for a table not created yet.
         payloads: Raw payloads by stream sequence, to put the exact bytes in dead letters.
             Without it a dead letter holds the row's values re-encoded as JSON.
+        required: Fields every row must have, non-null (a merge table's primary key).
         failed_at: Time stamped on the dead letters (now by default).
 
     Returns:
@@ -115,6 +117,13 @@ def conform(
         columns[name] = cast
         if bad is not None:
             problems.append((bad, _type_error(name, field.type, existing.type, values=True)))
+    for key in required:
+        missing = (
+            pc.is_null(rows.column(key))
+            if key in rows.column_names
+            else pa.array([True] * n, pa.bool_())
+        )
+        problems.append((missing, f"primary key field {key!r} is missing or null"))
     ordered: dict[str, pa.ChunkedArray] = {}
     for name, existing in table_fields.items():
         if name in columns:

@@ -131,6 +131,7 @@ class DeltaSink:
         self._commits = 0
         self._schema: tuple[int, pa.Schema] | None = None
         self._decoders: dict[str, BatchDecoder] = {}
+        self._required = self.primary_key if strategy == "merge" else ()
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -230,7 +231,9 @@ class DeltaSink:
         if decoder is None:
             decoder = self._decoders.setdefault(format, BatchDecoder(format))
         decoded = decode(batch, format, decoder=decoder, table_schema=schema)
-        rows, conflicts = conform(decoded.rows, schema, payloads=_Payloads(batch))
+        rows, conflicts = conform(
+            decoded.rows, schema, payloads=_Payloads(batch), required=self._required
+        )
         dead = decoded.dead_letters
         if conflicts.num_rows:
             dead = pa.concat_tables([dead, conflicts]) if dead.num_rows else conflicts
@@ -243,7 +246,8 @@ class DeltaSink:
 
         Missing columns become nulls, new columns are kept (the table's schema grows on
         commit), castable types are cast, and rows whose values conflict with the table's
-        types are returned as dead letters naming the column and both types.
+        types are returned as dead letters naming the column and both types. For ``merge``,
+        rows without a primary key value are dead letters too: they could never be merged.
 
         Args:
             rows: Decoded rows.
@@ -253,7 +257,7 @@ class DeltaSink:
         Returns:
             ``(rows, dead_letters)``.
         """
-        return conform(rows, self.schema(), payloads=payloads)
+        return conform(rows, self.schema(), payloads=payloads, required=self._required)
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -326,10 +330,11 @@ class DeltaSink:
         """Replace the rows whose ``_nats_timestamp`` is in ``[start, end)`` with ``rows``.
 
         Append and replace tables overwrite exactly that window (rows outside it are left
-        alone; given rows outside it are ignored). Merge tables merge ``rows`` in, a row being
-        replaced by a message with an equal or higher sequence, so a re-run changes nothing.
-        The position does not move: the same ``txn`` version is committed again. Dead letters
-        (when given) replace the dead-letter table's rows of the window the same way.
+        alone; given rows outside it, or past the position, are ignored). Merge tables merge
+        ``rows`` in, a row being replaced by a message with an equal or higher sequence, so a
+        re-run changes nothing. The position does not move: the same ``txn`` version is
+        committed again. Dead letters (when given) replace the dead-letter table's rows of the
+        window the same way.
 
         Raises:
             PositionConflict: Another writer committed since :meth:`open`; re-open.
@@ -341,8 +346,10 @@ class DeltaSink:
             raise SinkError(f"empty window {start.isoformat()}..{end.isoformat()}")
         metadata = self._metadata(commit_metadata)
         predicate = f"`_nats_timestamp` >= '{_iso(start)}' AND `_nats_timestamp` < '{_iso(end)}'"
-        rows = _in_window(rows, start, end)
-        dead = _in_window(dead_letters, start, end) if dead_letters is not None else None
+        # Messages past the position are the next normal run's to write; writing them here
+        # would write them twice.
+        rows = _up_to(_in_window(rows, start, end), self.position)
+        dead = _up_to(_in_window(dead_letters, start, end), self.position)
         dead_count = 0
         if dead is not None and (self._dead is not None or dead.num_rows):
             props = self._properties(self._dead_version, metadata)
@@ -478,7 +485,12 @@ class DeltaSink:
     ) -> None:
         assert self._table is not None
         before = self._table.version()
-        if rows.num_rows:
+        target = set(self._table.schema().to_arrow().names)
+        if rows.num_rows and not set(self.primary_key) <= target:
+            # No table row has a key yet, so nothing can match: insert (merge would fail to
+            # resolve the key column on the target side).
+            self._write(self._table, _latest_per_key(rows, self.primary_key), "append", properties)
+        elif rows.num_rows:
             source = _latest_per_key(rows, self.primary_key)
             on = " AND ".join(f"t.{_quote(k)} = s.{_quote(k)}" for k in self.primary_key)
             (
@@ -626,6 +638,12 @@ def _after(table: pa.Table, position: int) -> pa.Table:
     if pc.min(seq).as_py() > position:
         return table
     return table.filter(pc.greater(seq.cast(pa.int64()), position))
+
+
+def _up_to(table: pa.Table | None, position: int) -> pa.Table | None:
+    if table is None or table.num_rows == 0:
+        return table
+    return table.filter(pc.less_equal(table.column("_nats_seq").cast(pa.int64()), position))
 
 
 def _in_window(table: pa.Table | None, start: datetime, end: datetime) -> pa.Table | None:
