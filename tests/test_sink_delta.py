@@ -218,6 +218,21 @@ def test_schema_grows_with_new_fields(tmp_path: Path) -> None:
     assert [r["o"] for r in rows] == [{"a": 1, "b": None}, {"a": 2, "b": "new"}, None]
 
 
+def test_fields_that_were_only_null_or_empty_take_their_first_real_type(tmp_path: Path) -> None:
+    path = tmp_path / "t"
+    sink = sink_at(path)
+    write(sink, batch([{"id": 1, "tags": [], "note": None, "o": {"x": None}}], start=1))
+    write(sink, batch([{"id": 2, "tags": ["a"], "note": "n", "o": {"x": 5}}], start=2))
+    write(sink, batch([{"id": 3, "tags": ["b", "c"], "note": "m", "o": {"x": 6}}], start=3))
+    rows = table_rows(path)
+    assert [(r["tags"], r["note"], r["o"]) for r in rows] == [
+        ([], None, {"x": None}),
+        (["a"], "n", {"x": 5}),
+        (["b", "c"], "m", {"x": 6}),
+    ]
+    assert not (tmp_path / "t__dead_letters").exists()  # nothing was a conflict
+
+
 def test_castable_types_are_cast_to_the_table_type(tmp_path: Path) -> None:
     path = tmp_path / "t"
     sink = sink_at(path)

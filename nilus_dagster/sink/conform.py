@@ -162,6 +162,8 @@ def _plan(src: pa.DataType, dst: pa.DataType) -> _Plan:
         return _Plan(dst, _FIT)
     if pa.types.is_null(src):
         return _Plan(dst, _FIT)
+    if pa.types.is_null(dst):
+        return _Plan(src, _FIT)  # e.g. a list that was always empty so far: Delta widens it
     if _is_int(src) and _is_int(dst):
         wider = dst.bit_width >= src.bit_width and (
             pa.types.is_signed_integer(dst) == pa.types.is_signed_integer(src)
