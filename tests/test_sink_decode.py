@@ -215,9 +215,11 @@ def test_timestamp_like_strings_stay_strings() -> None:
     assert first.rows.column("o").to_pylist()[0] == {"d": "2025-01-02"}
     second = decoder.decode(batch([{"at": "2025-01-01T10:00:00.5Z", "x": 1}]))
     assert second.rows.schema.field("at").type == pa.string()
+    nested = decoder.decode(batch([{"items": [{"at": "2025-01-01", "q": 1}]}]))
+    assert nested.rows.column("items").to_pylist() == [[{"at": "2025-01-01", "q": 1}]]
     third = decoder.decode(batch([{"x": 2}]))
     assert "at" not in third.rows.column_names  # a remembered hint adds no phantom column
-    assert "o" not in third.rows.column_names
+    assert "o" not in third.rows.column_names and "items" not in third.rows.column_names
 
 
 def test_payload_field_named_like_a_metadata_column_is_overridden() -> None:
