@@ -7,6 +7,8 @@ values and anything that looks like a credential inside an address.
 import logging
 import re
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 _MASK = "***"
 _lock = threading.Lock()
@@ -30,6 +32,22 @@ def register_secret(value: str | None) -> None:
     if value and len(value) >= 3:
         with _lock:
             _secrets.add(value)
+
+
+@contextmanager
+def isolated_secret_registry() -> Iterator[None]:
+    """Forget, on exit, every secret registered inside the block.
+
+    The registry is process-wide; tests that fill arbitrary values use this so that one test's
+    "secrets" (a user name, a fuzzed word) do not mask text in the tests that follow.
+    """
+    with _lock:
+        before = set(_secrets)
+    try:
+        yield
+    finally:
+        with _lock:
+            _secrets.intersection_update(before)
 
 
 def redact(text: object) -> str:

@@ -196,3 +196,12 @@ def _isolated_lakehouse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.delenv("NILUS_DEPOTS", raising=False)
     monkeypatch.delenv("NILUS_PIPELINES", raising=False)
     monkeypatch.delenv("NILUS_NATS_SERVERS", raising=False)
+
+
+@pytest.fixture
+def isolated_secrets() -> Iterator[None]:
+    """Secrets registered during the test are forgotten after it (the registry is process-wide)."""
+    from nilus_dagster.redaction import isolated_secret_registry
+
+    with isolated_secret_registry():
+        yield

@@ -10,6 +10,9 @@ from nilus_dagster.manifest import Pipeline, parse_pipeline
 from nilus_dagster.manifest.placeholders import fill, placeholders_in
 from nilus_dagster.redaction import redact
 
+# Values filled or registered here must not mask text in other tests.
+pytestmark = pytest.mark.usefixtures("isolated_secrets")
+
 TEMPLATE = """\
 name: secretive
 spec:

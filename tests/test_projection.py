@@ -10,6 +10,9 @@ from nilus_dagster.errors import PlaceholderError
 from nilus_dagster.manifest import Pipeline, parse_pipeline
 from nilus_dagster.redaction import redact
 
+# Values filled or registered here must not mask text in other tests.
+pytestmark = pytest.mark.usefixtures("isolated_secrets")
+
 REPO = Path(__file__).resolve().parent.parent
 
 MANIFEST = """\

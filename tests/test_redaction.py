@@ -8,9 +8,13 @@ import pytest
 from nilus_dagster.redaction import (
     RedactingFilter,
     install_log_redaction,
+    isolated_secret_registry,
     redact,
     register_secret,
 )
+
+# Values filled or registered here must not mask text in other tests.
+pytestmark = pytest.mark.usefixtures("isolated_secrets")
 
 # The example user seed from the NATS documentation (public, not a credential).
 SEED = "SUACSSL3UAHUDXKFSNVUZRF5UHPMWZ6BFDTJ7M6USDXIEDNPPQYYYCU3VY"
@@ -154,3 +158,15 @@ def test_bad_format_args_do_not_break_logging(caplog: pytest.LogCaptureFixture) 
 
     assert "pw-bad" not in caplog.text
     assert "***" in caplog.records[0].getMessage()
+
+
+def test_isolated_registry_forgets_what_was_registered_inside() -> None:
+    kept = unique("kept-")
+    inside = unique("inside-")
+    register_secret(kept)
+
+    with isolated_secret_registry():
+        register_secret(inside)
+        assert redact(f"{kept} {inside}") == "*** ***"
+
+    assert redact(f"{kept} {inside}") == f"*** {inside}"
