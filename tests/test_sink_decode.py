@@ -190,8 +190,9 @@ def test_mixed_types_in_a_batch_dead_letter_the_later_rows() -> None:
     assert decoded.rows.num_rows == 98
     dead = decoded.dead_letters.to_pylist()
     assert [d["_nats_seq"] for d in dead] == [41, 71]
-    assert all("conflicts with the table or earlier messages" in d["error"] for d in dead)
-    assert "int64 vs string" in dead[0]["error"]
+    assert all("the table or earlier messages of the batch" in d["error"] for d in dead)
+    assert "field 'n' is string in this message but column 'n' is int64" in dead[0]["error"]
+    assert "field 'n' is struct<nested: int64>" in dead[1]["error"]
 
 
 def test_int_and_float_in_one_batch_become_double() -> None:
@@ -295,3 +296,22 @@ def test_with_the_table_schema_the_table_type_decides_in_batch_conflicts() -> No
     assert decoded.dead_letters.column("_nats_seq").to_pylist() == [1, 4]
     without = decode(batch(payloads))  # no table yet: the earliest row decides
     assert without.rows.column("n").to_pylist()[0] == "first but wrong"
+
+
+def test_two_interleaved_shapes_keep_stream_order() -> None:
+    # Two producer versions interleaved (a rolling deploy): the earliest shape wins, the other
+    # shape's messages are dead letters, and the slow path reads each shape as one part.
+    payloads: list[object] = []
+    for i in range(6000):
+        if i % 3 == 2:
+            payloads.append({"id": i, "amount": f"{i}.00", "o": {"k": "x"}})
+        else:
+            payloads.append({"id": i, "amount": i, "o": {"k": i}, "extra": None})
+    payloads[4000] = b"{broken"
+    decoded = decode(batch(payloads))
+    kept = decoded.rows.column("id").to_pylist()
+    assert kept == [i for i in range(6000) if i % 3 != 2 and i != 4000]
+    assert decoded.rows.column("_nats_seq").to_pylist() == [i + 1 for i in kept]
+    assert decoded.rows.schema.field("amount").type == pa.int64()
+    dead = decoded.dead_letters.column("_nats_seq").to_pylist()
+    assert dead == sorted([i + 1 for i in range(6000) if i % 3 == 2] + [4001])

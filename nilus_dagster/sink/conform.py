@@ -60,6 +60,27 @@ def conform(
         ``(rows, dead_letters)``: rows whose columns are the table's (missing ones as nulls, in
         the table's order) plus the batch's new ones, and the rows that conflict with the table.
     """
+    out, bad_rows, errors = split_conflicts(rows, table_schema, required=required)
+    if bad_rows is None:
+        return out, DEAD_LETTER_SCHEMA.empty_table()
+    dead = _dead_letters(rows, bad_rows, errors, payloads, failed_at)
+    return out.filter(pc.invert(bad_rows)), dead
+
+
+def split_conflicts(
+    rows: pa.Table,
+    schema: pa.Schema | None,
+    *,
+    required: Sequence[str] = (),
+    against: str = "the table",
+) -> tuple[pa.Table, pa.Array | None, list[str | None]]:
+    """The vectorised core of :func:`conform`, without building dead letters.
+
+    Returns:
+        ``(aligned, bad, errors)``: all rows aligned with ``schema`` (conflicting values as
+        nulls), a mask of the rows that conflict (``None`` when none do) and each row's error.
+    """
+    table_schema = schema
     table_fields = {f.name: f for f in table_schema} if table_schema is not None else {}
     folded = {name.casefold(): name for name in table_fields}
     n = rows.num_rows
@@ -107,7 +128,9 @@ def conform(
         except _Conflict:
             plan = None
         if plan is None:
-            problems.append((pc.is_valid(column), _type_error(name, field.type, existing.type)))
+            problems.append(
+                (pc.is_valid(column), _type_error(name, field.type, existing.type, against))
+            )
             columns[name] = pa.chunked_array([pa.nulls(n, existing.type)])
             continue
         if plan.mode == _FIT:
@@ -116,7 +139,7 @@ def conform(
         cast, bad = _checked_cast(column, plan.target)
         columns[name] = cast
         if bad is not None:
-            problems.append((bad, _type_error(name, field.type, existing.type, values=True)))
+            problems.append((bad, _type_error(name, field.type, existing.type, against, True)))
     for key in required:
         missing = (
             pc.is_null(rows.column(key))
@@ -133,18 +156,18 @@ def conform(
     ordered.update(columns)
     out = pa.table(ordered) if ordered else rows.select([])
     if not problems:
-        return out, DEAD_LETTER_SCHEMA.empty_table()
+        return out, None, []
     bad_rows, errors = _row_errors(problems, n)
-    keep = pc.invert(bad_rows)
-    dead = _dead_letters(rows, bad_rows, errors, payloads, failed_at)
-    return out.filter(keep), dead
+    return out, bad_rows, errors
 
 
-def _type_error(name: str, found: pa.DataType, table: pa.DataType, values: bool = False) -> str:
+def _type_error(
+    name: str, found: pa.DataType, table: pa.DataType, against: str, values: bool = False
+) -> str:
     what = "value does not fit" if values else "is"
     return (
         f"field {name!r} {what} {_type_name(found)} in this message but column {name!r} "
-        f"is {_type_name(table)} in the table"
+        f"is {_type_name(table)} in {against}"
     )
 
 

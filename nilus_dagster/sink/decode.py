@@ -10,14 +10,16 @@ become dead letters while every good row of the batch is kept.
 
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.json as pj
 
 from nilus_dagster.messages import MessageBatch
+from nilus_dagster.sink.conform import split_conflicts
 from nilus_dagster.sink.schema import (
     DATA_COLUMN,
     DEAD_LETTER_SCHEMA,
@@ -42,7 +44,12 @@ MAX_NESTING = 32
 _ARROW_SAFE_BRACKETS = 2000
 
 _MIN_BLOCK = 4 << 20  # several blocks per commit-sized batch let Arrow parse on both cores
-_SMALL_RANGE = 32  # failed ranges this small are examined row by row instead of bisected
+# A failed part of at most this many rows is checked row by row with `json`, then re-read
+# without the malformed ones; valid rows Arrow still rejects are halved down to single reads.
+_CHECK_RANGE = 2048
+_SMALL_RANGE = 32
+_MAX_GROUPS = 16
+_RAW, _VALID, _GROUPED = 0, 1, 2  # how far a failed part of the slow path was examined
 
 
 @dataclass(frozen=True)
@@ -177,64 +184,115 @@ class BatchDecoder:
                 payload = payload.replace(b"\r", b" ").replace(b"\n", b" ")
             lines.append(payload)
             indices.append(i)
-        tables, bad = self._bisect(lines, _as_json_types(table_schema))
+        parts, bad = self._bisect(lines, _as_json_types(table_schema))
         for position, error in bad:
             failures[indices[position]] = error
         good = [i for i in range(len(batch)) if i not in failures]
-        rows = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+        if not parts:
+            rows = pa.table({})
+        else:
+            rows = pa.concat_tables([t for _, t in parts], promote_options="permissive")
+            # Parts grouped by type can come out of stream order; put rows back in order.
+            positions = pa.array([p for part, _ in parts for p in part], pa.int64())
+            if len(parts) > 1:
+                rows = rows.take(pc.sort_indices(positions))
         dead = dead_letter_table(batch, sorted(failures.items()))
         return Decoded(_with_metadata(rows, batch, good), dead)
 
     def _bisect(
         self, lines: list[bytes], schema: pa.Schema | None
-    ) -> tuple[list[pa.Table], list[tuple[int, str]]]:
-        """Read ``lines`` in as few Arrow reads as the bad ones allow, earliest rows first.
+    ) -> tuple[list[tuple[list[int], pa.Table]], list[tuple[int, str]]]:
+        """Read ``lines`` in as few Arrow reads as the bad ones allow.
 
-        Returns the tables of the good rows (in order) and ``(line index, error)`` for the bad
-        ones. A field's type is decided by ``schema`` (the table's), else by the earliest good
-        rows; a row whose value has a type that cannot be merged with it is a dead letter.
+        Returns ``(line indices, table)`` for the parts read and ``(line index, error)`` for
+        the bad lines. A field's type is decided by ``schema`` (the table's), else by the
+        earliest good rows; a row whose value's type cannot be merged with it is a dead letter.
+
+        A part that fails is halved; once small, its lines are checked with `json` (malformed
+        ones are dead letters) and the valid ones grouped by the JSON types of their fields, so
+        that messages of two shapes are read as two parts rather than one line at a time.
         """
-        tables: list[pa.Table] = []
+        parts: list[tuple[list[int], pa.Table]] = []
         bad: list[tuple[int, str]] = []
-        stack = [(0, len(lines))] if lines else []
+        parsed: dict[int, object] = {}
+        stack: list[tuple[list[int], int]] = [(list(range(len(lines))), _RAW)] if lines else []
         while stack:
-            lo, hi = stack.pop()
-            table, error, merged = self._try(lines[lo:hi], schema)
+            part, state = stack.pop()
+            table, error, merged, rejected = self._try([lines[i] for i in part], schema)
             if table is not None:
-                tables.append(table)
+                rejected_at = {j for j, _ in rejected}
+                parts.append(([i for j, i in enumerate(part) if j not in rejected_at], table))
                 schema = merged
+                bad.extend((part[j], text) for j, text in rejected)
                 continue
-            if hi - lo == 1:
-                bad.append((lo, validate_payload(lines[lo]) or error or "cannot be read"))
+            if len(part) == 1:
+                bad.append((part[0], validate_payload(lines[part[0]]) or error or "unreadable"))
                 continue
-            if hi - lo <= _SMALL_RANGE:
-                # Few rows left: one read each beats more halving.
-                stack.extend((i, i + 1) for i in range(hi - 1, lo - 1, -1))
-                continue
-            mid = (lo + hi) // 2
-            stack.append((mid, hi))
-            stack.append((lo, mid))
-        return tables, bad
+            if state == _RAW and len(part) > _CHECK_RANGE:
+                stack.extend(_halves(part, _RAW))
+            elif state == _RAW:
+                valid = []
+                for i in part:
+                    value, problem = _parse(lines[i])
+                    if problem is None:
+                        parsed[i] = value
+                        valid.append(i)
+                    else:
+                        bad.append((i, problem))
+                if valid:
+                    stack.append((valid, _VALID))
+            elif state == _VALID:
+                groups = _group_by_types(part, parsed)
+                if len(groups) > 1:
+                    stack.extend((g, _GROUPED) for g in reversed(groups))
+                else:
+                    stack.extend(_halves(part, _GROUPED))
+            elif len(part) <= _SMALL_RANGE:
+                # Valid JSON objects of one shape that Arrow still rejects: one read each.
+                stack.extend(([i], _GROUPED) for i in reversed(part))
+            else:
+                stack.extend(_halves(part, _GROUPED))
+        return parts, bad
 
     def _try(
         self, lines: list[bytes], schema: pa.Schema | None
-    ) -> tuple[pa.Table | None, str | None, pa.Schema | None]:
+    ) -> tuple[pa.Table | None, str | None, pa.Schema | None, list[tuple[int, str]]]:
+        """One read of ``lines``: ``(table, error, merged schema, rejected rows)``.
+
+        Rows that read fine but whose values' types conflict with ``schema`` are returned as
+        rejected ``(position, error)`` pairs, the table holding the others.
+        """
         try:
             table = self._read(b"\n".join(lines), max(map(len, lines)))
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
-            return None, str(exc), None
+            return None, str(exc), None, []
         if table.num_rows != len(lines):
-            return None, "not exactly one JSON object", None
+            return None, "not exactly one JSON object", None, []
         depth = max((nesting_depth(f.type) for f in table.schema), default=0)
         if depth > self.max_nesting:
-            return None, f"payload is nested {depth} levels deep (at most {self.max_nesting})", None
+            error = f"payload is nested {depth} levels deep (at most {self.max_nesting})"
+            return None, error, None, []
         if schema is None:
-            return table, None, table.schema
+            return table, None, table.schema, []
         try:
             merged = pa.unify_schemas([schema, table.schema], promote_options="permissive")
+            return table, None, merged, []
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-            return None, f"a field's type conflicts with the table or earlier messages: {exc}", None
-        return table, None, merged
+            conflict = f"a field's type conflicts with the table or earlier messages: {exc}"
+        # Arrow read these rows together, so the conflict is per field: the rows holding a
+        # value in a conflicting field are the bad ones (found without reading row by row).
+        aligned, mask, errors = split_conflicts(
+            table, schema, against="the table or earlier messages of the batch"
+        )
+        if mask is None:
+            return None, conflict, None, []
+        kept = aligned.filter(pc.invert(mask))
+        try:
+            merged = pa.unify_schemas([schema, kept.schema], promote_options="permissive")
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            return None, conflict, None, []
+        rejected = [(i, errors[i] or conflict) for i in pc.indices_nonzero(mask).to_pylist()]
+        return kept, None, merged, rejected
 
 
 def decode(
@@ -251,24 +309,103 @@ def decode(
 
 def validate_payload(payload: bytes) -> str | None:
     """Why ``payload`` cannot be a row, or ``None`` when it is a JSON object."""
+    return _parse(payload)[1]
+
+
+def _parse(payload: bytes) -> tuple[object, str | None]:
     if not payload.strip():
-        return "empty payload"
+        return None, "empty payload"
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as exc:
-        return f"payload is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+        return None, f"payload is not valid UTF-8 ({exc.reason} at byte {exc.start})"
     try:
         value = json.loads(text)
     except RecursionError:
-        return "payload is nested too deeply to read"
+        return None, "payload is nested too deeply to read"
     except ValueError as exc:
-        return f"payload is not JSON: {exc}"
+        return None, f"payload is not JSON: {exc}"
     if not isinstance(value, dict):
         kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
             type(value), "a number"
         )
-        return f"payload is {kind}, not a JSON object"
-    return None
+        return None, f"payload is {kind}, not a JSON object"
+    return value, None
+
+
+class _Clash(Exception):
+    pass
+
+
+def _group_by_types(part: list[int], parsed: Mapping[int, object]) -> list[list[int]]:
+    """Split ``part`` into groups whose fields' JSON types agree (first fit, in order).
+
+    Missing and null fields agree with anything; numbers agree with numbers (Arrow promotes
+    integers to doubles). Groups are returned in the order of their first line.
+    """
+    shapes: list[object] = []  # per open group: the merged shape of its lines
+    groups: list[list[int]] = []
+    open_groups: list[int] = []  # groups that take more lines, by index into groups
+    for i in part:
+        try:
+            shape = _shape(parsed[i])
+        except _Clash:  # a list mixing types: Arrow rejects this line on its own
+            groups.append([i])
+            continue
+        for slot, g in enumerate(open_groups):
+            try:
+                shapes[slot] = _merge_shapes(shapes[slot], shape)
+            except _Clash:
+                continue
+            groups[g].append(i)
+            break
+        else:
+            groups.append([i])
+            if len(open_groups) < _MAX_GROUPS:  # beyond that many shapes, one line per read
+                open_groups.append(len(groups) - 1)
+                shapes.append(shape)
+    return groups
+
+
+def _shape(value: object) -> object:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        element: object = None
+        for item in value:
+            element = _merge_shapes(element, _shape(item))
+        return ("list", element)
+    if isinstance(value, dict):
+        return {k: _shape(v) for k, v in value.items()}
+    return "other"
+
+
+def _merge_shapes(a: object, b: object) -> object:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    if isinstance(a, dict) and isinstance(b, dict):
+        merged = dict(a)
+        for key, value in b.items():
+            merged[key] = _merge_shapes(merged.get(key), value)
+        return merged
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return ("list", _merge_shapes(a[1], b[1]))
+    if a == b:
+        return a
+    raise _Clash
+
+
+def _halves(part: list[int], state: int) -> list[tuple[list[int], int]]:
+    mid = len(part) // 2
+    return [(part[mid:], state), (part[:mid], state)]  # popped left first
 
 
 def _decode_raw(batch: MessageBatch) -> Decoded:
