@@ -396,8 +396,8 @@ def next_steps(pipeline: Pipeline, port: int, *, keep_running: bool) -> list[str
     lines.append(f"    export {' '.join(env)}")
     lines.append(f"    {dev}")
     lines.append(
-        f"  then open http://127.0.0.1:3000, Assets, {pipeline.name}: Materialize, and watch "
-        "nats/sequence_lag in the asset's Plots tab"
+        f"  then open http://127.0.0.1:3000/assets/{pipeline.name} (Materialize…, Latest, Launch; "
+        "the lag chart: Metadata, Plots, Events, nats/sequence_lag)"
     )
     return lines
 
