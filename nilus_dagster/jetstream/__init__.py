@@ -1,0 +1,17 @@
+"""The NATS JetStream side: connect and authenticate, manage consumers, pull fast, measure lag.
+
+No Dagster here: the engine drives :class:`JetStreamSource`; :class:`BulkPuller` is the fast pull
+loop on its own, for benchmarks.
+"""
+
+from nilus_dagster.jetstream.pull import BulkPuller, PullInterrupted, parse_ack_reply
+from nilus_dagster.jetstream.source import JetStreamSource
+from nilus_dagster.jetstream.state import StreamState
+
+__all__ = [
+    "BulkPuller",
+    "JetStreamSource",
+    "PullInterrupted",
+    "StreamState",
+    "parse_ack_reply",
+]

@@ -1,0 +1,454 @@
+"""Fast pulling from a JetStream pull consumer: our own pull requests, column-wise collection.
+
+nats-py's ``PullSubscription.fetch()`` sends one request per batch, waits for it and builds a
+metadata object per message, which caps it at a few tens of thousands of messages a second.
+:class:`BulkPuller` instead publishes ``$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>`` requests
+itself with the reply set to an inbox of its own, keeps several of them in flight, and reads the
+stream sequence, timestamp and pending count straight out of each message's ``$JS.ACK`` reply
+subject into plain lists. It has no knowledge of where the consumer came from, so the benchmark
+can use it on any consumer.
+"""
+
+import asyncio
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from nilus_dagster.messages import MessageBatch
+
+API_PREFIX = "$JS.API"
+
+# A pull keeps this many messages in flight (spread over several requests) unless told otherwise:
+# enough that the server never waits for the next request, small enough to bound memory.
+DEFAULT_IN_FLIGHT_MESSAGES = 4096
+MAX_REQUESTS_IN_FLIGHT = 32
+
+
+class PullInterrupted(Exception):
+    """The pull cannot continue on this consumer; the caller recreates it (or reconnects)."""
+
+    def __init__(self, reason: str, *, connection_lost: bool = False, fatal: bool = False):
+        super().__init__(reason)
+        self.reason = reason
+        self.connection_lost = connection_lost
+        self.fatal = fatal
+
+
+@dataclass(frozen=True)
+class AckMetadata:
+    """What a ``$JS.ACK`` reply subject says about one delivered message."""
+
+    stream: str
+    consumer: str
+    delivered: int
+    stream_seq: int
+    consumer_seq: int
+    timestamp_ns: int
+    pending: int
+    domain: str | None = None
+
+
+def parse_ack_reply(reply: str) -> AckMetadata:
+    """Parse a ``$JS.ACK`` reply subject, v1 or v2 (with domain and account hash).
+
+    v1: ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<tm>.<pending>``;
+    v2: ``$JS.ACK.<domain>.<acchash>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<tm>.<pending>``
+    optionally followed by a random token.
+
+    Raises:
+        ValueError: ``reply`` is not a JetStream ack subject.
+    """
+    tokens = reply.split(".")
+    n = len(tokens)
+    if n < 9 or tokens[0] != "$JS" or tokens[1] != "ACK" or n == 10 or n > 12:
+        raise ValueError(f"not a JetStream ack subject: {reply!r}")
+    if n == 9:
+        return AckMetadata(
+            stream=tokens[2],
+            consumer=tokens[3],
+            delivered=int(tokens[4]),
+            stream_seq=int(tokens[5]),
+            consumer_seq=int(tokens[6]),
+            timestamp_ns=int(tokens[7]),
+            pending=int(tokens[8]),
+        )
+    return AckMetadata(
+        domain=None if tokens[2] == "_" else tokens[2],
+        stream=tokens[4],
+        consumer=tokens[5],
+        delivered=int(tokens[6]),
+        stream_seq=int(tokens[7]),
+        consumer_seq=int(tokens[8]),
+        timestamp_ns=int(tokens[9]),
+        pending=int(tokens[10]),
+    )
+
+
+@dataclass
+class _Columns:
+    """What arrived since the last :meth:`BulkPuller.take`, column by column."""
+
+    sequences: list[int] = field(default_factory=list)
+    timestamps_ns: list[int] = field(default_factory=list)
+    subjects: list[str] = field(default_factory=list)
+    payloads: list[bytes] = field(default_factory=list)
+    headers: list[dict[str, str] | None] | None = None
+    replies: list[str] | None = None
+    pending: int = -1
+
+
+class _Wake:
+    """Put in the inbox queue to wake a waiting :meth:`BulkPuller.next_batch` from outside."""
+
+    reply = ""
+    headers = None
+
+
+_WAKE = _Wake()
+
+
+class BulkPuller:
+    """Pulls from one JetStream pull consumer with several pull requests in flight.
+
+    Replies land in the pending queue of a plain nats-py subscription on an inbox of our own;
+    :meth:`next_batch` drains that queue in one go (no await per message) into column lists,
+    reading sequence, timestamp and pending count from the reply subject. Duplicates (a
+    sequence at or below one already collected) are dropped. A jump in the consumer's delivery
+    sequence means a delivery went missing and ends the pull with :class:`PullInterrupted`, so
+    the caller can recreate the consumer where it left off; so do a deleted consumer, a closed
+    connection and missing heartbeats.
+
+    Args:
+        nc: A connected nats-py client.
+        stream: Stream name.
+        consumer: Name of an existing pull consumer on ``stream``.
+        batch_size: Messages per pull request.
+        expires: Seconds a pull request waits on the server to fill.
+        in_flight: Messages to keep requested ahead of the caller (several requests); by default
+            enough for the server never to wait on us.
+        after_seq: Drop messages with a stream sequence at or below this.
+        next_consumer_seq: The consumer sequence of the next delivery (consumer's
+            ``delivered.consumer_seq + 1``), to notice lost deliveries; 0 to learn it.
+        keep_replies: Keep each message's ack subject (needed to ack it later).
+        idle_heartbeat: Seconds between server heartbeats while a request waits; ``None`` picks
+            one from ``expires``; 0 turns them off.
+        api_prefix: JetStream API prefix.
+    """
+
+    def __init__(
+        self,
+        nc: Client,
+        stream: str,
+        consumer: str,
+        *,
+        batch_size: int,
+        expires: float,
+        in_flight: int | None = None,
+        after_seq: int = 0,
+        next_consumer_seq: int = 0,
+        keep_replies: bool = False,
+        idle_heartbeat: float | None = None,
+        api_prefix: str = API_PREFIX,
+    ):
+        if batch_size <= 0:
+            raise ValueError("batch_size must be positive")
+        self.nc = nc
+        self.stream = stream
+        self.consumer = consumer
+        self.batch_size = batch_size
+        self.expires = expires
+        wanted = in_flight if in_flight is not None else max(DEFAULT_IN_FLIGHT_MESSAGES, batch_size)
+        requests = max(2, min(MAX_REQUESTS_IN_FLIGHT, -(-wanted // batch_size)))
+        self.max_credit = requests * batch_size
+        if idle_heartbeat is None:
+            # Heartbeats let us notice a consumer that vanished (2.9 answers a pull for a missing
+            # consumer with silence) without waiting for the whole expiry.
+            idle_heartbeat = min(5.0, expires / 2) if expires >= 2 else 0.0
+        self.idle_heartbeat = idle_heartbeat
+        self.keep_replies = keep_replies
+        self._next_subject = f"{api_prefix}.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self._last_seq = after_seq
+        self._next_cseq = next_consumer_seq
+        self._cols = _Columns(replies=[] if keep_replies else None)
+        self._credit = 0  # messages requested and not yet delivered or expired
+        self._empty_pull = False
+        self._interrupt: PullInterrupted | None = None
+        self._last_activity = time.monotonic()
+        self._sub: Subscription | None = None
+        self._queue: asyncio.Queue[Any] | None = None
+        self._inbox = ""
+        self._requests: dict[int, bytes] = {}
+        self.delivered = 0
+        self.duplicates = 0
+        self.replies: list[str] = []
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> "BulkPuller":
+        """Subscribe to the reply inbox (before any request goes out)."""
+        self._inbox = self.nc.new_inbox()
+        # No pending limits: the credit we hand out bounds what can pile up, and a limit would
+        # make nats-py drop messages as a "slow consumer", since we bypass next_msg().
+        self._sub = await self.nc.subscribe(
+            self._inbox, pending_msgs_limit=0, pending_bytes_limit=0
+        )
+        # A subscription without a callback keeps its messages in this queue; draining it
+        # directly avoids an await (and a task switch) per message, which is most of the cost
+        # of next_msg() and of callbacks alike.
+        queue = getattr(self._sub, "_pending_queue", None)
+        if not isinstance(queue, asyncio.Queue):
+            await self.stop()
+            raise RuntimeError(
+                "this nats-py version has no Subscription._pending_queue; use nats-py 2.x"
+            )
+        self._queue = queue
+        return self
+
+    async def stop(self) -> None:
+        """Unsubscribe: the server drops the requests still waiting once nobody listens."""
+        sub, self._sub = self._sub, None
+        if sub is not None and not self.nc.is_closed:
+            # The connection may be going away; there is nothing to undo then.
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    def interrupt(self, reason: str, *, connection_lost: bool = False, fatal: bool = False) -> None:
+        """End the pull from outside (connection closed, permission refused...)."""
+        if self._interrupt is None:
+            self._interrupt = PullInterrupted(reason, connection_lost=connection_lost, fatal=fatal)
+        if self._queue is not None:
+            self._queue.put_nowait(_WAKE)
+
+    @property
+    def last_seq(self) -> int:
+        """Highest stream sequence collected so far."""
+        return self._last_seq
+
+    # -- receiving -----------------------------------------------------------------------------
+
+    def _drain(self, first: Any = None) -> None:
+        """Collect ``first`` and everything already queued, without awaiting."""
+        queue = self._queue
+        assert queue is not None
+        msgs = [] if first is None else [first]
+        get = queue.get_nowait
+        for _ in range(queue.qsize()):
+            msgs.append(get())
+        if msgs:
+            self._collect(msgs)
+
+    def _collect(self, msgs: list[Any]) -> None:
+        cols = self._cols
+        sequences, timestamps = cols.sequences, cols.timestamps_ns
+        subjects, payloads, replies = cols.subjects, cols.payloads, cols.replies
+        kept_before = len(sequences)
+        last = self._last_seq
+        first_cseq = last_reply = None
+        count = 0
+        for msg in msgs:
+            reply = msg.reply
+            if not reply:
+                if msg is not _WAKE:
+                    self._on_status(msg)
+                continue
+            tokens = reply.split(".")
+            # v1 has 9 tokens; v2 has 11, or 12 with a trailing random token.
+            shift = 1 if len(tokens) == 12 else 0
+            count += 1
+            if first_cseq is None:
+                first_cseq = tokens[-3 - shift]
+            last_reply = reply
+            seq = int(tokens[-4 - shift])
+            if seq <= last:
+                self.duplicates += 1
+                continue
+            last = seq
+            sequences.append(seq)
+            timestamps.append(int(tokens[-2 - shift]))
+            subjects.append(msg.subject)
+            payloads.append(msg.data)
+            headers = msg.headers
+            if headers is not None:
+                if cols.headers is None:
+                    cols.headers = [None] * (len(sequences) - 1)
+                cols.headers.append(headers)
+            elif cols.headers is not None:
+                cols.headers.append(None)
+            if replies is not None:
+                replies.append(reply)
+        if not count:
+            return
+        self._credit -= count
+        self.delivered += count
+        self._last_activity = time.monotonic()
+        tokens = last_reply.split(".")  # type: ignore[union-attr]
+        shift = 1 if len(tokens) == 12 else 0
+        last_cseq = int(tokens[-3 - shift])
+        # Deliveries of one consumer are numbered without holes; a hole is a lost message.
+        expected = self._next_cseq or int(first_cseq)  # type: ignore[arg-type]
+        if int(first_cseq) != expected or last_cseq - expected + 1 != count:  # type: ignore[arg-type]
+            for column in (sequences, timestamps, subjects, payloads, replies, cols.headers):
+                if column is not None:
+                    del column[kept_before:]
+            self.interrupt(
+                f"deliveries {expected}..{expected + count - 1} of consumer {self.consumer} "
+                f"arrived as {first_cseq}..{last_cseq}: some went missing"
+            )
+            return
+        self._next_cseq = last_cseq + 1
+        self._last_seq = last
+        cols.pending = int(tokens[-1 - shift])
+
+    def _on_status(self, msg: Msg) -> None:
+        headers = msg.headers or {}
+        status = headers.get("Status", "")
+        description = str(headers.get("Description", "") or "").strip()
+        lowered = description.lower()
+        self._last_activity = time.monotonic()
+        if status == "100":  # idle heartbeat (flow control is never asked for on pulls)
+            return
+        if status == "408" or status == "404":
+            # 408: a request expired; Nats-Pending-Messages says how much of it was never
+            # filled. 404: a no-wait request found nothing. Either way the credit comes back,
+            # and with nothing collected the consumer had nothing to give.
+            unfilled = headers.get("Nats-Pending-Messages")
+            left = int(unfilled) if unfilled is not None else self._credit
+            self._credit = max(0, self._credit - left)
+            if not self._cols.sequences:
+                self._empty_pull = True
+            return
+        if status == "409":
+            if "exceeded maxwaiting" in lowered:
+                # Too many requests waiting on the server: this one was refused; ask less.
+                self.max_credit = max(self.batch_size, self.max_credit // 2)
+                self._credit = max(0, self._credit - self.batch_size)
+                return
+            if "maxrequestbatch" in lowered or "maxbytes" in lowered or "max_bytes" in lowered:
+                self.interrupt(
+                    f"consumer {self.consumer} refused a pull of {self.batch_size} messages "
+                    f"({description}): lower batch_size in the address",
+                    fatal=True,
+                )
+                return
+            unfilled = headers.get("Nats-Pending-Messages")
+            if unfilled is not None and "deleted" not in lowered:
+                # The request ended early (leadership change, batch completed...): ask again.
+                self._credit = max(0, self._credit - int(unfilled))
+                return
+        if status == "503":
+            description = "no responders: the consumer does not exist"
+        self.interrupt(f"consumer {self.consumer}: {status} {description}".strip())
+
+    # -- requesting ----------------------------------------------------------------------------
+
+    def _request_payload(self, batch: int) -> bytes:
+        payload = self._requests.get(batch)
+        if payload is None:
+            body: dict[str, int] = {"batch": batch, "expires": int(self.expires * 1e9)}
+            if self.idle_heartbeat:
+                body["idle_heartbeat"] = int(self.idle_heartbeat * 1e9)
+            payload = self._requests[batch] = json.dumps(body).encode()
+        return payload
+
+    async def _top_up(self, wanted: int | None) -> None:
+        """Send requests until ``max_credit`` messages (or all the caller wants) are asked for."""
+        target = self.max_credit
+        if wanted is not None:
+            target = min(target, wanted - len(self._cols.sequences))
+        deficit = target - self._credit
+        if deficit <= 0:
+            return
+        if self._credit <= 0:
+            # Nothing was outstanding, so silence so far says nothing about the consumer.
+            self._last_activity = time.monotonic()
+        # Full requests only, except the tail of a bounded pull.
+        while deficit >= self.batch_size or (deficit > 0 and target < self.max_credit):
+            batch = min(self.batch_size, deficit)
+            await self.nc.publish(self._next_subject, self._request_payload(batch), self._inbox)
+            self._credit += batch
+            deficit -= batch
+
+    # -- the caller's side ---------------------------------------------------------------------
+
+    def take(self) -> MessageBatch:
+        """Everything collected so far (possibly nothing), as one batch.
+
+        With ``keep_replies``, the ack subjects of the returned messages are in :attr:`replies`.
+        """
+        cols = self._cols
+        self._empty_pull = False
+        if not cols.sequences:
+            self.replies = []
+            return MessageBatch(num_pending=max(cols.pending, 0))
+        self._cols = _Columns(replies=[] if self.keep_replies else None, pending=cols.pending)
+        self.replies = cols.replies or []
+        return MessageBatch(
+            sequences=cols.sequences,
+            timestamps_ns=cols.timestamps_ns,
+            subjects=cols.subjects,
+            payloads=cols.payloads,
+            headers=cols.headers,
+            num_pending=cols.pending,
+        )
+
+    async def next_batch(
+        self, wanted: int | None = None, *, max_wait: float | None = None
+    ) -> MessageBatch:
+        """Keep requests in flight, wait for messages and return all that have arrived.
+
+        Returns as soon as ``batch_size`` messages (or ``wanted``) are collected or the consumer
+        reports nothing more pending, with everything collected by then. Returns an empty batch
+        when a pull expired without bringing anything (the consumer had nothing for
+        ``expires`` seconds) or ``max_wait`` passed. A batch's ``num_pending`` is the
+        consumer's pending count after its last message.
+
+        Args:
+            wanted: The most messages the caller still wants (requests never ask for more).
+            max_wait: Longest wait in seconds; ``expires`` plus a margin by default.
+
+        Raises:
+            PullInterrupted: The consumer or the connection is gone, or a delivery was lost.
+        """
+        if wanted is not None and wanted <= 0:
+            return MessageBatch()
+        queue = self._queue
+        if queue is None:
+            raise RuntimeError("BulkPuller.start() was not called")
+        wake_at = self.batch_size if wanted is None else min(self.batch_size, wanted)
+        deadline = time.monotonic() + (max_wait if max_wait is not None else self.expires + 2.0)
+        silence = 2 * self.idle_heartbeat + 1.0 if self.idle_heartbeat else None
+        arrived = None
+        while True:
+            self._drain(arrived)
+            arrived = None
+            if self._interrupt is not None:
+                raise self._interrupt
+            cols = self._cols
+            if cols.sequences and (len(cols.sequences) >= wake_at or cols.pending == 0):
+                return self.take()
+            if self._empty_pull:
+                return self.take()
+            if self.nc.is_closed:
+                raise PullInterrupted("the connection to NATS closed", connection_lost=True)
+            await self._top_up(wanted)
+            now = time.monotonic()
+            if now >= deadline:
+                return self.take()
+            timeout = deadline - now
+            if silence is not None and self._credit > 0:
+                if now - self._last_activity > silence:
+                    raise PullInterrupted(
+                        f"no message or heartbeat from consumer {self.consumer} for {silence:.0f}s"
+                    )
+                timeout = min(timeout, silence / 2)
+            try:
+                arrived = await asyncio.wait_for(queue.get(), timeout)
+            except asyncio.TimeoutError:
+                if self._cols.sequences:
+                    return self.take()

@@ -1,0 +1,798 @@
+"""The JetStream source of a pipeline: connection, consumers, fast pull, stream state and lag.
+
+The engine drives it; everything position-related is decided by the engine from the Delta table,
+so this class only guarantees that what it yields is in stream order, starts where asked and
+never repeats a sequence.
+"""
+
+import asyncio
+import contextlib
+import logging
+import time
+from bisect import bisect_right
+from collections.abc import AsyncIterator, Sequence
+from datetime import datetime, timezone
+from types import TracebackType
+from typing import Any
+
+from nilus_dagster.errors import SourceError
+from nilus_dagster.jetstream.connection import (
+    ConnectionLost,
+    JsApiError,
+    Link,
+    NoResponders,
+    PermissionViolation,
+    RequestTimeout,
+    connect,
+    is_auth_failure,
+    server_urls,
+)
+from nilus_dagster.jetstream.consumers import (
+    ConsumerSpec,
+    consumer_config,
+    create_subject,
+    misalignment,
+    new_ephemeral_name,
+    next_sequence,
+    probe_config,
+    resettable,
+    verify_created,
+)
+from nilus_dagster.jetstream.pull import API_PREFIX, BulkPuller, PullInterrupted, parse_ack_reply
+from nilus_dagster.jetstream.state import StreamState, format_time, parse_time, subject_in
+from nilus_dagster.manifest.address import NatsAddress
+from nilus_dagster.messages import MessageBatch
+from nilus_dagster.redaction import redact
+
+logger = logging.getLogger(__name__)
+
+# JetStream API error codes we act on.
+ERR_STREAM_NOT_FOUND = 10059
+ERR_CONSUMER_NOT_FOUND = 10014
+ERR_NO_MESSAGE = 10037
+ERR_JS_NOT_ENABLED_ACCOUNT = 10039
+ERR_JS_NOT_ENABLED = 10076
+ERR_FILTER_NOT_IN_STREAM = 10093
+
+# Errors worth retrying while recovering from a lost connection or a restarting server.
+_TRANSIENT = (ConnectionLost, RequestTimeout, NoResponders, PullInterrupted)
+
+
+class _Recovery:
+    """A time budget for getting a pull going again after a failure."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.since: float | None = None
+        self.problem = ""
+
+    def failed(self, problem: str) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
+        self.problem = problem
+
+    def ok(self) -> None:
+        self.since = None
+
+    @property
+    def exhausted(self) -> bool:
+        return self.since is not None and time.monotonic() - self.since > self.seconds
+
+
+def _head(batch: MessageBatch, count: int) -> MessageBatch:
+    """The first ``count`` messages of ``batch``."""
+    if count >= len(batch):
+        return batch
+    return MessageBatch(
+        sequences=batch.sequences[:count],
+        timestamps_ns=batch.timestamps_ns[:count],
+        subjects=batch.subjects[:count],
+        payloads=batch.payloads[:count],
+        headers=batch.headers[:count] if batch.headers is not None else None,
+        num_pending=batch.num_pending,
+    )
+
+
+class JetStreamSource:
+    """One pipeline's view of a JetStream stream, for the length of a run (or a sensor tick).
+
+    Use it as an async context manager::
+
+        async with JetStreamSource(address, "orders") as source:
+            state = await source.stream_state()
+            async for batch in source.messages(position + 1):
+                ...
+                await source.ack_through(batch.last_seq)
+
+    Args:
+        address: The pipeline's address, placeholders already filled.
+        stream: The stream name (``source_table``).
+        servers: Replaces ``address.servers`` (``host:port`` or URLs): a deployment override.
+        connect_timeout: Seconds for one connection attempt, and for one API request.
+        reconnect_time_wait: Pause between reconnection attempts.
+        max_reconnect_seconds: How long a pull tries to recover from a lost connection or
+            consumer before it gives up with :class:`SourceError`.
+        inactive_threshold: Seconds after which the server deletes an ephemeral consumer nobody
+            pulls from; longer than the slowest commit.
+        client_name: Connection name shown by the server's monitoring.
+    """
+
+    def __init__(
+        self,
+        address: NatsAddress,
+        stream: str,
+        *,
+        servers: Sequence[str] | None = None,
+        connect_timeout: float = 5.0,
+        reconnect_time_wait: float = 0.5,
+        max_reconnect_seconds: float = 30.0,
+        inactive_threshold: float = 60.0,
+        client_name: str = "nilus-dagster",
+    ):
+        if not stream or any(c in stream for c in " .*>"):
+            raise SourceError(
+                f"source_table {stream!r} is not a valid JetStream stream name "
+                "(no spaces, '.', '*' or '>')"
+            )
+        self.address = address
+        self.stream = stream
+        self.subject = address.subject
+        self.urls = server_urls(address, servers)
+        self.connect_timeout = connect_timeout
+        self.reconnect_time_wait = reconnect_time_wait
+        self.max_reconnect_seconds = max_reconnect_seconds
+        self.client_name = client_name
+        self.spec = ConsumerSpec(
+            stream=stream,
+            subject=address.subject,
+            durable=address.durable,
+            ack_policy=address.ack_policy if address.durable else "none",
+            inactive_threshold=inactive_threshold,
+        )
+        self._link: Link | None = None
+        self._ephemerals: set[str] = set()
+        self._pullers: set[BulkPuller] = set()
+        self._realigned = False
+        self.realign_reasons: list[str] = []
+        self.reconnects = 0
+        self._checked = False
+        # Ack subjects of yielded messages not yet acked (durables with an ack policy only).
+        self._ack_seqs: list[int] = []
+        self._ack_replies: list[str] = []
+
+    # -- context -------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> "JetStreamSource":
+        self._link = await self._connect()
+        try:
+            await self._check_jetstream(self._link)
+        except BaseException:
+            await self._link.close()
+            self._link = None
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for puller in list(self._pullers):
+            await puller.stop()
+        self._pullers.clear()
+        link = self._link
+        if link is not None and link.is_open:
+            for name in list(self._ephemerals):
+                await self._delete_consumer(link, name)
+        self._ephemerals.clear()
+        if link is not None:
+            await link.close()
+        self._link = None
+
+    @property
+    def consumer_kind(self) -> str:
+        """``ephemeral`` or ``durable:<name>``."""
+        return f"durable:{self.spec.durable}" if self.spec.durable else "ephemeral"
+
+    @property
+    def realigned(self) -> bool:
+        """Whether a durable consumer had to be moved to the requested start this session."""
+        return self._realigned
+
+    @property
+    def hosts(self) -> str:
+        return ", ".join(u.split("://", 1)[-1] for u in self.urls)
+
+    # -- connection ----------------------------------------------------------------------------
+
+    async def _connect(self) -> Link:
+        return await connect(
+            self.address,
+            self.urls,
+            connect_timeout=self.connect_timeout,
+            request_timeout=self.connect_timeout,
+            name=self.client_name,
+        )
+
+    async def _check_jetstream(self, link: Link) -> None:
+        try:
+            await link.api(f"{API_PREFIX}.INFO")
+        except NoResponders:
+            raise SourceError(self._js_disabled_text()) from None
+        except JsApiError as exc:
+            if exc.err_code in (ERR_JS_NOT_ENABLED_ACCOUNT, ERR_JS_NOT_ENABLED):
+                raise SourceError(self._js_disabled_text(account=True)) from None
+            raise self._error(exc, "read the JetStream account") from None
+        except PermissionViolation:
+            # Users scoped to one stream may not read account info; the stream calls will tell.
+            pass
+        except (RequestTimeout, ConnectionLost) as exc:
+            raise self._error(exc, "reach JetStream") from None
+
+    def _js_disabled_text(self, account: bool = False) -> str:
+        if account:
+            return (
+                f"JetStream is not enabled for this account at {self.hosts}: enable JetStream "
+                "for the account in the server's accounts configuration"
+            )
+        return (
+            f"JetStream is not enabled at {self.hosts} (nothing answers the JetStream API): "
+            "start nats-server with -js, or add a jetstream {} block to its configuration"
+        )
+
+    async def _ensure_link(self) -> Link:
+        """The open connection; reconnects (one attempt) if it was lost."""
+        link = self._link
+        if link is not None and link.is_open:
+            return link
+        if link is not None:
+            await link.close()
+        self._link = None
+        try:
+            self._link = await self._connect()
+        except SourceError as exc:
+            if is_auth_failure(str(exc)):
+                raise
+            raise ConnectionLost(str(exc)) from None
+        self.reconnects += 1
+        logger.info("reconnected to NATS at %s", self.hosts)
+        return self._link
+
+    # -- errors --------------------------------------------------------------------------------
+
+    def _error(self, exc: BaseException, doing: str) -> SourceError:
+        """Turn a low-level failure into a :class:`SourceError` that says what to do."""
+        return SourceError(redact(self._error_text(exc, doing)))
+
+    def _error_text(self, exc: BaseException, doing: str) -> str:
+        stream, subject = self.stream, self.subject
+        if isinstance(exc, SourceError):
+            return str(exc)
+        if isinstance(exc, PermissionViolation):
+            return self._permission_text(exc)
+        if isinstance(exc, JsApiError):
+            if exc.err_code == ERR_STREAM_NOT_FOUND:
+                return self._missing_stream_text()
+            if exc.err_code in (ERR_JS_NOT_ENABLED_ACCOUNT, ERR_JS_NOT_ENABLED):
+                return self._js_disabled_text(account=exc.err_code == ERR_JS_NOT_ENABLED_ACCOUNT)
+            if exc.err_code == ERR_FILTER_NOT_IN_STREAM:
+                return f"subject {subject} is not bound to stream {stream}: {exc.description}"
+            return f"JetStream refused to {doing} on stream {stream}: {exc.description}"
+        if isinstance(exc, NoResponders):
+            return (
+                f"no responders available for stream {stream} at {self.hosts} while trying to "
+                f"{doing}: JetStream is not answering there"
+            )
+        if isinstance(exc, RequestTimeout):
+            return (
+                f"no answer from JetStream at {self.hosts} within {exc.timeout:g}s while trying "
+                f"to {doing} (stream {stream}): is the server overloaded or stuck?"
+            )
+        if isinstance(exc, ConnectionLost):
+            return f"lost the connection to NATS at {self.hosts} while trying to {doing}: {exc}"
+        if isinstance(exc, PullInterrupted):
+            return f"the pull from stream {stream} stopped: {exc.reason}"
+        return f"could not {doing} on stream {stream} at {self.hosts}: {exc}"
+
+    def _permission_text(self, violation: PermissionViolation) -> str:
+        what = violation.subject
+        if violation.kind == "subscribe":
+            if what.startswith("_INBOX"):
+                return (
+                    f"permissions violation: the NATS user may not subscribe to reply inboxes "
+                    f"({what}); JetStream answers and pulled messages arrive there: allow "
+                    "subscribe on _INBOX.>"
+                )
+            return (
+                f"permissions violation: the NATS user may not subscribe to the subject {what}: "
+                f"allow subscribe on {what} (and JetStream API access on stream {self.stream})"
+            )
+        if what.startswith(f"{API_PREFIX}."):
+            return (
+                f"permissions violation: the NATS user may not use the JetStream API on stream "
+                f"{self.stream} (publish to {what} was refused): allow publish on "
+                f"$JS.API.STREAM.INFO.{self.stream}, $JS.API.CONSUMER.*.{self.stream}.> and "
+                f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.> (or $JS.API.>), and subscribe on "
+                f"the subject {self.subject}"
+            )
+        if what.startswith("$JS.ACK"):
+            return (
+                f"permissions violation: the NATS user may not acknowledge messages ({what}): "
+                f"allow publish on $JS.ACK.{self.stream}.>"
+            )
+        return f"permissions violation: the NATS user may not publish to {what}"
+
+    def _missing_stream_text(self) -> str:
+        return (
+            f"no responders available for stream {self.stream}: the stream named in "
+            f"source_table ({self.stream}) does not exist on NATS at {self.hosts}: create it "
+            f"(e.g. nats stream add {self.stream} --subjects '{self.subject}') or fix "
+            f"source_table{self._stream_list_suffix}"
+        )
+
+    _stream_list_suffix = ""
+
+    async def _note_streams(self, link: Link) -> None:
+        # Listing the streams that do exist makes a typo in source_table obvious.
+        try:
+            answer = await link.api(f"{API_PREFIX}.STREAM.NAMES", {"offset": 0})
+        except Exception:  # a best-effort hint only
+            return
+        names = sorted(answer.get("streams") or [])
+        if names:
+            shown = ", ".join(names[:20]) + (" ..." if len(names) > 20 else "")
+            self._stream_list_suffix = f"; streams there: {shown}"
+        else:
+            self._stream_list_suffix = "; the server has no streams"
+
+    async def _api(self, subject: str, body: dict[str, Any] | None, doing: str) -> dict[str, Any]:
+        """An API call on the current connection, failures translated to SourceError."""
+        link = await self._ensure_link_or_fail(doing)
+        try:
+            return await link.api(subject, body)
+        except JsApiError as exc:
+            if exc.err_code == ERR_STREAM_NOT_FOUND:
+                await self._note_streams(link)
+            raise self._error(exc, doing) from None
+        except NoResponders as exc:
+            raise await self._no_responders_error(link, exc, doing) from None
+        except (PermissionViolation, RequestTimeout, ConnectionLost) as exc:
+            raise self._error(exc, doing) from None
+
+    async def _ensure_link_or_fail(self, doing: str) -> Link:
+        try:
+            return await self._ensure_link()
+        except ConnectionLost as exc:
+            raise SourceError(redact(str(exc))) from None
+
+    async def _no_responders_error(self, link: Link, exc: NoResponders, doing: str) -> SourceError:
+        # Nobody answers: either JetStream is off, or (older servers) the stream is missing.
+        try:
+            await link.api(f"{API_PREFIX}.INFO")
+        except NoResponders:
+            return SourceError(redact(self._js_disabled_text()))
+        except Exception:  # fall through to the stream explanation
+            pass
+        return self._error(exc, doing)
+
+    # -- stream state --------------------------------------------------------------------------
+
+    async def stream_state(self) -> StreamState:
+        """The stream's first/last sequence, message count, creation time and subjects.
+
+        Raises:
+            SourceError: The stream does not exist, JetStream is off, permission is missing...
+        """
+        info = await self._api(
+            f"{API_PREFIX}.STREAM.INFO.{self.stream}", None, "read the stream info"
+        )
+        return StreamState.from_info(info)
+
+    async def check_subject(self) -> None:
+        """Check that the subject is bound to the stream and that the user may subscribe to it.
+
+        Raises:
+            SourceError: The stream has no subject the pipeline's subject falls under (the
+                message lists the stream's subjects), or the user may not subscribe to it.
+        """
+        state = await self.stream_state()
+        if state.subjects and not subject_in(self.subject, state.subjects):
+            raise SourceError(
+                redact(
+                    f"subject {self.subject} is not bound to stream {self.stream}: the stream's "
+                    f"subjects are {', '.join(state.subjects)}; fix subject= in the address, or "
+                    f"add {self.subject} to the stream's subjects"
+                )
+            )
+        link = await self._ensure_link_or_fail("check the subject")
+        try:
+            await link.check_subscribe(self.subject)
+        except (PermissionViolation, RequestTimeout) as exc:
+            raise self._error(exc, "subscribe to the subject") from None
+        self._checked = True
+
+    async def pending_after(self, position: int) -> int:
+        """Messages on the subject with a sequence above ``position`` (exact, filters included)."""
+        info = await self._probe(
+            probe_config(self.subject, new_ephemeral_name("nilus_lag"), start_seq=position + 1),
+            "count the pending messages",
+        )
+        return int(info.get("num_pending", 0) or 0)
+
+    async def last_message_time(self) -> datetime | None:
+        """When the newest message on the subject was stored, or ``None`` if there is none."""
+        doing = "read the newest message on the subject"
+        link = await self._ensure_link_or_fail(doing)
+        try:
+            answer = await link.api(
+                f"{API_PREFIX}.STREAM.MSG.GET.{self.stream}", {"last_by_subj": self.subject}
+            )
+            return parse_time(str(answer["message"]["time"]))
+        except JsApiError as exc:
+            if exc.err_code == ERR_NO_MESSAGE:
+                return None
+            if exc.err_code == ERR_STREAM_NOT_FOUND:
+                raise self._error(exc, doing) from None
+        except PermissionViolation:
+            pass
+        except (NoResponders, RequestTimeout, ConnectionLost) as exc:
+            raise self._error(exc, doing) from None
+        # Direct reads refused: a consumer that delivers only the last message tells as well.
+        return await self._last_time_by_consumer(doing)
+
+    async def _last_time_by_consumer(self, doing: str) -> datetime | None:
+        name = new_ephemeral_name("nilus_last")
+        link = await self._ensure_link_or_fail(doing)
+        info = await self._create_consumer(link, probe_config(self.subject, name, last=True), doing)
+        try:
+            if not int(info.get("num_pending", 0) or 0):
+                return None
+            msg = await link.request(
+                f"{API_PREFIX}.CONSUMER.MSG.NEXT.{self.stream}.{name}",
+                b'{"batch":1,"no_wait":true}',
+            )
+            if not msg.reply:
+                return None
+            meta = parse_ack_reply(msg.reply)
+            return parse_time_ns(meta.timestamp_ns)
+        except (PermissionViolation, NoResponders, RequestTimeout, ConnectionLost) as exc:
+            raise self._error(exc, doing) from None
+        finally:
+            await self._delete_consumer(link, name)
+
+    async def _probe(self, config: dict[str, Any], doing: str) -> dict[str, Any]:
+        """Create a throwaway consumer, return its info, delete it."""
+        link = await self._ensure_link_or_fail(doing)
+        info = await self._create_consumer(link, config, doing)
+        await self._delete_consumer(link, config["name"])
+        return info
+
+    async def _create_consumer(
+        self, link: Link, config: dict[str, Any], doing: str
+    ) -> dict[str, Any]:
+        subject = create_subject(self.stream, config["name"], self.subject)
+        body = {"stream_name": self.stream, "config": config}
+        try:
+            return await link.api(subject, body)
+        except JsApiError as exc:
+            if exc.err_code == ERR_STREAM_NOT_FOUND:
+                await self._note_streams(link)
+            raise self._error(exc, doing) from None
+        except NoResponders as exc:
+            raise await self._no_responders_error(link, exc, doing) from None
+        except (PermissionViolation, RequestTimeout, ConnectionLost) as exc:
+            raise self._error(exc, doing) from None
+
+    async def _delete_consumer(self, link: Link, name: str) -> None:
+        # Best effort: an ephemeral we fail to delete goes away after inactive_threshold.
+        self._ephemerals.discard(name)
+        if not link.is_open:
+            return
+        with contextlib.suppress(Exception):
+            await link.api(
+                f"{API_PREFIX}.CONSUMER.DELETE.{self.stream}.{name}",
+                None,
+                timeout=min(2.0, self.connect_timeout),
+            )
+
+    async def _seq_for_time(self, start_time: datetime) -> int:
+        """The first stream sequence stored at or after ``start_time``."""
+        info = await self._probe(
+            probe_config(
+                self.subject, new_ephemeral_name("nilus_time"), start_time=format_time(start_time)
+            ),
+            "find the first message after start_time",
+        )
+        return next_sequence(info)
+
+    # -- consumers -----------------------------------------------------------------------------
+
+    async def _open_consumer(self, link: Link, start_seq: int) -> tuple[str, dict[str, Any]]:
+        """A consumer ready to deliver from ``start_seq``: (name, info)."""
+        doing = "create the consumer"
+        if self.spec.durable is None:
+            name = new_ephemeral_name()
+            config = consumer_config(self.spec, name, start_seq)
+            info = await self._create_consumer(link, config, doing)
+            self._ephemerals.add(name)
+            verify_created(config, info, server=self._version(link))
+            return name, info
+        return self.spec.durable, await self._align_durable(link, start_seq)
+
+    def _version(self, link: Link) -> str:
+        return ".".join(map(str, link.server_version))
+
+    async def _align_durable(self, link: Link, start_seq: int) -> dict[str, Any]:
+        name = self.spec.durable
+        assert name is not None
+        doing = f"read durable consumer {name}"
+        try:
+            info: dict[str, Any] | None = await link.api(
+                f"{API_PREFIX}.CONSUMER.INFO.{self.stream}.{name}"
+            )
+        except JsApiError as exc:
+            if exc.err_code != ERR_CONSUMER_NOT_FOUND:
+                if exc.err_code == ERR_STREAM_NOT_FOUND:
+                    await self._note_streams(link)
+                raise self._error(exc, doing) from None
+            info = None
+        except NoResponders as exc:
+            raise await self._no_responders_error(link, exc, doing) from None
+        except (PermissionViolation, RequestTimeout, ConnectionLost) as exc:
+            raise self._error(exc, doing) from None
+
+        if info is not None:
+            reason = misalignment(info, self.spec, start_seq)
+            if reason is None:
+                return info
+            self._realigned = True
+            self.realign_reasons.append(reason)
+            logger.warning(
+                "durable consumer %s on stream %s realigned to sequence %d: %s",
+                name,
+                self.stream,
+                start_seq,
+                reason,
+            )
+            reset = await self._reset_durable(link, info, start_seq)
+            if reset is not None:
+                return reset
+            try:
+                await link.api(f"{API_PREFIX}.CONSUMER.DELETE.{self.stream}.{name}")
+            except JsApiError as exc:
+                if exc.err_code != ERR_CONSUMER_NOT_FOUND:
+                    raise self._error(
+                        exc, f"delete durable consumer {name} to realign it"
+                    ) from None
+            except (PermissionViolation, NoResponders, RequestTimeout, ConnectionLost) as exc:
+                raise self._error(exc, f"delete durable consumer {name} to realign it") from None
+        # Acks of messages read before are meaningless to the new consumer.
+        self._ack_seqs, self._ack_replies = [], []
+        config = consumer_config(self.spec, name, start_seq)
+        created = await self._create_consumer(link, config, f"create durable consumer {name}")
+        verify_created(config, created, server=self._version(link))
+        return created
+
+    async def _reset_durable(
+        self, link: Link, info: dict[str, Any], start_seq: int
+    ) -> dict[str, Any] | None:
+        """Rewind/advance the durable in place (nats-server 2.14+); ``None`` if not possible."""
+        if link.server_version < (2, 14, 0) or not resettable(info, self.spec):
+            return None
+        name = self.spec.durable
+        try:
+            await link.api(
+                f"{API_PREFIX}.CONSUMER.RESET.{self.stream}.{name}", {"seq": max(1, start_seq)}
+            )
+            after = await link.api(f"{API_PREFIX}.CONSUMER.INFO.{self.stream}.{name}")
+        except (JsApiError, NoResponders, RequestTimeout, PermissionViolation):
+            return None
+        if misalignment(after, self.spec, start_seq) is not None:
+            return None
+        self._ack_seqs, self._ack_replies = [], []
+        return after
+
+    # -- pulling -------------------------------------------------------------------------------
+
+    async def messages(
+        self,
+        start_seq: int,
+        *,
+        stop_at_seq: int | None = None,
+        max_messages: int | None = None,
+        start_time: datetime | None = None,
+    ) -> AsyncIterator[MessageBatch]:
+        """Yield the subject's messages from ``start_seq`` (or ``start_time``), in stream order.
+
+        Every batch holds strictly increasing sequences above anything yielded before. Pulls of
+        ``address.batch_size`` stay in flight while the caller handles a batch. Stops after
+        ``stop_at_seq`` (messages after it are not yielded), after ``max_messages`` (the last
+        batch is trimmed), or when the consumer has nothing more pending. A lost connection
+        or consumer (server restart, inactivity) is recovered by reconnecting and recreating
+        the consumer after the last yielded sequence, within ``max_reconnect_seconds``.
+
+        Raises:
+            SourceError: The stream, subject, permissions or server make reading impossible,
+                or recovery did not succeed in time.
+        """
+        if max_messages is not None and max_messages <= 0:
+            return
+        if not self._checked:
+            await self.check_subject()
+        if start_time is not None:
+            start_seq = await self._seq_for_time(start_time)
+        last = max(1, start_seq) - 1
+        if stop_at_seq is not None and stop_at_seq <= last:
+            return
+        yielded = 0
+        recovery = _Recovery(self.max_reconnect_seconds)
+        puller: BulkPuller | None = None
+        consumer: str | None = None
+        link: Link | None = None
+        refused: list[PermissionViolation] = []
+
+        def on_link_event(what: str, detail: BaseException | None) -> None:
+            if puller is None:
+                return
+            if what == "closed":
+                puller.interrupt("the connection to NATS closed", connection_lost=True)
+            elif isinstance(detail, PermissionViolation) and (
+                detail.subject.startswith(f"{API_PREFIX}.CONSUMER.MSG.NEXT.")
+                or (detail.kind == "subscribe" and detail.subject.startswith("_INBOX"))
+            ):
+                refused.append(detail)
+                puller.interrupt(str(detail), fatal=True)
+
+        async def drop_puller() -> None:
+            nonlocal puller, consumer
+            if puller is not None:
+                self._pullers.discard(puller)
+                await puller.stop()
+                puller = None
+            if link is not None:
+                link.unlisten(on_link_event)
+                if consumer is not None and self.spec.durable is None:
+                    await self._delete_consumer(link, consumer)
+            consumer = None
+
+        try:
+            while True:
+                wanted: int | None = None
+                if max_messages is not None:
+                    wanted = max_messages - yielded
+                if stop_at_seq is not None:
+                    # Sequences are unique, so this many messages at most remain to be read.
+                    wanted = min(wanted, stop_at_seq - last) if wanted else stop_at_seq - last
+                if wanted is not None and wanted <= 0:
+                    return
+                try:
+                    if puller is None:
+                        link = await self._ensure_link()
+                        consumer, info = await self._open_consumer(link, last + 1)
+                        if not int(info.get("num_pending", 0) or 0):
+                            return
+                        delivered = info.get("delivered") or {}
+                        puller = BulkPuller(
+                            link.nc,
+                            self.stream,
+                            consumer,
+                            batch_size=self.address.batch_size,
+                            expires=self.address.timeout,
+                            after_seq=last,
+                            next_consumer_seq=int(delivered.get("consumer_seq", 0) or 0) + 1,
+                            keep_replies=self.spec.acks,
+                        )
+                        link.listen(on_link_event)
+                        self._pullers.add(puller)
+                        await puller.start()
+                    batch = await puller.next_batch(wanted)
+                except _TRANSIENT as exc:
+                    if refused:
+                        raise self._error(refused[0], "pull messages") from None
+                    if isinstance(exc, PullInterrupted) and exc.fatal:
+                        raise self._error(exc, "pull messages") from None
+                    recovery.failed(self._error_text(exc, "pull messages"))
+                    await drop_puller()
+                    if recovery.exhausted:
+                        raise SourceError(
+                            redact(
+                                f"could not resume pulling from stream {self.stream} at "
+                                f"{self.hosts} within {self.max_reconnect_seconds:g}s: "
+                                f"{recovery.problem}"
+                            )
+                        ) from None
+                    logger.warning("%s; resuming after sequence %d", redact(recovery.problem), last)
+                    await asyncio.sleep(self.reconnect_time_wait)
+                    continue
+                except SourceError as exc:
+                    # A restarting server may answer "JetStream unavailable" for a moment.
+                    if recovery.since is None or not _looks_transient(str(exc)):
+                        raise
+                    recovery.failed(str(exc))
+                    await drop_puller()
+                    if recovery.exhausted:
+                        raise
+                    await asyncio.sleep(self.reconnect_time_wait)
+                    continue
+                recovery.ok()
+                if not batch:
+                    return  # a pull waited the whole timeout and got nothing
+                replies = puller.replies
+                done = False
+                if stop_at_seq is not None and batch.last_seq >= stop_at_seq:
+                    cut = bisect_right(batch.sequences, stop_at_seq)
+                    batch, replies, done = _head(batch, cut), replies[:cut], True
+                if max_messages is not None and yielded + len(batch) >= max_messages:
+                    cut = max_messages - yielded
+                    batch, replies, done = _head(batch, cut), replies[:cut], True
+                if batch:
+                    if self.spec.acks:
+                        self._ack_seqs.extend(batch.sequences)
+                        self._ack_replies.extend(replies)
+                    last = batch.last_seq
+                    yielded += len(batch)
+                    yield batch
+                if done or batch.num_pending == 0:
+                    return
+        finally:
+            await drop_puller()
+
+    # -- acks ----------------------------------------------------------------------------------
+
+    async def ack_through(self, seq: int) -> None:
+        """Acknowledge every yielded message up to ``seq`` (after the engine committed it).
+
+        Only durables with ``ack_policy`` all or explicit ack; otherwise this does nothing. An
+        ack that cannot be delivered is logged, not raised: the data is committed, and the next
+        run realigns the consumer.
+        """
+        if not self.spec.acks or not self._ack_seqs:
+            return
+        cut = bisect_right(self._ack_seqs, seq)
+        if cut == 0:
+            return
+        replies = self._ack_replies[:cut]
+        if self.spec.ack_policy == "all":
+            replies = replies[-1:]
+        link = self._link
+        if link is None or not link.is_open:
+            logger.warning(
+                "could not ack through sequence %d on %s: not connected", seq, self.consumer_kind
+            )
+            return
+        try:
+            for reply in replies[:-1]:
+                await link.nc.publish(reply, b"+ACK")
+            # A double ack: the server answers once it has applied it (and those before it).
+            await link.request(replies[-1], b"+ACK")
+        except Exception as exc:  # the data is committed; only the ack is lost
+            logger.warning(
+                "could not ack through sequence %d on %s: %s",
+                seq,
+                self.consumer_kind,
+                redact(str(exc)),
+            )
+            return
+        del self._ack_seqs[:cut]
+        del self._ack_replies[:cut]
+
+
+def parse_time_ns(ns: int) -> datetime:
+    """Nanoseconds since the epoch as an aware UTC datetime."""
+    return datetime.fromtimestamp(ns / 1e9, tz=timezone.utc)
+
+
+def _looks_transient(text: str) -> bool:
+    lowered = text.lower()
+    return any(
+        word in lowered
+        for word in (
+            "temporarily unavailable",
+            "not answering",
+            "no answer",
+            "lost the connection",
+            "cannot reach",
+            "not enabled",
+        )
+    )
