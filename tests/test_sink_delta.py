@@ -1,6 +1,7 @@
 """The Delta sink: strategies, position, schema growth, dead letters, concurrency, backfills."""
 
 import json
+import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -70,7 +71,7 @@ def test_a_missing_table_opens_empty_and_is_created_by_the_first_commit(tmp_path
     )
     assert sink.row_count() == 0 and sink.newest_timestamp() is None
     result = write(sink, batch([{"id": 1}, {"id": 2}], start=1))
-    assert result == CommitResult(2, 0, 0, 2)
+    assert result == CommitResult(2, 0, 1, 2)  # version 0 creates it empty, 1 holds the rows
     assert [r["id"] for r in table_rows(path)] == [1, 2]
     assert DeltaTable(str(path)).transaction_version(APP) == 2
 
@@ -457,3 +458,43 @@ def test_storage_options_reach_deltalake(tmp_path: Path) -> None:
         DeltaSink(s3, app_id=APP).open()
     assert "127.0.0.1:9" in str(info.value)  # the endpoint option was used
     assert secret not in str(info.value)
+
+
+@pytest.mark.parametrize("strategy", ["append", "merge"])
+def test_concurrent_first_commits_to_a_new_table_write_once(tmp_path: Path, strategy: str) -> None:
+    # Two writers creating a table at once both succeed in deltalake (the second create is
+    # rebased without the txn check), so the sink creates tables empty and writes through a
+    # checked snapshot.
+    key = {"primary_key": ["id"]} if strategy == "merge" else {}
+    for trial in range(8):
+        path = tmp_path / f"t{trial}"
+        sinks = [sink_at(path, strategy=strategy, **key) for _ in range(2)]
+        outcomes = _race(
+            [lambda s=s: write(s, batch([{"id": 1}, {"id": 2}, b"poison"], start=1)) for s in sinks]
+        )
+        assert sorted(outcomes) == ["conflict", "ok"]
+        assert [r["_nats_seq"] for r in table_rows(path)] == [1, 2]
+        dead = DeltaTable(str(path) + "__dead_letters").to_pyarrow_table()
+        assert dead.column("_nats_seq").to_pylist() == [3]
+        assert DeltaTable(str(path)).transaction_version(APP) == 3
+
+
+def _race(calls: list) -> list[str]:
+    """Run ``calls`` at the same moment in threads; each outcome is 'ok' or 'conflict'."""
+    barrier = threading.Barrier(len(calls))
+    outcomes: list[str] = []
+
+    def run(call) -> None:  # type: ignore[no-untyped-def]
+        barrier.wait()
+        try:
+            call()
+            outcomes.append("ok")
+        except PositionConflict:
+            outcomes.append("conflict")
+
+    threads = [threading.Thread(target=run, args=(call,)) for call in calls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return outcomes
