@@ -317,6 +317,16 @@ def test_two_sinks_on_one_snapshot_the_second_commit_conflicts(
     assert DeltaTable(str(path)).transaction_version(APP) == 5
 
 
+def test_two_replace_runs_overwriting_at_once_conflict(tmp_path: Path) -> None:
+    path = tmp_path / "t"
+    write(sink_at(path, strategy="replace"), batch([{"id": 0}], start=1))
+    first, second = (sink_at(path, strategy="replace") for _ in range(2))
+    write(first, batch([{"id": 1}], start=2), overwrite=True)
+    with pytest.raises(PositionConflict):
+        write(second, batch([{"id": 1}], start=2), overwrite=True)
+    assert [r["_nats_seq"] for r in table_rows(path)] == [2]
+
+
 def test_concurrent_creation_of_a_new_table_conflicts(tmp_path: Path) -> None:
     path = tmp_path / "t"
     first, second = sink_at(path), sink_at(path)
