@@ -102,9 +102,11 @@ def test_env_var_fields_are_read_when_the_resource_is_used(tmp_path, monkeypatch
 
     @dg.asset
     def probe(nats: NatsResource) -> None:
-        seen["token"] = engine_call(pipeline, nats).pipeline.resolved_source(
-            engine_call(pipeline, nats).env
-        ).token
+        seen["token"] = (
+            engine_call(pipeline, nats)
+            .pipeline.resolved_source(engine_call(pipeline, nats).env)
+            .token
+        )
 
     dg.materialize(
         [probe], resources={"nats": NatsResource(env={"NATS_TOKEN": dg.EnvVar("DEPLOY_TOKEN")})}

@@ -100,9 +100,7 @@ def test_asset_has_single_run_backfill_pool_and_checks(tmp_path):
 
 def test_static_metadata_is_redacted_and_points_at_the_manifest(tmp_path, monkeypatch):
     monkeypatch.setenv("NATS_PASSWORD", SECRET)
-    address = (
-        "nats+jetstream://nilus:{NATS_PASSWORD}@localhost:4222?subject=orders.created"
-    )
+    address = "nats+jetstream://nilus:{NATS_PASSWORD}@localhost:4222?subject=orders.created"
     literal = f"nats+jetstream://nilus:{SECRET}@localhost:4222?subject=orders.created"
     for written in (address, literal):
         spec = DagsterNilusTranslator().get_asset_spec(_manifest(tmp_path, address=written))
@@ -118,9 +116,12 @@ def test_static_metadata_is_redacted_and_points_at_the_manifest(tmp_path, monkey
         assert references[0].file_path == str((tmp_path / "orders-flow.yaml").resolve())
         assert SECRET not in repr(metadata)
     # The placeholder is a variable name, useful to show; the literal password is masked.
-    assert "{NATS_PASSWORD}" in DagsterNilusTranslator().get_metadata(
-        _manifest(tmp_path, address=address)
-    )["nilus/source_address"].value
+    assert (
+        "{NATS_PASSWORD}"
+        in DagsterNilusTranslator()
+        .get_metadata(_manifest(tmp_path, address=address))["nilus/source_address"]
+        .value
+    )
     assert "***" in metadata["nilus/source_address"].value
 
 

@@ -96,6 +96,4 @@ class NilusPipelinesComponent(dg.Component, dg.Resolvable):
             resources[NATS_RESOURCE_KEY] = self.nats
         if self.sink is not None:
             resources[SINK_RESOURCE_KEY] = self.sink
-        return build_nilus_definitions(
-            targets, resources=resources, on_invalid=self.on_invalid
-        )
+        return build_nilus_definitions(targets, resources=resources, on_invalid=self.on_invalid)

@@ -18,9 +18,7 @@ logger = logging.getLogger("nilus_dagster.dagster")
 
 _TEXT_KEYS = frozenset({"nats/stream", "nats/subject"})
 _PATH_KEYS = frozenset({"nilus/table_uri"})
-_FLOAT_KEYS = frozenset(
-    {"nats/lag_seconds", "nilus/messages_per_second", "nilus/duration_seconds"}
-)
+_FLOAT_KEYS = frozenset({"nats/lag_seconds", "nilus/messages_per_second", "nilus/duration_seconds"})
 
 
 def typed_metadata(values: Mapping[str, Any]) -> dict[str, dg.MetadataValue]:
