@@ -53,18 +53,35 @@ class MessageBatch:
         self.payloads.extend(other.payloads)
         self.num_pending = other.num_pending
 
+    def split(self, count: int) -> tuple["MessageBatch", "MessageBatch"]:
+        """The first ``count`` messages and the rest."""
+        return self._slice(0, count), self._slice(count, len(self))
+
+    def _slice(self, start: int, stop: int) -> "MessageBatch":
+        return MessageBatch(
+            sequences=self.sequences[start:stop],
+            timestamps_ns=self.timestamps_ns[start:stop],
+            subjects=self.subjects[start:stop],
+            payloads=self.payloads[start:stop],
+            headers=self.headers[start:stop] if self.headers is not None else None,
+            num_pending=self.num_pending,
+        )
+
+    def select(self, indices: list[int]) -> "MessageBatch":
+        """The messages at ``indices`` (in order)."""
+        return MessageBatch(
+            sequences=[self.sequences[i] for i in indices],
+            timestamps_ns=[self.timestamps_ns[i] for i in indices],
+            subjects=[self.subjects[i] for i in indices],
+            payloads=[self.payloads[i] for i in indices],
+            headers=[self.headers[i] for i in indices] if self.headers is not None else None,
+            num_pending=self.num_pending,
+        )
+
     def after(self, position: int) -> "MessageBatch":
         """The messages with a sequence above ``position`` (all of them, usually)."""
         if not self.sequences or self.sequences[0] > position:
             return self
         from bisect import bisect_right
 
-        cut = bisect_right(self.sequences, position)
-        return MessageBatch(
-            sequences=self.sequences[cut:],
-            timestamps_ns=self.timestamps_ns[cut:],
-            subjects=self.subjects[cut:],
-            payloads=self.payloads[cut:],
-            headers=self.headers[cut:] if self.headers is not None else None,
-            num_pending=self.num_pending,
-        )
+        return self._slice(bisect_right(self.sequences, position), len(self))

@@ -1,0 +1,405 @@
+"""One run of a pipeline: position -> pull -> decode -> commit -> report.
+
+The Delta table is the only place the position lives. A run reads the committed version ``v``
+through the snapshot it will write through, pulls from ``v+1``, drops anything at or below the
+position, and commits each chunk with the new position in the same Delta transaction. Pulling
+goes on while a chunk is decoded and committed in a worker thread.
+"""
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from nilus_dagster.engine.report import RunReport
+from nilus_dagster.engine.settings import RuntimeSettings, runtime_settings
+from nilus_dagster.errors import PositionError
+from nilus_dagster.jetstream import JetStreamSource, StreamState
+from nilus_dagster.manifest.loader import Pipeline
+from nilus_dagster.messages import MessageBatch
+from nilus_dagster.redaction import redact
+from nilus_dagster.sink import STREAM_CREATED_KEY, DeltaSink, PositionConflict
+
+logger = logging.getLogger("nilus_dagster.engine")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A progress tick: what a run has committed so far."""
+
+    messages: int
+    position: int
+    target: int | None
+    elapsed_seconds: float
+
+    @property
+    def messages_per_second(self) -> float:
+        return self.messages / self.elapsed_seconds if self.elapsed_seconds > 0 else 0.0
+
+
+def open_sink(settings: RuntimeSettings) -> DeltaSink:
+    """The pipeline's Delta sink (not opened yet)."""
+    options = settings.pipeline.manifest.sink.options
+    return DeltaSink(
+        settings.location,
+        app_id=settings.pipeline.app_id,
+        strategy=options.incremental_strategy,
+        primary_key=options.primary_key,
+        create_table=options.create_table,
+        compact_every=options.compact_every,
+        checkpoint_every=options.checkpoint_every,
+    )
+
+
+def check_stream_identity(
+    pipeline: Pipeline, stream: StreamState, position: int, stored_created: str | None
+) -> None:
+    """Refuse a stream that was deleted and recreated since the position was committed.
+
+    Raises:
+        PositionError: The position is past the stream's end, or its creation time changed.
+    """
+    created = stream.created.isoformat()
+    if stored_created and stored_created != created:
+        raise PositionError(
+            f"stream {stream.name} was recreated (created {created}, the table's position "
+            f"{position} was committed against the stream created {stored_created}); its "
+            f"sequences start over. To ingest the new stream, write to a new dest_table, or "
+            f"delete the table at {pipeline.table_location(fill_secrets=False).uri}"
+        )
+    if position > stream.last_seq:
+        raise PositionError(
+            f"the table's position {position} is past the last sequence {stream.last_seq} of "
+            f"stream {stream.name}: the stream was recreated or purged to a lower sequence. "
+            "To ingest the new stream, write to a new dest_table, or delete the table"
+        )
+
+
+class _Committer:
+    """Decodes and commits chunks, in order, in a worker thread; tracks what was committed."""
+
+    def __init__(self, sink: DeltaSink, settings: RuntimeSettings, created: str):
+        self.sink = sink
+        self.settings = settings
+        self.pipeline = settings.pipeline
+        self.replace_first = self.pipeline.manifest.sink.options.incremental_strategy == "replace"
+        self.metadata = {STREAM_CREATED_KEY: created, "nilus.pipeline": self.pipeline.name}
+        self.first_seq: int | None = None
+        self.last_seq: int | None = None
+        self.newest_ns: int | None = None
+        self.rows = 0
+        self.dead = 0
+        self.messages = 0
+        self.bytes = 0
+        self.commits = 0
+
+    def commit(self, chunk: MessageBatch) -> int:
+        """Decode and commit ``chunk``; returns the position after it."""
+        while True:
+            chunk = chunk.after(self.sink.position)
+            if not len(chunk):
+                return self.sink.position
+            decoded = self.sink.prepare(chunk, format=self.settings.address.format)
+            try:
+                result = self.sink.commit(
+                    decoded.rows,
+                    decoded.dead_letters,
+                    last_seq=chunk.last_seq,
+                    overwrite=self.replace_first and self.commits == 0,
+                    commit_metadata=self.metadata,
+                )
+                break
+            except PositionConflict:
+                # Another writer committed first: re-read its position and keep only what is
+                # still ours to write. Nothing is written twice.
+                self.sink.open()
+                logger.warning(
+                    "%s: a concurrent commit moved the position to %s; continuing after it",
+                    self.pipeline.name,
+                    self.sink.position,
+                )
+        self.commits += 1
+        self.first_seq = chunk.first_seq if self.first_seq is None else self.first_seq
+        self.last_seq = chunk.last_seq
+        self.newest_ns = max(self.newest_ns or 0, max(chunk.timestamps_ns))
+        self.rows += result.rows_written
+        self.dead += result.dead_letters
+        self.messages += len(chunk)
+        self.bytes += chunk.nbytes
+        return self.sink.position
+
+
+async def run_pipeline_async(
+    pipeline: Pipeline,
+    *,
+    env: Mapping[str, str] | None = None,
+    servers: Sequence[str] | None = None,
+    drain: bool | None = None,
+    max_messages: int | None = None,
+    max_seconds: float | None = None,
+    window: tuple[datetime, datetime] | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+    logger: logging.Logger | None = None,
+) -> RunReport:
+    """Run a pipeline once.
+
+    Args:
+        pipeline: The validated manifest.
+        env: Environment for ``{PLACEHOLDER}``s (``os.environ`` by default).
+        servers: Replace the address's servers (deployment override); ``NILUS_NATS_SERVERS``.
+        drain: ``True``: commit everything pending when the run starts; ``False``: one batch.
+            ``None`` follows ``run_in_loop``.
+        max_messages: Stop after this many messages.
+        max_seconds: Stop pulling after this long (what was pulled is committed).
+        window: Replay the event-time window ``[start, end)`` up to the committed position and
+            replace exactly its rows (a backfill); the position does not move.
+        on_progress: Called after every commit.
+        logger: Where to log (``nilus_dagster.engine`` by default).
+
+    Returns:
+        What the run committed and the stream's state after it.
+
+    Raises:
+        SourceError: NATS cannot be used (auth, stream, subject, server).
+        PlaceholderError: A ``{VARIABLE}`` is not set.
+        PositionError: The stream was recreated, or the window is older than the stream's
+            retention.
+        SinkError: The table cannot be written.
+    """
+    log = logger or globals()["logger"]
+    started = time.monotonic()
+    settings = runtime_settings(pipeline, env=env, servers=servers)
+    sink = open_sink(settings)
+    state = await asyncio.to_thread(sink.open)
+    async with JetStreamSource(settings.address, pipeline.stream, servers=settings.servers) as src:
+        stream = await src.stream_state()
+        await src.check_subject()
+        check_stream_identity(pipeline, stream, state.position, state.stream_created)
+        if window is not None:
+            return await _replay_window(settings, sink, src, stream, window, started, log)
+        committer = _Committer(sink, settings, stream.created.isoformat())
+        position = state.position
+        gap = stream.first_seq - position - 1 if position and stream.first_seq > position + 1 else 0
+        if gap:
+            log.warning(
+                "%s: %d messages (sequences %d..%d) were removed by the stream's retention or a "
+                "purge before they were ingested; continuing from %d",
+                pipeline.name,
+                gap,
+                position + 1,
+                stream.first_seq - 1,
+                stream.first_seq,
+            )
+        address = settings.address
+        start_seq = position + 1 if position else (address.start_sequence or 1)
+        start_time = address.start_time if not position and not address.start_sequence else None
+        drain = pipeline.manifest.source.options.run_in_loop if drain is None else drain
+        limit = (
+            max_messages if drain else min(max_messages or address.batch_size, address.batch_size)
+        )
+        target = stream.last_seq
+        options = pipeline.manifest.sink.options
+        max_rows, max_bytes = options.commit_max_rows, options.commit_max_bytes
+        deadline = started + max_seconds if max_seconds else None
+
+        chunk = MessageBatch()
+        chunk_bytes = 0
+        in_flight: asyncio.Task[int] | None = None
+
+        async def flush(batch: MessageBatch) -> None:
+            nonlocal in_flight
+            if in_flight is not None:
+                await _acked(src, in_flight)
+            in_flight = asyncio.create_task(asyncio.to_thread(committer.commit, batch))
+            in_flight.add_done_callback(lambda _: report_progress())
+
+        def report_progress() -> None:
+            if on_progress is not None:
+                on_progress(
+                    Progress(committer.messages, sink.position, target, time.monotonic() - started)
+                )
+
+        if start_seq <= target:
+            async for batch in src.messages(
+                start_seq, stop_at_seq=target, max_messages=limit, start_time=start_time
+            ):
+                batch = batch.after(max(position, chunk.last_seq if len(chunk) else 0))
+                if not len(batch):
+                    continue
+                chunk.extend(batch)
+                chunk_bytes += batch.nbytes
+                # Commits are bounded in rows and bytes whatever the pull size, so a busy
+                # subject makes few large files and memory stays bounded by the commit size.
+                while len(chunk) >= max_rows or chunk_bytes >= max_bytes:
+                    ready, chunk = chunk.split(min(max_rows, _fit(chunk, max_bytes)))
+                    chunk_bytes -= ready.nbytes
+                    await flush(ready)
+                if deadline and time.monotonic() > deadline:
+                    break
+        if len(chunk):
+            await flush(chunk)
+        if in_flight is not None:
+            await _acked(src, in_flight)
+
+        final = await src.stream_state()
+        position = sink.position
+        sequence_lag = await src.pending_after(position) if position < final.last_seq else 0
+        newest = committer.newest_ns
+        row_count = await asyncio.to_thread(sink.row_count)
+        if newest is None:
+            newest_ts = await asyncio.to_thread(sink.newest_timestamp)
+            lag_seconds = (
+                (datetime.now(timezone.utc) - newest_ts).total_seconds() if newest_ts else None
+            )
+        else:
+            lag_seconds = max(0.0, time.time() - newest / 1e9)
+        report = RunReport(
+            pipeline=pipeline.name,
+            stream=pipeline.stream,
+            subject=address.subject,
+            table_uri=settings.location.uri,
+            first_seq=committer.first_seq,
+            last_seq=committer.last_seq,
+            position=position,
+            stream_last_seq=final.last_seq,
+            sequence_lag=sequence_lag,
+            lag_seconds=lag_seconds,
+            gap=gap,
+            row_count=row_count,
+            rows_written=committer.rows,
+            dead_letters=committer.dead,
+            messages=committer.messages,
+            bytes=committer.bytes,
+            commits=committer.commits,
+            duration_seconds=time.monotonic() - started,
+            consumer=src.consumer_kind,
+            realigned=src.realigned,
+        )
+    log.info(
+        "%s: committed %d messages (%s..%s) in %.2fs, %.0f msg/s; position %d, lag %d",
+        pipeline.name,
+        report.messages,
+        report.first_seq,
+        report.last_seq,
+        report.duration_seconds,
+        report.messages_per_second,
+        report.position,
+        report.sequence_lag,
+    )
+    return report
+
+
+def _fit(chunk: MessageBatch, max_bytes: int) -> int:
+    """How many leading messages of ``chunk`` fit in ``max_bytes`` (at least one)."""
+    total = 0
+    for count, payload in enumerate(chunk.payloads):
+        total += len(payload)
+        if total > max_bytes:
+            return max(count, 1)
+    return len(chunk)
+
+
+async def _acked(src: JetStreamSource, task: "asyncio.Task[int]") -> None:
+    position = await task
+    # Acks go out only after the data is committed, so the server's view never runs ahead.
+    await src.ack_through(position)
+
+
+async def _replay_window(
+    settings: RuntimeSettings,
+    sink: DeltaSink,
+    src: JetStreamSource,
+    stream: StreamState,
+    window: tuple[datetime, datetime],
+    started: float,
+    log: logging.Logger,
+) -> RunReport:
+    pipeline = settings.pipeline
+    start, end = (_utc(w) for w in window)
+    position = sink.position
+    if stream.first_seq > 1 and stream.messages:
+        oldest = await _first_message_time(src, stream.first_seq)
+        if oldest is not None and start < oldest:
+            raise PositionError(
+                f"cannot backfill {start.isoformat()}..{end.isoformat()}: stream {stream.name} "
+                f"now starts at sequence {stream.first_seq} ({oldest.isoformat()}); older "
+                "messages were removed by retention, so replaying this window would lose rows. "
+                "Choose windows that start after the stream's oldest message"
+            )
+    collected = MessageBatch()
+    if position:
+        async for batch in src.messages(1, stop_at_seq=position, start_time=start):
+            keep = [
+                i
+                for i, ts in enumerate(batch.timestamps_ns)
+                if batch.sequences[i] <= position and ts < end.timestamp() * 1e9
+            ]
+            if keep:
+                collected.extend(batch.select(keep))
+            if batch.last_seq >= position or batch.timestamps_ns[-1] >= end.timestamp() * 1e9:
+                break
+    decoded = sink.prepare(collected, format=settings.address.format) if len(collected) else None
+    rows = decoded.rows if decoded is not None else None
+    dead_count = decoded.dead_letters.num_rows if decoded is not None else 0
+    result = await asyncio.to_thread(
+        sink.replace_window,
+        rows,
+        None,
+        start=start,
+        end=end,
+        commit_metadata={
+            STREAM_CREATED_KEY: stream.created.isoformat(),
+            "nilus.pipeline": pipeline.name,
+            "nilus.window": f"{start.isoformat()}/{end.isoformat()}",
+        },
+    )
+    final = await src.stream_state()
+    newest_ts = await asyncio.to_thread(sink.newest_timestamp)
+    duration = time.monotonic() - started
+    log.info(
+        "%s: replaced window %s..%s with %d rows", pipeline.name, start, end, result.rows_written
+    )
+    return RunReport(
+        pipeline=pipeline.name,
+        stream=pipeline.stream,
+        subject=settings.address.subject,
+        table_uri=settings.location.uri,
+        first_seq=collected.first_seq if len(collected) else None,
+        last_seq=collected.last_seq if len(collected) else None,
+        position=position,
+        stream_last_seq=final.last_seq,
+        sequence_lag=await src.pending_after(position) if position < final.last_seq else 0,
+        lag_seconds=(datetime.now(timezone.utc) - newest_ts).total_seconds() if newest_ts else None,
+        gap=0,
+        row_count=await asyncio.to_thread(sink.row_count),
+        rows_written=result.rows_written,
+        dead_letters=dead_count,
+        messages=len(collected),
+        bytes=collected.nbytes,
+        commits=1,
+        duration_seconds=duration,
+        consumer=src.consumer_kind,
+        notes=(f"window {start.isoformat()}..{end.isoformat()}",),
+    )
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
+
+
+async def _first_message_time(src: JetStreamSource, first_seq: int) -> datetime | None:
+    async for batch in src.messages(first_seq, max_messages=1):
+        return datetime.fromtimestamp(batch.timestamps_ns[0] / 1e9, tz=timezone.utc)
+    return None
+
+
+def run_pipeline(pipeline: Pipeline, **kwargs: object) -> RunReport:
+    """Synchronous :func:`run_pipeline_async` (for the CLI and scripts)."""
+    return asyncio.run(run_pipeline_async(pipeline, **kwargs))  # type: ignore[arg-type]
+
+
+def describe_error(exc: BaseException) -> str:
+    """A one-line, secret-free description of a run failure."""
+    return redact(f"{type(exc).__name__}: {exc}")

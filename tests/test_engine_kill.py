@@ -1,0 +1,62 @@
+"""The position survives a run killed with SIGKILL at random points: every sequence once."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from checker import check_exactly_once
+from deltalake import DeltaTable
+
+from nilus_dagster.engine import run_pipeline
+from nilus_dagster.manifest import parse_pipeline
+
+
+def _commits(table: Path) -> int:
+    log = table / "_delta_log"
+    return len(list(log.glob("*.json"))) if log.exists() else 0
+
+
+def test_sigkill_at_random_points_loses_and_duplicates_nothing(
+    nats_server, publisher, stream_name, write_manifest
+):
+    subject = f"{stream_name}.orders"
+    publisher.create_stream(stream_name, [f"{stream_name}.>"])
+    published = publisher.publish_orders(subject, 40_000)
+    path = write_manifest(
+        address=f"nats+jetstream://{nats_server.hostport}?subject={subject}&batch_size=500",
+        stream=stream_name,
+        extra_sink_options="commit_max_rows: 500\ncheckpoint_every: 0\ncompact_every: 0\n",
+    )
+    pipeline = parse_pipeline(path)
+    table = Path(pipeline.table_location().uri)
+    rng = random.Random(7)
+    positions = []
+    for _ in range(5):
+        before = _commits(table)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "nilus_dagster.cli", "run", str(path), "--drain"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=os.environ.copy(),
+        )
+        deadline = time.monotonic() + 30
+        while _commits(table) <= before and time.monotonic() < deadline:
+            if process.poll() is not None:
+                break
+            time.sleep(0.005)
+        # Anywhere between commits, during a write, or between a write and its log entry.
+        time.sleep(rng.uniform(0, 0.25))
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+        positions.append(DeltaTable(str(table)).transaction_version(pipeline.app_id))
+
+    report = run_pipeline(pipeline, drain=True)
+
+    assert len(set(positions)) >= 3, f"kills did not land mid-run: positions {positions}"
+    assert positions[-1] < published[-1], "the last killed run finished; publish more"
+    result = check_exactly_once(report.table_uri, published, pipeline.app_id)
+    assert result.ok, str(result)
