@@ -19,6 +19,7 @@ Every rendered value is registered for redaction.
 
 import base64
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from nilus_dagster.manifest.yaml_text import load_yaml
 from nilus_dagster.redaction import register_secret
 
 SECRETS_ENV = "NILUS_SECRETS"
+_USER_KEY = re.compile(r"(^|_)USER(NAME)?$", re.IGNORECASE)
 
 
 def _base64_decode(value: object) -> str:
@@ -104,6 +106,9 @@ def projected_environment(
                     f"({SECRETS_ENV}): {type(exc).__name__}: {exc}; the file has secrets: "
                     f"{known}; check the secret alias and field names"
                 ) from None
-            register_secret(rendered)
+            # Everything from the secrets file is masked except user names: masking a short
+            # name like "nilus" would garble every log line that mentions the product.
+            if not _USER_KEY.search(projection.key):
+                register_secret(rendered)
             base[projection.key] = rendered
     return base
