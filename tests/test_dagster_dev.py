@@ -20,6 +20,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 from dagster._core.instance.ref import InstanceRef
+from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 from deltalake import DeltaTable
 
 from nilus_dagster.jetstream.local_server import free_port
@@ -155,6 +156,12 @@ def _run_dagster_dev(tmp_path, nats_server, publisher, stream_name, write_manife
         assert observations, "the sensor records the lag on every tick"
         lags = [r.asset_observation.metadata["nats/sequence_lag"].value for r in observations]
         assert any(lag > 0 for lag in lags)  # seen pending before a run took them
+        for check in ("sequence_lag_within_bound", "no_gap", "dead_letters"):
+            [last] = instance.event_log_storage.get_asset_check_execution_history(
+                dg.AssetCheckKey(key, check), limit=1
+            )
+            assert last.status == AssetCheckExecutionRecordStatus.SUCCEEDED, check
+            assert last.evaluation.passed, check
         runs = instance.get_runs(filters=dg.RunsFilter(tags={"nilus/pipeline": "orders"}))
         assert runs and all(run.tags["nilus/mode"] == "append" for run in runs)
         assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in runs)

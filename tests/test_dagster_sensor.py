@@ -11,7 +11,7 @@ from dagster._core.remote_origin import (
 )
 from deltalake import DeltaTable
 
-from nilus_dagster.dagster import build_pipeline_definitions
+from nilus_dagster.dagster import NatsResource, build_pipeline_definitions
 from nilus_dagster.jetstream.local_server import free_port
 from nilus_dagster.manifest import parse_pipeline
 
@@ -210,3 +210,63 @@ def test_unpartitioned_pipelines_get_runs_without_a_partition_range(
 
     assert "dagster/asset_partition_range_start" not in request.tags
     assert request.tags["nilus/mode"] == "append"
+
+
+def test_a_hung_server_is_bounded_by_the_resources_timeouts(
+    nats_server_factory, stream_name, write_manifest
+):
+    server = nats_server_factory()
+    defs = _defs(write_manifest, f"nats+jetstream://{server.hostport}?subject=x", stream_name)
+    resources = {
+        **defs.resources,
+        "nats": NatsResource(connect_timeout=1.0, probe_timeout=2.0),
+    }
+    server.pause()  # accepts TCP connections, answers nothing
+    try:
+        with dg.instance_for_test() as instance:
+            sensor = defs.resolve_sensor_def("orders_sensor")
+            started = time.monotonic()
+            with dg.build_sensor_context(
+                instance=instance, definitions=defs, resources=resources
+            ) as context:
+                data = sensor.evaluate_tick(context)
+            elapsed = time.monotonic() - started
+    finally:
+        server.resume()
+
+    assert elapsed < 5
+    assert not data.run_requests
+    assert "cannot reach NATS" in data.skip_message
+
+
+def test_a_recreated_stream_is_reported_and_no_run_is_requested(
+    orders, publisher, subject, stream_name
+):
+    publisher.publish_orders(subject, 5)
+    asset = orders.get_assets_def("orders")
+
+    with dg.instance_for_test() as instance:
+        dg.materialize([asset], instance=instance, resources=orders.resources)
+        publisher.delete_stream(stream_name)
+        publisher.create_stream(stream_name, [f"{stream_name}.>"])
+        publisher.publish_orders(subject, 8)
+        data = _tick(orders, instance)
+
+    assert not data.run_requests
+    assert "recreated" in data.skip_message
+    assert len(data.asset_events) == 1  # the figures are still recorded
+
+
+def test_a_probe_over_its_budget_is_cut_short(orders, publisher, subject):
+    publisher.publish_orders(subject, 3)
+    resources = {**orders.resources, "nats": NatsResource(probe_timeout=0.001)}
+
+    with dg.instance_for_test() as instance:
+        sensor = orders.resolve_sensor_def("orders_sensor")
+        with dg.build_sensor_context(
+            instance=instance, definitions=orders, resources=resources
+        ) as context:
+            data = sensor.evaluate_tick(context)
+
+    assert not data.run_requests
+    assert "did not finish within 0.001s" in data.skip_message

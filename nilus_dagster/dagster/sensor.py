@@ -110,7 +110,7 @@ def evaluate_tick(
         )
 
     events = [dg.AssetObservation(asset_key=key, metadata=lag_metadata(lag))]
-    problem = getattr(lag, "problem", None)
+    problem = lag.problem
     if problem:
         # A recreated stream needs a person; a run would only fail the same way.
         return dg.SensorResult(
