@@ -91,18 +91,23 @@ def markdown(results: dict[str, Any]) -> str:
         f"Workload: {s['messages']:,} JSON orders of {s['size']} bytes"
         + (f" (and {s['large']:,} for the drain/memory rows)" if s["large"] else "")
         + f"; pull/fetch batch {s['batch_size']}, commit every {s['commit_rows']:,} rows; "
-        f"median of {s['repeat']} run(s), each path in a fresh process.",
+        f"median of {s['repeat']} run(s), each path in a fresh process. `timed`: `run` is the "
+        "work inside the process (connect to last commit), `process` the whole process, "
+        "start-up included. Peak RSS: the largest process's high-water mark; tree: the most "
+        "the process tree held at once (sampled). Ratios: median over rounds of the ratio "
+        "within a round; the ceiling is the faster of the two receive-only loops.",
         "",
-        "| path | timed | messages | seconds | msg/s | MB/s | peak RSS MB | x ceiling "
-        "| x baseline |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| path | timed | messages | seconds | msg/s | MB/s | peak RSS MB | tree RSS MB "
+        "| x ceiling | x baseline |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in results["paths"]:
         lines.append(
             f"| {row['label']} | {row['timed']} | {row['messages']:,} | "
             f"{row['seconds']:.2f} | {_num(row['msg_per_s'])} | "
             f"{_num(row['mb_per_s'], '{:.1f}')} | "
-            f"{_num(row['peak_rss_mb'])} | {_num(row.get('x_ceiling'), '{:.2f}')} | "
+            f"{_num(row['peak_rss_mb'])} | {_num(row['tree_rss_mb'])} | "
+            f"{_num(row.get('x_ceiling'), '{:.2f}')} | "
             f"{_num(row.get('x_baseline'), '{:.1f}')} |"
         )
     lat = results.get("latency")
