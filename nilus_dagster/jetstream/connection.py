@@ -64,12 +64,25 @@ class ConnectionLost(Exception):
 
 
 class PermissionViolation(Exception):
-    """The server refused a publish or a subscription for lack of permission."""
+    """The server refused a publish or a subscription for lack of permission.
+
+    nats-py lower-cases the server's error text, so ``subject`` may be lower-cased; compare with
+    :meth:`about` and report the subject you sent.
+    """
 
     def __init__(self, kind: str, subject: str):
         super().__init__(f"permissions violation for {kind} to {subject}")
         self.kind = kind  # "publish" or "subscribe"
         self.subject = subject
+
+    def about(self, subject: str) -> bool:
+        """Whether this refusal is about ``subject``."""
+        return self.subject.lower() == subject.lower()
+
+    @property
+    def on_inbox(self) -> bool:
+        """A refused subscription to reply inboxes: every request's answer is lost."""
+        return self.kind == "subscribe" and self.subject.lower().startswith("_inbox.")
 
 
 def parse_violation(text: str) -> PermissionViolation | None:
@@ -317,6 +330,11 @@ class Link:
         timeout = self.request_timeout if timeout is None else timeout
         if not self.is_open:
             raise ConnectionLost(f"the connection to NATS at {self.hosts} is closed")
+        for violation in self.violations:
+            # nats-py reuses one reply subscription for every request: once refused, it stays
+            # refused, and every answer would be lost.
+            if violation.on_inbox:
+                raise violation
         seen = len(self.violations)
         task = asyncio.ensure_future(self.nc.request(subject, payload, timeout=timeout))
         while not task.done():
@@ -327,11 +345,12 @@ class Link:
             finally:
                 watcher.cancel()
             for violation in self.violations[seen:]:
-                if violation.subject == subject or (
-                    violation.kind == "subscribe" and violation.subject.startswith("_INBOX")
-                ):
+                if violation.on_inbox:
                     task.cancel()
                     raise violation
+                if violation.kind == "publish" and violation.about(subject):
+                    task.cancel()
+                    raise PermissionViolation("publish", subject)
             seen = len(self.violations)
             if not task.done() and not self.is_open:
                 task.cancel()
@@ -382,8 +401,12 @@ class Link:
         seen = len(self.violations)
         sub = await self.nc.subscribe(subject)
         try:
-            # The PONG comes after any -ERR the SUB caused.
-            await self.nc.flush(timeout=timeout or self.request_timeout)
+            # A round trip normally brings any -ERR the SUB caused before its PONG; nats-server
+            # 2.9 sometimes sends it just after, so make a second one.
+            for _ in range(2):
+                await self.nc.flush(timeout=timeout or self.request_timeout)
+                if len(self.violations) > seen:
+                    break
         except (nats.errors.TimeoutError, asyncio.TimeoutError):
             raise RequestTimeout("PING", timeout or self.request_timeout) from None
         finally:
@@ -391,8 +414,8 @@ class Link:
                 await sub.unsubscribe()
         await asyncio.sleep(0)
         for violation in self.violations[seen:]:
-            if violation.kind == "subscribe" and violation.subject == subject:
-                raise violation
+            if violation.kind == "subscribe" and violation.about(subject):
+                raise PermissionViolation("subscribe", subject)
 
 
 def describe_connect_failure(

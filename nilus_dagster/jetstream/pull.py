@@ -226,6 +226,11 @@ class BulkPuller:
             self._queue.put_nowait(_WAKE)
 
     @property
+    def request_subject(self) -> str:
+        """The subject pull requests go to."""
+        return self._next_subject
+
+    @property
     def last_seq(self) -> int:
         """Highest stream sequence collected so far."""
         return self._last_seq

@@ -224,9 +224,10 @@ class JetStreamSource:
             if exc.err_code in (ERR_JS_NOT_ENABLED_ACCOUNT, ERR_JS_NOT_ENABLED):
                 raise SourceError(self._js_disabled_text(account=True)) from None
             raise self._error(exc, "read the JetStream account") from None
-        except PermissionViolation:
+        except PermissionViolation as exc:
             # Users scoped to one stream may not read account info; the stream calls will tell.
-            pass
+            if exc.kind == "subscribe":
+                raise self._error(exc, "reach JetStream") from None
         except (RequestTimeout, ConnectionLost) as exc:
             raise self._error(exc, "reach JetStream") from None
 
@@ -298,11 +299,11 @@ class JetStreamSource:
     def _permission_text(self, violation: PermissionViolation) -> str:
         what = violation.subject
         if violation.kind == "subscribe":
-            if what.startswith("_INBOX"):
+            if violation.on_inbox:
                 return (
-                    f"permissions violation: the NATS user may not subscribe to reply inboxes "
-                    f"({what}); JetStream answers and pulled messages arrive there: allow "
-                    "subscribe on _INBOX.>"
+                    "permissions violation: the NATS user may not subscribe to reply inboxes, "
+                    "where JetStream answers and pulled messages arrive: allow subscribe on "
+                    "_INBOX.>"
                 )
             return (
                 f"permissions violation: the NATS user may not subscribe to the subject {what}: "
@@ -434,8 +435,9 @@ class JetStreamSource:
                 return None
             if exc.err_code == ERR_STREAM_NOT_FOUND:
                 raise self._error(exc, doing) from None
-        except PermissionViolation:
-            pass
+        except PermissionViolation as exc:
+            if exc.kind == "subscribe":
+                raise self._error(exc, doing) from None
         except (NoResponders, RequestTimeout, ConnectionLost) as exc:
             raise self._error(exc, doing) from None
         # Direct reads refused: a consumer that delivers only the last message tells as well.
@@ -637,11 +639,13 @@ class JetStreamSource:
                 return
             if what == "closed":
                 puller.interrupt("the connection to NATS closed", connection_lost=True)
-            elif isinstance(detail, PermissionViolation) and (
-                detail.subject.startswith(f"{API_PREFIX}.CONSUMER.MSG.NEXT.")
-                or (detail.kind == "subscribe" and detail.subject.startswith("_INBOX"))
-            ):
-                refused.append(detail)
+            elif isinstance(detail, PermissionViolation):
+                if detail.on_inbox:
+                    refused.append(detail)
+                elif detail.kind == "publish" and detail.about(puller.request_subject):
+                    refused.append(PermissionViolation("publish", puller.request_subject))
+                else:
+                    return
                 puller.interrupt(str(detail), fatal=True)
 
         async def drop_puller() -> None:
