@@ -242,3 +242,19 @@ def test_resources_reach_the_engine(
     uri = _materialization(result, asset.key).metadata["nilus/table_uri"].value
     assert uri == str(lake / "lake" / "analytics" / "orders")
     assert len(_seqs(uri)) == 10
+
+
+def test_launch_config_limits_a_run(nats_server, publisher, stream_name, subject, write_manifest):
+    publisher.publish_orders(subject, 80)
+    asset = build_nilus_asset(_pipeline(write_manifest, nats_server, stream_name, subject))
+
+    with dg.instance_for_test() as instance:
+        result = _materialize(
+            asset,
+            instance,
+            run_config={"ops": {"nilus_orders": {"config": {"max_messages": 30}}}},
+        )
+
+    metadata = _materialization(result, asset.key).metadata
+    assert metadata["nilus/rows_written"].value == 30
+    assert metadata["nats/sequence_lag"].value == 50
