@@ -56,16 +56,16 @@ def build_nilus_asset(
     those windows' rows (see :mod:`nilus_dagster.dagster.partitions`). Each materialization
     carries the run metadata and the three check results.
 
-    Args:
-        pipeline: The validated manifest.
-        translator: How the pipeline appears in Dagster.
-
     One run per pipeline at a time: the sensor never requests a run while one is queued or
     running, and the asset is in the concurrency pool ``nilus/<name>``, which Dagster enforces
     for every run (UI, CLI, backfills) once the instance gives pools a limit: set
     ``concurrency: {pools: {default_limit: 1}}`` in ``dagster.yaml``, or
-    ``dagster instance concurrency set nilus/<name> 1``. Even without it, two runs cannot
-    write a row twice: the sink commits through the position's snapshot.
+    ``dagster instance concurrency set nilus/<name> 1``. Even without it, a second run does
+    not duplicate rows: each commit is checked against the committed position.
+
+    Args:
+        pipeline: The validated manifest.
+        translator: How the pipeline appears in Dagster.
 
     Returns:
         The asset, partitioned per ``spec.dagster.partitions`` with a single-run backfill
