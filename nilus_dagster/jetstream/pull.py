@@ -402,6 +402,14 @@ class BulkPuller:
             num_pending=cols.pending,
         )
 
+    async def _hand_over(self, wanted: int | None) -> MessageBatch:
+        batch = self.take()
+        # Ask for the next messages before handing these over, so that they arrive while the
+        # caller is busy with this batch (unless the consumer said there are none).
+        if batch.num_pending and not self.nc.is_closed and self._interrupt is None:
+            await self._top_up(None if wanted is None else wanted - len(batch))
+        return batch
+
     async def next_batch(
         self, wanted: int | None = None, *, max_wait: float | None = None
     ) -> MessageBatch:
@@ -436,15 +444,15 @@ class BulkPuller:
                 raise self._interrupt
             cols = self._cols
             if cols.sequences and (len(cols.sequences) >= wake_at or cols.pending == 0):
-                return self.take()
+                return await self._hand_over(wanted)
             if self._empty_pull:
-                return self.take()
+                return await self._hand_over(wanted)
             if self.nc.is_closed:
                 raise PullInterrupted("the connection to NATS closed", connection_lost=True)
             await self._top_up(wanted)
             now = time.monotonic()
             if now >= deadline:
-                return self.take()
+                return await self._hand_over(wanted)
             timeout = deadline - now
             if silence is not None and self._credit > 0:
                 if now - self._last_activity > silence:
@@ -456,4 +464,4 @@ class BulkPuller:
                 arrived = await asyncio.wait_for(queue.get(), timeout)
             except asyncio.TimeoutError:
                 if self._cols.sequences:
-                    return self.take()
+                    return await self._hand_over(wanted)

@@ -39,6 +39,36 @@ class StreamState:
             subjects=tuple(config.get("subjects") or ()),
         )
 
+    def gap_after(self, position: int) -> int:
+        """Messages after ``position`` that retention or a purge removed before they were read.
+
+        ``first_seq - position - 1`` when positive; 0 when nothing was committed yet (a first
+        run starts wherever the stream starts).
+        """
+        if position <= 0 or self.first_seq <= position + 1:
+            return 0
+        return self.first_seq - position - 1
+
+    def recreated_since(self, position: int, created: datetime | None = None) -> str | None:
+        """Why this looks like another stream than the one ``position`` was read from, if it does.
+
+        Args:
+            position: The last committed sequence.
+            created: The stream creation time recorded with that position, if any.
+        """
+        if created is not None and created != self.created:
+            return (
+                f"stream {self.name} was created at {self.created.isoformat()}, but the position "
+                f"{position} was read from a stream created at {created.isoformat()}: it was "
+                "deleted and recreated"
+            )
+        if position > self.last_seq:
+            return (
+                f"stream {self.name} ends at sequence {self.last_seq}, before the committed "
+                f"position {position}: it was deleted and recreated (or purged and reset)"
+            )
+        return None
+
 
 def parse_time(text: str) -> datetime:
     """An RFC 3339 time as the server writes it (nanoseconds, ``Z``) as an aware UTC datetime."""
