@@ -168,7 +168,9 @@ def next_sequence(info: dict[str, Any]) -> int:
 
 def misalignment(info: dict[str, Any], spec: ConsumerSpec, start_seq: int) -> str | None:
     """Why an existing durable cannot be used as is to read from ``start_seq``; ``None`` if it
-    can."""
+    can. A reason starting with ``it is ahead`` or ``it is behind`` is about the position only:
+    with a filter, the server may have moved past sequences of other subjects, so the caller
+    can check whether any message of the subject lies in between (:func:`position_only`)."""
     config = info.get("config") or {}
     if config.get("deliver_subject"):
         return f"it is a push consumer (deliver_subject {config['deliver_subject']})"
@@ -191,6 +193,11 @@ def misalignment(info: dict[str, Any], spec: ConsumerSpec, start_seq: int) -> st
     if at < start_seq:
         return f"it is behind: its next sequence is {at}, the table needs {start_seq}"
     return None
+
+
+def position_only(reason: str) -> bool:
+    """Whether a :func:`misalignment` reason is only about the position."""
+    return reason.startswith(("it is ahead", "it is behind"))
 
 
 def resettable(info: dict[str, Any], spec: ConsumerSpec) -> bool:

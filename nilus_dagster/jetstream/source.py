@@ -34,6 +34,7 @@ from nilus_dagster.jetstream.consumers import (
     misalignment,
     new_ephemeral_name,
     next_sequence,
+    position_only,
     probe_config,
     resettable,
     verify_created,
@@ -66,12 +67,17 @@ class _Recovery:
         self.since: float | None = None
         self.problem = ""
 
-    def failed(self, problem: str) -> None:
+    def failed(self, problem: str, after_seq: int) -> None:
         if self.since is None:
             self.since = time.monotonic()
+            logger.warning("%s; resuming after sequence %d", redact(problem), after_seq)
+        else:
+            logger.debug("still failing: %s", redact(problem))
         self.problem = problem
 
     def ok(self) -> None:
+        if self.since is not None:
+            logger.info("pull resumed after %.1fs", time.monotonic() - self.since)
         self.since = None
 
     @property
@@ -291,7 +297,8 @@ class JetStreamSource:
                 f"to {doing} (stream {stream}): is the server overloaded or stuck?"
             )
         if isinstance(exc, ConnectionLost):
-            return f"lost the connection to NATS at {self.hosts} while trying to {doing}: {exc}"
+            # Its text already says which server and why (closed, refused, no answer...).
+            return str(exc)
         if isinstance(exc, PullInterrupted):
             return f"the pull from stream {stream} stopped: {exc.reason}"
         return f"could not {doing} on stream {stream} at {self.hosts}: {exc}"
@@ -546,6 +553,12 @@ class JetStreamSource:
 
         if info is not None:
             reason = misalignment(info, self.spec, start_seq)
+            if (
+                reason is not None
+                and position_only(reason)
+                and await self._nothing_between(link, info, start_seq)
+            ):
+                reason = None
             if reason is None:
                 return info
             self._realigned = True
@@ -575,6 +588,26 @@ class JetStreamSource:
         created = await self._create_consumer(link, config, f"create durable consumer {name}")
         verify_created(config, created, server=self._version(link))
         return created
+
+    async def _nothing_between(self, link: Link, info: dict[str, Any], start_seq: int) -> bool:
+        """Whether no message of the subject lies between ``start_seq`` and the durable's next
+        sequence, so that reading from either gives the same messages.
+
+        The durable's pending count covers the subject from its next sequence on; a probe
+        counts it from ``start_seq`` on. Equal counts: only other subjects (or nothing) lie in
+        between, which happens when a filtered consumer moved past them (2.9 does).
+        """
+        probe = probe_config(self.subject, new_ephemeral_name("nilus_align"), start_seq=start_seq)
+        try:
+            counted = await link.api(
+                create_subject(self.stream, probe["name"], self.subject),
+                {"stream_name": self.stream, "config": probe},
+            )
+        except (JsApiError, NoResponders, RequestTimeout, PermissionViolation, ConnectionLost):
+            return False
+        finally:
+            await self._delete_consumer(link, probe["name"])
+        return int(counted.get("num_pending", -1)) == int(info.get("num_pending", -2))
 
     async def _reset_durable(
         self, link: Link, info: dict[str, Any], start_seq: int
@@ -696,7 +729,7 @@ class JetStreamSource:
                         raise self._error(refused[0], "pull messages") from None
                     if isinstance(exc, PullInterrupted) and exc.fatal:
                         raise self._error(exc, "pull messages") from None
-                    recovery.failed(self._error_text(exc, "pull messages"))
+                    recovery.failed(self._error_text(exc, "pull messages"), last)
                     await drop_puller()
                     if recovery.exhausted:
                         raise SourceError(
@@ -706,14 +739,13 @@ class JetStreamSource:
                                 f"{recovery.problem}"
                             )
                         ) from None
-                    logger.warning("%s; resuming after sequence %d", redact(recovery.problem), last)
                     await asyncio.sleep(self.reconnect_time_wait)
                     continue
                 except SourceError as exc:
                     # A restarting server may answer "JetStream unavailable" for a moment.
                     if recovery.since is None or not _looks_transient(str(exc)):
                         raise
-                    recovery.failed(str(exc))
+                    recovery.failed(str(exc), last)
                     await drop_puller()
                     if recovery.exhausted:
                         raise
