@@ -1,15 +1,57 @@
-"""A Jepsen-style queue checker: what was published against what the table holds."""
+"""A Jepsen-style queue checker: what was published against what the table holds.
 
+Every fault test ends with :func:`check_exactly_once`: each published sequence must be in the
+table or in its dead letters exactly once, nothing else may be there, the content under a
+sequence must be what was published under it (when the test says what that was), and the
+committed position must equal the last sequence written. Sequences that the stream's retention
+removed before they were ingested (a purge, ``max_age``) are expected to be missing, and are
+reported apart.
+"""
+
+import asyncio
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from deltalake import DeltaTable
 
+DEAD_LETTER_SUFFIX = "__dead_letters"
+
+
+def ranges(values: Iterable[int]) -> str:
+    """``1..3,7,9..10``: a readable summary of many sequences."""
+    out: list[str] = []
+    items = sorted(set(values))
+    start = prev = None
+    for value in [*items, None]:
+        if start is not None and (value is None or value != prev + 1):
+            out.append(f"{start}..{prev}" if prev != start else f"{start}")
+            start = None
+        if value is not None and start is None:
+            start = value
+        prev = value
+    return ",".join(out) or "-"
+
 
 @dataclass
 class CheckResult:
-    """Lost, duplicated and unexpected sequences, and whether the position matches the data."""
+    """Lost, duplicated and unexpected sequences, and whether the position matches the data.
+
+    Attributes:
+        published: How many sequences were published (retention-lost ones included).
+        in_table: Rows in the table (duplicates counted).
+        in_dead_letters: Rows in the dead-letter table.
+        lost: Published, not removed by retention, and in neither table.
+        duplicated: In the table and the dead letters more than once altogether.
+        unexpected: Present but never published.
+        corrupted: Present, but its key column holds something else than was published under
+            that sequence (another stream's message, a shifted row).
+        retention_lost: Removed by retention before ingestion, as expected (not an error).
+        recovered: Expected to be removed by retention, but ingested anyway (not an error).
+        position: The table's committed position (``txn`` version of the app id).
+        dead_position: The dead-letter table's ``txn`` version (``None``: no dead letters).
+        last_written: The highest sequence in the table and the dead letters.
+    """
 
     published: int
     in_table: int
@@ -17,7 +59,11 @@ class CheckResult:
     lost: list[int] = field(default_factory=list)
     duplicated: list[int] = field(default_factory=list)
     unexpected: list[int] = field(default_factory=list)
+    corrupted: list[int] = field(default_factory=list)
+    retention_lost: list[int] = field(default_factory=list)
+    recovered: list[int] = field(default_factory=list)
     position: int | None = None
+    dead_position: int | None = None
     last_written: int | None = None
 
     @property
@@ -25,25 +71,47 @@ class CheckResult:
         return self.position == self.last_written
 
     @property
+    def dead_position_ok(self) -> bool:
+        """The dead letters' own position never runs ahead of the table's after a full run."""
+        if self.dead_position is None:
+            return True
+        return self.position is not None and self.dead_position <= self.position
+
+    @property
     def ok(self) -> bool:
-        return not (self.lost or self.duplicated or self.unexpected) and self.position_matches
+        return (
+            not (self.lost or self.duplicated or self.unexpected or self.corrupted)
+            and self.position_matches
+            and self.dead_position_ok
+        )
 
     def __str__(self) -> str:
         return (
             f"published={self.published} table={self.in_table} dead={self.in_dead_letters} "
-            f"lost={self.lost[:10]}{'...' if len(self.lost) > 10 else ''} "
-            f"duplicated={self.duplicated[:10]} unexpected={self.unexpected[:10]} "
-            f"position={self.position} last_written={self.last_written}"
+            f"lost=[{ranges(self.lost)}] duplicated=[{ranges(self.duplicated)}] "
+            f"unexpected=[{ranges(self.unexpected)}] corrupted=[{ranges(self.corrupted)}] "
+            f"retention_lost=[{ranges(self.retention_lost)}] "
+            f"recovered=[{ranges(self.recovered)}] position={self.position} "
+            f"dead_position={self.dead_position} last_written={self.last_written}"
         )
 
 
-def _sequences(uri: str) -> list[int]:
+def _load(uri: str) -> DeltaTable | None:
     try:
-        table = DeltaTable(uri)
+        return DeltaTable(uri)
     except Exception:  # no table yet: nothing written
-        return []
-    column = table.to_pyarrow_table(columns=["_nats_seq"])["_nats_seq"]
-    return [int(v) for v in column.to_pylist()]
+        return None
+
+
+def _columns(table: DeltaTable | None, names: list[str]) -> dict[str, list[object]]:
+    if table is None:
+        return {name: [] for name in names}
+    present = set(table.schema().to_arrow().names)
+    data = table.to_pyarrow_table(columns=[n for n in names if n in present])
+    return {
+        name: data.column(name).to_pylist() if name in present else [None] * data.num_rows
+        for name in names
+    }
 
 
 def check_exactly_once(
@@ -52,28 +120,77 @@ def check_exactly_once(
     app_id: str,
     *,
     expect_dead: Iterable[int] = (),
+    retention_lost: Iterable[int] = (),
+    keys: Mapping[int, object] | None = None,
+    key_column: str | None = None,
 ) -> CheckResult:
     """Compare published sequences with the table and its dead letters.
 
     Every published sequence must be in the table or the dead letters exactly once, nothing
     else may be there, and the committed position must equal the last sequence written.
+
+    Args:
+        table_uri: The pipeline's table (its dead letters are ``<uri>__dead_letters``).
+        published: Every sequence published on the pipeline's subject.
+        app_id: The pipeline's transaction app id.
+        expect_dead: Sequences that must be dead letters (missing ones count as lost).
+        retention_lost: Sequences the stream removed before they could be ingested; missing
+            is expected for them.
+        keys: What was published under each sequence (``{seq: value of key_column}``): a row
+            holding anything else under that sequence is corrupted.
+        key_column: The payload field ``keys`` refers to.
     """
-    published_set = set(published)
-    rows = _sequences(table_uri)
-    dead = _sequences(table_uri + "__dead_letters")
+    published_set = set(published) | set(retention_lost)
+    gone = set(retention_lost)
+    table = _load(table_uri)
+    dead_table = _load(table_uri + DEAD_LETTER_SUFFIX)
+    columns = ["_nats_seq", *([key_column] if key_column else [])]
+    data = _columns(table, columns)
+    rows = [int(v) for v in data["_nats_seq"]]  # type: ignore[arg-type]
+    dead = [int(v) for v in _columns(dead_table, ["_nats_seq"])["_nats_seq"]]  # type: ignore[arg-type]
     counts = Counter(rows + dead)
     result = CheckResult(
         published=len(published_set), in_table=len(rows), in_dead_letters=len(dead)
     )
-    result.lost = sorted(published_set - set(counts))
+    present = set(counts)
+    result.lost = sorted(published_set - present - gone)
+    result.retention_lost = sorted(gone - present)
+    result.recovered = sorted(gone & present)
     result.duplicated = sorted(s for s, n in counts.items() if n > 1)
-    result.unexpected = sorted(set(counts) - published_set)
+    result.unexpected = sorted(present - published_set)
     missing_dead = set(expect_dead) - set(dead)
-    result.lost.extend(sorted(missing_dead - set(result.lost)))
-    try:
-        result.position = DeltaTable(table_uri).transaction_version(app_id)
-    except Exception:
-        result.position = None
+    result.lost = sorted(set(result.lost) | missing_dead)
+    if keys is not None and key_column:
+        result.corrupted = sorted(
+            seq
+            for seq, value in zip(rows, data[key_column], strict=True)
+            if seq in keys and keys[seq] != value
+        )
+    result.position = table.transaction_version(app_id) if table is not None else None
+    result.dead_position = (
+        dead_table.transaction_version(app_id) if dead_table is not None else None
+    )
     written = rows + dead
     result.last_written = max(written) if written else None
     return result
+
+
+def consumer_state(url: str, stream: str, durable: str) -> dict[str, int]:
+    """A durable consumer's server-side view: ``ack_floor``, ``delivered``, ``num_pending``,
+    ``num_ack_pending`` (stream sequences / counts), read with nats-py directly."""
+    import nats
+
+    async def go() -> dict[str, int]:
+        nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=0)
+        try:
+            info = await nc.jetstream().consumer_info(stream, durable)
+        finally:
+            await nc.close()
+        return {
+            "ack_floor": int(info.ack_floor.stream_seq if info.ack_floor else 0),
+            "delivered": int(info.delivered.stream_seq if info.delivered else 0),
+            "num_pending": int(info.num_pending or 0),
+            "num_ack_pending": int(info.num_ack_pending or 0),
+        }
+
+    return asyncio.run(go())
