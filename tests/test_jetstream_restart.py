@@ -113,7 +113,8 @@ def test_durable_survives_a_restart(nats_server_factory: Callable[..., LocalNats
 def test_server_gone_for_good_is_a_clear_error(
     nats_server_factory: Callable[..., LocalNatsServer],
 ) -> None:
-    server, _ = server_with_orders(nats_server_factory, None, 4000)
+    # Far more than the pulls in flight, so the kill lands while messages are still to come.
+    server, _ = server_with_orders(nats_server_factory, None, 12_000)
     began: list[float] = []
 
     def kill() -> None:
@@ -132,17 +133,20 @@ def test_server_gone_for_good_is_a_clear_error(
 
 
 def test_frozen_server_is_waited_out(
-    nats_server_factory: Callable[..., LocalNatsServer],
+    nats_server_factory: Callable[..., LocalNatsServer], caplog: pytest.LogCaptureFixture
 ) -> None:
     """SIGSTOP: the connection stays up but nothing answers; heartbeats stop, the pull notices,
     and carries on once the server wakes up."""
-    server, published = server_with_orders(nats_server_factory, None, 6000)
+    server, published = server_with_orders(nats_server_factory, None, 10_000)
     thread: list[threading.Thread] = []
 
     def freeze() -> None:
         server.pause()
         thread.append(in_background(lambda: time.sleep(3.5), server.resume))
 
-    got, _ = pull_with_fault(server, freeze, fault_after=2000, max_reconnect_seconds=20.0)
+    with caplog.at_level("INFO", logger="nilus_dagster.jetstream"):
+        got, _ = pull_with_fault(server, freeze, fault_after=2000, max_reconnect_seconds=20.0)
     thread[0].join()
     assert got == published
+    assert "no message or heartbeat from consumer" in caplog.text
+    assert "pull resumed after" in caplog.text

@@ -424,17 +424,20 @@ def describe_connect_failure(
     """Why a connection attempt failed, in words a person can act on (no secrets)."""
     hosts = link.hosts
     seen = [*link.errors, exc]
-    texts = " | ".join(f"{type(e).__name__}: {e}" for e in seen).lower()
+    # The distinct errors, first one first (nats-py reports the same one per attempt).
+    shown = " | ".join(dict.fromkeys(f"{type(e).__name__}: {e}" for e in seen))
+    texts = shown.lower()
+    uses_tls = address.tls or bool(address.tls_ca or address.tls_cert)
     if isinstance(exc, nats.errors.AuthorizationError) or "authorization violation" in texts:
         return f"authorization violation at {hosts}: {credential_names(address)}"
     if "authentication expired" in texts or "authentication revoked" in texts:
-        return f"the credentials were refused at {hosts} ({texts}): {credential_names(address)}"
+        return f"the credentials were refused at {hosts} ({shown}): {credential_names(address)}"
     if "user authentication" in texts:
         return f"authorization violation at {hosts}: {credential_names(address)}"
     if isinstance(exc, ModuleNotFoundError) and "nkeys" in str(exc):
         return "nkeys_seed and creds need the nkeys package: pip install 'nats-py[nkeys]'"
     if any(isinstance(e, ssl.SSLError) for e in seen) or "ssl" in texts or "tls" in texts:
-        detail = next((str(e) for e in seen if isinstance(e, ssl.SSLError)), texts)
+        detail = next((str(e) for e in seen if isinstance(e, ssl.SSLError)), shown)
         lowered = detail.lower()
         if "certificate verify failed" in lowered:
             hint = "set tls_ca to the CA that signed the server certificate"
@@ -444,6 +447,14 @@ def describe_connect_failure(
             hint = "check tls, tls_ca, tls_cert and tls_key in the address and the server's TLS"
             hint += " settings"
         return f"TLS with NATS at {hosts} failed ({detail}): {hint}"
+    if uses_tls and any(isinstance(e, ConnectionResetError) for e in seen):
+        # With TLS 1.3 a server that rejects the client certificate may just drop the
+        # connection after the handshake.
+        return (
+            f"TLS with NATS at {hosts} failed (the server reset the connection after the "
+            "handshake): the server may want a client certificate, or refuse the one given: "
+            "check tls_cert and tls_key"
+        )
     if any(isinstance(e, socket.gaierror) for e in seen):
         return f"cannot reach NATS at {hosts}: the host name does not resolve; check the address"
     if any(isinstance(e, ConnectionRefusedError) for e in seen) or "refused" in texts:
@@ -459,8 +470,8 @@ def describe_connect_failure(
             "port and firewalls"
         )
     if isinstance(exc, OSError | nats.errors.NoServersError):
-        return f"cannot reach NATS at {hosts}: {texts}"
-    return f"cannot connect to NATS at {hosts}: {texts}"
+        return f"cannot reach NATS at {hosts}: {shown}"
+    return f"cannot connect to NATS at {hosts}: {shown}"
 
 
 def is_auth_failure(message: str) -> bool:

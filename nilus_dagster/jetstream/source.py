@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from types import TracebackType
 from typing import Any
 
-from nilus_dagster.errors import SourceError
+from nilus_dagster.errors import PositionError, SourceError
 from nilus_dagster.jetstream.connection import (
     ConnectionLost,
     JsApiError,
@@ -162,6 +162,8 @@ class JetStreamSource:
         self.realign_reasons: list[str] = []
         self.reconnects = 0
         self._checked = False
+        # Creation time of the stream as first seen: every consumer must be made on that stream.
+        self._created: datetime | None = None
         # Ack subjects of yielded messages not yet acked (durables with an ack policy only).
         self._ack_seqs: list[int] = []
         self._ack_replies: list[str] = []
@@ -395,7 +397,31 @@ class JetStreamSource:
         info = await self._api(
             f"{API_PREFIX}.STREAM.INFO.{self.stream}", None, "read the stream info"
         )
-        return StreamState.from_info(info)
+        state = StreamState.from_info(info)
+        if self._created is None:
+            self._created = state.created
+        return state
+
+    async def _check_same_stream(self, last: int) -> None:
+        """Refuse to read on if the stream was deleted and recreated since it was first seen.
+
+        A recreated stream numbers its messages from 1 again; a consumer recreated after a
+        lost one would read the new stream's messages past ``last`` as if they continued the
+        old one.
+        """
+        created = self._created
+        state = await self.stream_state()
+        if created is None or state.created == created:
+            return
+        raise PositionError(
+            redact(
+                f"stream {self.stream} was deleted and recreated while this run was reading it "
+                f"(created {created.isoformat()}, now {state.created.isoformat()}): nothing "
+                f"after sequence {last} was read, so the new stream's messages were not taken "
+                "for the old one's. What was committed before stays; to ingest the new stream, "
+                "write to a new dest_table, or delete the table"
+            )
+        )
 
     async def check_subject(self) -> None:
         """Check that the subject is bound to the stream and that the user may subscribe to it.
@@ -707,6 +733,9 @@ class JetStreamSource:
                     if puller is None:
                         link = await self._ensure_link()
                         consumer, info = await self._open_consumer(link, last + 1)
+                        # After the consumer exists: a stream recreated later deletes it,
+                        # and the recovery that follows comes back here.
+                        await self._check_same_stream(last)
                         if not int(info.get("num_pending", 0) or 0):
                             return
                         delivered = info.get("delivered") or {}
