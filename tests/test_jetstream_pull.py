@@ -235,8 +235,9 @@ def test_ephemeral_consumers_are_deleted_afterwards(
     assert asyncio.run(consumer_names(any_nats_server.url, stream_name)) == []
 
 
+@pytest.mark.parametrize("timeout", ["0.5", "2"])  # without heartbeats, and with them
 def test_a_consumer_deleted_mid_pull_is_recreated_after_the_last_yielded(
-    any_nats_server: LocalNatsServer, stream_name: str
+    any_nats_server: LocalNatsServer, stream_name: str, timeout: str
 ) -> None:
     """What happens when the server reaps an ephemeral consumer during a slow commit."""
     pub = Publisher(any_nats_server.url)
@@ -256,7 +257,9 @@ def test_a_consumer_deleted_mid_pull_is_recreated_after_the_last_yielded(
                 await nc.close()
         return got
 
-    got = with_source(any_nats_server, stream_name, stream_name, work, "batch_size=20&timeout=2")
+    got = with_source(
+        any_nats_server, stream_name, stream_name, work, f"batch_size=20&timeout={timeout}"
+    )
     assert got == published
 
 

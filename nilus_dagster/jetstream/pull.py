@@ -169,7 +169,8 @@ class BulkPuller:
         if idle_heartbeat is None:
             # Heartbeats let us notice a consumer that vanished (2.9 answers a pull for a missing
             # consumer with silence) without waiting for the whole expiry.
-            idle_heartbeat = min(5.0, expires / 2) if expires >= 2 else 0.0
+            # (The server refuses a heartbeat longer than half the expiry.)
+            idle_heartbeat = min(5.0, expires * 0.45) if expires >= 1 else 0.0
         self.idle_heartbeat = idle_heartbeat
         self.keep_replies = keep_replies
         self._next_subject = f"{api_prefix}.CONSUMER.MSG.NEXT.{stream}.{consumer}"
@@ -452,6 +453,13 @@ class BulkPuller:
             await self._top_up(wanted)
             now = time.monotonic()
             if now >= deadline:
+                if self._credit > 0 and now - self._last_activity > self.expires + 1.0:
+                    # Requests that expired must be answered (408); silence means the consumer
+                    # or the server is gone (2.9 does not answer pulls for a missing consumer).
+                    raise PullInterrupted(
+                        f"no answer to pull requests on consumer {self.consumer} for "
+                        f"{now - self._last_activity:.0f}s"
+                    )
                 return await self._hand_over(wanted)
             timeout = deadline - now
             if silence is not None and self._credit > 0:
