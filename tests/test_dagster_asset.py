@@ -137,6 +137,22 @@ def test_partition_range_backfill_replaces_the_window_and_repeats_identically(
     assert partitions == {TWO_DAYS_AGO, YESTERDAY, TODAY}
 
 
+def test_materializing_todays_partition_ingests_what_is_pending_first(
+    nats_server, publisher, stream_name, subject, write_manifest
+):
+    first = publisher.publish_orders(subject, 40)
+    asset = build_nilus_asset(_pipeline(write_manifest, nats_server, stream_name, subject))
+
+    with dg.instance_for_test() as instance:
+        _materialize(asset, instance)
+        pending = publisher.publish_orders(subject, 25, start=40)
+        result = _materialize(asset, instance, partition_key=TODAY)
+
+    metadata = _materialization(result, asset.key).metadata
+    assert _seqs(metadata["nilus/table_uri"].value) == first + pending
+    assert metadata["nats/sequence_lag"].value == 0
+
+
 def test_a_window_older_than_the_streams_retention_fails_with_that_message(
     nats_server, publisher, stream_name, write_manifest
 ):
