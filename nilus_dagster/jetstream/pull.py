@@ -12,6 +12,7 @@ can use it on any consumer.
 import asyncio
 import contextlib
 import json
+import operator
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -250,66 +251,72 @@ class BulkPuller:
             self._collect(msgs)
 
     def _collect(self, msgs: list[Any]) -> None:
-        cols = self._cols
-        sequences, timestamps = cols.sequences, cols.timestamps_ns
-        subjects, payloads, replies = cols.subjects, cols.payloads, cols.replies
-        kept_before = len(sequences)
-        last = self._last_seq
-        first_cseq = last_reply = None
-        count = 0
-        for msg in msgs:
-            reply = msg.reply
-            if not reply:
-                if msg is not _WAKE:
+        # Column at a time (list comprehensions), not message at a time: this is the loop
+        # every message goes through.
+        data = [m for m in msgs if m.reply]
+        if data:
+            self._collect_data(data)
+        if len(data) != len(msgs):
+            # Statuses after the data, so that a 408 next to messages is not an empty pull.
+            for msg in msgs:
+                if not msg.reply and msg is not _WAKE:
                     self._on_status(msg)
-                continue
-            tokens = reply.split(".")
-            # v1 has 9 tokens; v2 has 11, or 12 with a trailing random token.
-            shift = 1 if len(tokens) == 12 else 0
-            count += 1
-            if first_cseq is None:
-                first_cseq = tokens[-3 - shift]
-            last_reply = reply
-            seq = int(tokens[-4 - shift])
-            if seq <= last:
-                self.duplicates += 1
-                continue
-            last = seq
-            sequences.append(seq)
-            timestamps.append(int(tokens[-2 - shift]))
-            subjects.append(msg.subject)
-            payloads.append(msg.data)
-            headers = msg.headers
-            if headers is not None:
-                if cols.headers is None:
-                    cols.headers = [None] * (len(sequences) - 1)
-                cols.headers.append(headers)
-            elif cols.headers is not None:
-                cols.headers.append(None)
-            if replies is not None:
-                replies.append(reply)
-        if not count:
-            return
+
+    def _collect_data(self, data: list[Msg]) -> None:
+        count = len(data)
         self._credit -= count
         self.delivered += count
         self._last_activity = time.monotonic()
-        tokens = last_reply.split(".")  # type: ignore[union-attr]
-        shift = 1 if len(tokens) == 12 else 0
-        last_cseq = int(tokens[-3 - shift])
+        replies = [m.reply for m in data]
+        tokens = [r.split(".") for r in replies]
+        # v1 has 9 tokens; v2 has 11, or 12 with a trailing random token. One consumer's
+        # replies all have the same form.
+        shift = 1 if len(tokens[0]) == 12 else 0
+        first_cseq = int(tokens[0][-3 - shift])
+        last_cseq = int(tokens[-1][-3 - shift])
         # Deliveries of one consumer are numbered without holes; a hole is a lost message.
-        expected = self._next_cseq or int(first_cseq)  # type: ignore[arg-type]
-        if int(first_cseq) != expected or last_cseq - expected + 1 != count:  # type: ignore[arg-type]
-            for column in (sequences, timestamps, subjects, payloads, replies, cols.headers):
-                if column is not None:
-                    del column[kept_before:]
+        expected = self._next_cseq or first_cseq
+        if first_cseq != expected or last_cseq - expected + 1 != count:
             self.interrupt(
                 f"deliveries {expected}..{expected + count - 1} of consumer {self.consumer} "
                 f"arrived as {first_cseq}..{last_cseq}: some went missing"
             )
             return
         self._next_cseq = last_cseq + 1
-        self._last_seq = last
-        cols.pending = int(tokens[-1 - shift])
+        at = -4 - shift
+        sequences = [int(t[at]) for t in tokens]
+        last = self._last_seq
+        if sequences[0] <= last or not all(map(operator.lt, sequences, sequences[1:])):
+            # Duplicates after a reconnect, or redeliveries (ack policies): keep only what
+            # comes after everything kept so far, in order.
+            keep = []
+            for i, seq in enumerate(sequences):
+                if seq > last:
+                    keep.append(i)
+                    last = seq
+            self.duplicates += count - len(keep)
+            if not keep:
+                return
+            data = [data[i] for i in keep]
+            tokens = [tokens[i] for i in keep]
+            replies = [replies[i] for i in keep]
+            sequences = [sequences[i] for i in keep]
+        cols = self._cols
+        had = len(cols.sequences)
+        cols.sequences += sequences
+        at = -2 - shift
+        cols.timestamps_ns += [int(t[at]) for t in tokens]
+        cols.subjects += [m.subject for m in data]
+        cols.payloads += [m.data for m in data]
+        headers = [m.headers for m in data]
+        if cols.headers is not None or any(h is not None for h in headers):
+            if cols.headers is None:
+                cols.headers = [None] * had
+            cols.headers += headers
+        if cols.replies is not None:
+            cols.replies += replies
+        self._last_seq = sequences[-1]
+        cols.pending = int(tokens[-1][-1 - shift])
 
     def _on_status(self, msg: Msg) -> None:
         headers = msg.headers or {}
