@@ -318,3 +318,34 @@ def test_parse_ack_reply_v1_and_v2() -> None:
     assert v2_no_domain.stream_seq == 42
     with pytest.raises(ValueError):
         parse_ack_reply("_INBOX.abc")
+
+
+def test_bulk_puller_drops_redeliveries(any_nats_server: LocalNatsServer, stream_name: str) -> None:
+    """Unacked messages come back after ack_wait, ahead of new ones: never yielded twice."""
+    pub = Publisher(any_nats_server.url)
+    pub.create_stream(stream_name, [stream_name])
+    pub.publish_orders(stream_name, 50)
+
+    async def go() -> tuple[list[int], int]:
+        nc = await nats.connect(any_nats_server.url)
+        await nc.jetstream().add_consumer(
+            stream_name, durable_name="redo", ack_policy="explicit", ack_wait=0.5
+        )
+        puller = await BulkPuller(
+            nc, stream_name, "redo", batch_size=20, expires=1.0, keep_replies=True
+        ).start()
+        got = list((await puller.next_batch(20)).sequences)
+        await asyncio.sleep(1.2)  # past ack_wait: 1..20 are due again
+        while len(got) < 50:
+            batch = await puller.next_batch()
+            if not batch:
+                break
+            got.extend(batch.sequences)
+            assert len(puller.replies) == len(batch)
+        await puller.stop()
+        await nc.close()
+        return got, puller.duplicates
+
+    got, duplicates = asyncio.run(go())
+    assert got == list(range(1, 51))
+    assert duplicates > 0
