@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 from conftest import Publisher
 
-from nilus_dagster.errors import SourceError
+from nilus_dagster.errors import PositionError, SourceError
 from nilus_dagster.jetstream import JetStreamSource
 from nilus_dagster.jetstream.local_server import SYSTEM_NATS_SERVER, LocalNatsServer
 from nilus_dagster.manifest.address import parse_nats_address
@@ -150,3 +150,22 @@ def test_frozen_server_is_waited_out(
     assert got == published
     assert "no message or heartbeat from consumer" in caplog.text
     assert "pull resumed after" in caplog.text
+
+
+def test_stream_recreated_mid_pull_is_refused(
+    nats_server_factory: Callable[..., LocalNatsServer],
+) -> None:
+    """A recreated stream numbers from 1 again: its messages must not pass for the old one's."""
+    server, _ = server_with_orders(nats_server_factory, None, 12_000)
+
+    def recreate() -> None:
+        pub = Publisher(server.url)
+        pub.delete_stream(STREAM)
+        pub.create_stream(STREAM, ["orders.>"])
+        pub.publish_orders(SUBJECT, 20_000)
+
+    with pytest.raises(PositionError) as caught:
+        pull_with_fault(server, lambda: in_background(recreate).join(), fault_after=1000)
+    assert f"stream {STREAM} was deleted and recreated while this run was reading it" in str(
+        caught.value
+    )
