@@ -235,6 +235,15 @@ class BatchDecoder:
                 for i in part:
                     value, problem = _parse(lines[i])
                     if problem is None:
+                        # Deeper than a row may be: a dead letter now, before the shape
+                        # helpers below recurse into it (RecursionError at ~500 levels).
+                        depth = _value_depth(value)
+                        if depth > self.max_nesting:
+                            problem = (
+                                f"payload is nested {depth} levels deep (at most "
+                                f"{self.max_nesting})"
+                            )
+                    if problem is None:
                         parsed[i] = value
                         valid.append(i)
                     else:
@@ -365,6 +374,22 @@ def _group_by_types(part: list[int], parsed: Mapping[int, object]) -> list[list[
                 open_groups.append(len(groups) - 1)
                 shapes.append(shape)
     return groups
+
+
+def _value_depth(value: object) -> int:
+    """Container levels below a parsed object's top level (as Arrow counts struct and list
+    nesting), found without recursion."""
+    deepest = 0
+    stack: list[tuple[object, int]] = []
+    if isinstance(value, dict):
+        stack.extend((v, 0) for v in value.values())
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth + 1)
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def _shape(value: object) -> object:

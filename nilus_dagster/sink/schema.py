@@ -101,19 +101,28 @@ def dead_letter_table(
 
 
 def nesting_depth(dtype: pa.DataType) -> int:
-    """How many struct, list and map levels ``dtype`` has (0 for a plain value)."""
-    if pa.types.is_struct(dtype):
-        return 1 + max(
-            (nesting_depth(dtype.field(i).type) for i in range(dtype.num_fields)), default=0
-        )
-    if pa.types.is_map(dtype):
-        return 1 + max(nesting_depth(dtype.key_type), nesting_depth(dtype.item_type))
-    if (
-        pa.types.is_list(dtype)
-        or pa.types.is_large_list(dtype)
-        or pa.types.is_fixed_size_list(dtype)
-        or pa.types.is_list_view(dtype)
-        or pa.types.is_large_list_view(dtype)
-    ):
-        return 1 + nesting_depth(dtype.value_type)
-    return 0
+    """How many struct, list and map levels ``dtype`` has (0 for a plain value).
+
+    Iterative: Arrow reads a payload nested a few hundred levels deep (under the bracket count
+    that guards Arrow itself) into a type this deep, and recursing over it raised
+    RecursionError, failing the whole run instead of making the payload a dead letter.
+    """
+    deepest = 0
+    stack = [(dtype, 0)]
+    while stack:
+        current, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if pa.types.is_struct(current):
+            stack.extend((current.field(i).type, depth + 1) for i in range(current.num_fields))
+            deepest = max(deepest, depth + 1)
+        elif pa.types.is_map(current):
+            stack.extend(((current.key_type, depth + 1), (current.item_type, depth + 1)))
+        elif (
+            pa.types.is_list(current)
+            or pa.types.is_large_list(current)
+            or pa.types.is_fixed_size_list(current)
+            or pa.types.is_list_view(current)
+            or pa.types.is_large_list_view(current)
+        ):
+            stack.append((current.value_type, depth + 1))
+    return deepest
