@@ -60,11 +60,81 @@ def conform(
         ``(rows, dead_letters)``: rows whose columns are the table's (missing ones as nulls, in
         the table's order) plus the batch's new ones, and the rows that conflict with the table.
     """
+    rows = without_void_fields(rows, table_schema)
     out, bad_rows, errors = split_conflicts(rows, table_schema, required=required)
     if bad_rows is None:
         return out, DEAD_LETTER_SCHEMA.empty_table()
     dead = _dead_letters(rows, bad_rows, errors, payloads, failed_at)
     return out.filter(pc.invert(bad_rows)), dead
+
+
+def without_void_fields(rows: pa.Table, table_schema: pa.Schema | None = None) -> pa.Table:
+    """Objects rebuilt without the fields Delta cannot store: empty objects and null members.
+
+    Two shapes of valid payload broke a table for good:
+
+    - ``{"a": {}}`` and ``[{}]`` read as ``struct<>``, which Parquet cannot write: the commit
+      failed, and so did every re-run.
+    - ``{"s": {"b": null}}`` gave the table a ``void`` member ``s.b``; a later object in ``b``
+      changed its type to a struct, the commit landed, and the log could no longer be read
+      (the old file's statistics hold a number where the new schema wants an object).
+
+    So a member that is null in every row and new to the table is left out (as a missing
+    field, it is null when read, and takes the type of its first real values later), and an
+    object left without members is a null. Where the table's column holds something else
+    than objects (a number, a list), the value is left as is: a conflict, which makes the row
+    a dead letter.
+    """
+    targets = {f.name: f.type for f in table_schema} if table_schema is not None else {}
+    for index, field in enumerate(rows.schema):
+        if _has_void(field.type):
+            column = rows.column(index).combine_chunks()
+            fixed = _without_void(column, targets.get(field.name))
+            rows = rows.set_column(index, pa.field(field.name, fixed.type), fixed)
+    return rows
+
+
+def _has_void(dtype: pa.DataType) -> bool:
+    if pa.types.is_struct(dtype):
+        return dtype.num_fields == 0 or any(
+            pa.types.is_null(dtype.field(i).type) or _has_void(dtype.field(i).type)
+            for i in range(dtype.num_fields)
+        )
+    if pa.types.is_list(dtype) or pa.types.is_large_list(dtype):
+        return _has_void(dtype.value_type)
+    return False
+
+
+def _without_void(array: pa.Array, target: pa.DataType | None) -> pa.Array:
+    dtype = array.type
+    if not _has_void(dtype):
+        return array
+    if target is not None and pa.types.is_null(target):
+        target = None
+    if pa.types.is_struct(dtype):
+        if target is not None and not pa.types.is_struct(target):
+            return array  # an object where the table has no objects: a conflict
+        inner = {f.name: f.type for f in target} if target is not None else {}
+        names, children = [], []
+        for i, child in enumerate(array.flatten()):
+            name = dtype.field(i).name
+            child = _without_void(child, inner.get(name))
+            # A null member the table already has a type for is cast to it later; only a
+            # member the table does not have would bring a void type into its schema.
+            if not pa.types.is_null(child.type) or inner.get(name) is not None:
+                names.append(name)
+                children.append(child)
+        if not children:
+            return pa.nulls(len(array))
+        return pa.StructArray.from_arrays(children, names=names, mask=array.is_null())
+    if target is not None and not (pa.types.is_list(target) or pa.types.is_large_list(target)):
+        return array
+    kind = pa.LargeListArray if pa.types.is_large_list(dtype) else pa.ListArray
+    values = _without_void(
+        array.values,  # type: ignore[attr-defined]
+        target.value_type if target is not None else None,
+    )
+    return kind.from_arrays(array.offsets, values, mask=array.is_null())  # type: ignore[attr-defined]
 
 
 def split_conflicts(
