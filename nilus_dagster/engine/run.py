@@ -10,8 +10,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
+
+import pyarrow as pa
 
 from nilus_dagster.engine.report import RunReport
 from nilus_dagster.engine.settings import RuntimeSettings, runtime_settings
@@ -20,9 +23,14 @@ from nilus_dagster.jetstream import JetStreamSource, StreamState
 from nilus_dagster.manifest.loader import Pipeline
 from nilus_dagster.messages import MessageBatch
 from nilus_dagster.redaction import redact
-from nilus_dagster.sink import STREAM_CREATED_KEY, DeltaSink, PositionConflict
+from nilus_dagster.sink import STREAM_CREATED_KEY, Decoded, DeltaSink, PositionConflict
 
 logger = logging.getLogger("nilus_dagster.engine")
+
+PART_ROWS = 16_384
+"""Most messages decoded at a time while a commit's chunk fills (a quarter of the commit size
+when that is smaller): decoding keeps pace with the pull instead of starting when the chunk is
+full, so the end of a run waits for the last commit's write, not for its decoding too."""
 
 
 @dataclass(frozen=True)
@@ -94,14 +102,63 @@ class _Committer:
         self.messages = 0
         self.bytes = 0
         self.commits = 0
+        self._parts: list[tuple[int, int, Decoded]] = []
+        self._failed: BaseException | None = None
+
+    def prepare_part(self, part: MessageBatch) -> None:
+        """Decode the next part of the coming commit's chunk ahead of that commit.
+
+        Runs in the commit thread, in order with the commits, so it sees the table schema the
+        commit will write against. A failure is raised by that commit.
+        """
+        if self._failed is not None:
+            return
+        try:
+            decoded = self.sink.prepare(part, format=self.settings.address.format)
+        except BaseException as exc:  # raised by the next commit, which owns the error
+            self._failed = exc
+            return
+        self._parts.append((part.first_seq, part.last_seq, decoded))
+
+    def _assemble(self, chunk: MessageBatch, parts: list[tuple[int, int, Decoded]]) -> Decoded:
+        """``chunk`` decoded: its parts decoded ahead, plus the rest decoded now.
+
+        The parts are used only when they hold the chunk's prefix and all came out with the
+        same columns and types; otherwise (a field appears, disappears or changes type within
+        the chunk) the chunk is decoded whole, exactly as if no part had been decoded ahead.
+        """
+        fmt = self.settings.address.format
+        if not parts or parts[0][0] != chunk.first_seq or parts[-1][1] > chunk.last_seq:
+            return self.sink.prepare(chunk, format=fmt)
+        pieces = [decoded for _, _, decoded in parts]
+        rest = chunk.after(parts[-1][1])
+        if len(rest):
+            pieces.append(self.sink.prepare(rest, format=fmt))
+        if len(pieces) == 1:
+            return pieces[0]
+        schema = pieces[0].rows.schema
+        if any(not p.rows.schema.equals(schema) for p in pieces[1:]):
+            return self.sink.prepare(chunk, format=fmt)
+        try:
+            return Decoded(
+                pa.concat_tables([p.rows for p in pieces]),
+                pa.concat_tables([p.dead_letters for p in pieces]),
+            )
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            return self.sink.prepare(chunk, format=fmt)
 
     def commit(self, chunk: MessageBatch) -> int:
-        """Decode and commit ``chunk``; returns the position after it."""
+        """Decode (what was not decoded ahead) and commit ``chunk``; returns the position."""
+        parts, self._parts = self._parts, []
+        failed, self._failed = self._failed, None
+        if failed is not None:
+            raise failed
         while True:
             chunk = chunk.after(self.sink.position)
             if not len(chunk):
                 return self.sink.position
-            decoded = self.sink.prepare(chunk, format=self.settings.address.format)
+            decoded = self._assemble(chunk, parts)
+            parts = []  # after a conflict the chunk is decoded again, against the new schema
             try:
                 result = self.sink.commit(
                     decoded.rows,
@@ -202,17 +259,22 @@ async def run_pipeline_async(
         target = stream.last_seq
         options = pipeline.manifest.sink.options
         max_rows, max_bytes = options.commit_max_rows, options.commit_max_bytes
+        part_rows = max(1, min(PART_ROWS, max_rows // 4))
         deadline = started + max_seconds if max_seconds else None
 
         chunk = MessageBatch()
         chunk_bytes = 0
-        in_flight: asyncio.Task[int] | None = None
+        decoded_ahead = 0  # leading messages of ``chunk`` handed to prepare_part already
+        in_flight: asyncio.Future[int] | None = None
+        # One thread for all sink work: parts, commits and their order stay the pull's order.
+        worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nilus-commit")
+        loop = asyncio.get_running_loop()
 
         async def flush(batch: MessageBatch) -> None:
             nonlocal in_flight
             if in_flight is not None:
                 await _acked(src, in_flight)
-            in_flight = asyncio.create_task(asyncio.to_thread(committer.commit, batch))
+            in_flight = loop.run_in_executor(worker, committer.commit, batch)
             in_flight.add_done_callback(lambda _: report_progress())
 
         def report_progress() -> None:
@@ -221,27 +283,38 @@ async def run_pipeline_async(
                     Progress(committer.messages, sink.position, target, time.monotonic() - started)
                 )
 
-        if start_seq <= target:
-            async for batch in src.messages(
-                start_seq, stop_at_seq=target, max_messages=limit, start_time=start_time
-            ):
-                batch = batch.after(max(position, chunk.last_seq if len(chunk) else 0))
-                if not len(batch):
-                    continue
-                chunk.extend(batch)
-                chunk_bytes += batch.nbytes
-                # Commits are bounded in rows and bytes whatever the pull size, so a busy
-                # subject makes few large files and memory stays bounded by the commit size.
-                while len(chunk) >= max_rows or chunk_bytes >= max_bytes:
-                    ready, chunk = chunk.split(min(max_rows, _fit(chunk, max_bytes)))
-                    chunk_bytes -= ready.nbytes
-                    await flush(ready)
-                if deadline and time.monotonic() > deadline:
-                    break
-        if len(chunk):
-            await flush(chunk)
-        if in_flight is not None:
-            await _acked(src, in_flight)
+        try:
+            if start_seq <= target:
+                async for batch in src.messages(
+                    start_seq, stop_at_seq=target, max_messages=limit, start_time=start_time
+                ):
+                    batch = batch.after(max(position, chunk.last_seq if len(chunk) else 0))
+                    if not len(batch):
+                        continue
+                    chunk.extend(batch)
+                    chunk_bytes += batch.nbytes
+                    # Commits are bounded in rows and bytes whatever the pull size, so a busy
+                    # subject makes few large files and memory stays bounded by the commit size.
+                    while len(chunk) >= max_rows or chunk_bytes >= max_bytes:
+                        ready, chunk = chunk.split(min(max_rows, _fit(chunk, max_bytes)))
+                        chunk_bytes -= ready.nbytes
+                        decoded_ahead = 0
+                        await flush(ready)
+                    # What is left is within both bounds, so all of it belongs to the next
+                    # commit: decode it ahead in parts while the pull goes on.
+                    if len(chunk) - decoded_ahead >= part_rows:
+                        part = _tail(chunk, decoded_ahead)
+                        decoded_ahead = len(chunk)
+                        loop.run_in_executor(worker, committer.prepare_part, part)
+                    if deadline and time.monotonic() > deadline:
+                        break
+            if len(chunk):
+                await flush(chunk)
+            if in_flight is not None:
+                await _acked(src, in_flight)
+        finally:
+            # Normally idle by now; after a failure, no sink work may outlive the run.
+            worker.shutdown(wait=True, cancel_futures=True)
 
         final = await src.stream_state()
         position = sink.position
@@ -291,6 +364,18 @@ async def run_pipeline_async(
     return report
 
 
+def _tail(chunk: MessageBatch, start: int) -> MessageBatch:
+    """The messages of ``chunk`` from index ``start`` on."""
+    return MessageBatch(
+        sequences=chunk.sequences[start:],
+        timestamps_ns=chunk.timestamps_ns[start:],
+        subjects=chunk.subjects[start:],
+        payloads=chunk.payloads[start:],
+        headers=chunk.headers[start:] if chunk.headers is not None else None,
+        num_pending=chunk.num_pending,
+    )
+
+
 def _fit(chunk: MessageBatch, max_bytes: int) -> int:
     """How many leading messages of ``chunk`` fit in ``max_bytes`` (at least one)."""
     total = 0
@@ -301,7 +386,7 @@ def _fit(chunk: MessageBatch, max_bytes: int) -> int:
     return len(chunk)
 
 
-async def _acked(src: JetStreamSource, task: "asyncio.Task[int]") -> None:
+async def _acked(src: JetStreamSource, task: "asyncio.Future[int]") -> None:
     position = await task
     # Acks go out only after the data is committed, so the server's view never runs ahead.
     await src.ack_through(position)
