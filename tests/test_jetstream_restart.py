@@ -132,24 +132,32 @@ def test_server_gone_for_good_is_a_clear_error(
     assert 2 <= seconds < 5
 
 
+@pytest.mark.parametrize("frozen_for", [3.5, 6.0])
 def test_frozen_server_is_waited_out(
-    nats_server_factory: Callable[..., LocalNatsServer], caplog: pytest.LogCaptureFixture
+    nats_server_factory: Callable[..., LocalNatsServer],
+    caplog: pytest.LogCaptureFixture,
+    frozen_for: float,
 ) -> None:
     """SIGSTOP: the connection stays up but nothing answers; heartbeats stop, the pull notices,
-    and carries on once the server wakes up."""
+    and carries on once the server wakes up (over a new connection if it slept long)."""
     server, published = server_with_orders(nats_server_factory, None, 10_000)
     thread: list[threading.Thread] = []
 
     def freeze() -> None:
         server.pause()
-        thread.append(in_background(lambda: time.sleep(3.5), server.resume))
+        thread.append(in_background(lambda: time.sleep(frozen_for), server.resume))
 
     with caplog.at_level("INFO", logger="nilus_dagster.jetstream"):
-        got, _ = pull_with_fault(server, freeze, fault_after=2000, max_reconnect_seconds=20.0)
+        got, source = pull_with_fault(
+            server, freeze, fault_after=2000, max_reconnect_seconds=20.0, connect_timeout=1.0
+        )
     thread[0].join()
     assert got == published
     assert "no message or heartbeat from consumer" in caplog.text
     assert "pull resumed after" in caplog.text
+    if frozen_for > 5:
+        assert "does not answer; reconnecting" in caplog.text
+        assert source.reconnects >= 1
 
 
 def test_stream_recreated_mid_pull_is_refused(

@@ -268,6 +268,20 @@ class JetStreamSource:
         logger.info("reconnected to NATS at %s", self.hosts)
         return self._link
 
+    async def _drop_link_if_dead(self, link: Link) -> None:
+        """Close a connection that no longer answers a PING, so the next attempt reconnects.
+
+        nats-py notices a half-open connection (a server gone without a TCP reset) only after
+        minutes of unanswered pings; a pull that stopped hearing from the server checks now.
+        """
+        if not link.is_open:
+            return
+        try:
+            await asyncio.wait_for(link.nc.flush(), min(2.0, self.connect_timeout))
+        except Exception:  # any failure means the same: this connection is of no use
+            logger.info("the connection to NATS at %s does not answer; reconnecting", self.hosts)
+            await link.close(timeout=0.5)
+
     # -- errors --------------------------------------------------------------------------------
 
     def _error(self, exc: BaseException, doing: str) -> SourceError:
@@ -760,6 +774,8 @@ class JetStreamSource:
                         raise self._error(exc, "pull messages") from None
                     recovery.failed(self._error_text(exc, "pull messages"), last)
                     await drop_puller()
+                    if link is not None and not getattr(exc, "connection_lost", False):
+                        await self._drop_link_if_dead(link)
                     if recovery.exhausted:
                         raise SourceError(
                             redact(
@@ -776,6 +792,8 @@ class JetStreamSource:
                         raise
                     recovery.failed(str(exc), last)
                     await drop_puller()
+                    if link is not None:
+                        await self._drop_link_if_dead(link)
                     if recovery.exhausted:
                         raise
                     await asyncio.sleep(self.reconnect_time_wait)
