@@ -7,6 +7,7 @@ goes on while a chunk is decoded and committed in a worker thread.
 """
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -225,6 +226,38 @@ async def run_pipeline_async(
             retention.
         SinkError: The table cannot be written.
     """
+    # Everything alive when the run starts (modules, pyarrow, Dagster) outlives it; frozen, the
+    # collector stops rescanning it while the pull churns through a Python object per message
+    # (measured: a tenth of a 200k-message run went to full collections).
+    gc.freeze()
+    try:
+        return await _run_pipeline_async(
+            pipeline,
+            env=env,
+            servers=servers,
+            drain=drain,
+            max_messages=max_messages,
+            max_seconds=max_seconds,
+            window=window,
+            on_progress=on_progress,
+            logger=logger,
+        )
+    finally:
+        gc.unfreeze()
+
+
+async def _run_pipeline_async(
+    pipeline: Pipeline,
+    *,
+    env: Mapping[str, str] | None = None,
+    servers: Sequence[str] | None = None,
+    drain: bool | None = None,
+    max_messages: int | None = None,
+    max_seconds: float | None = None,
+    window: tuple[datetime, datetime] | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+    logger: logging.Logger | None = None,
+) -> RunReport:
     log = logger or globals()["logger"]
     started = time.monotonic()
     settings = runtime_settings(pipeline, env=env, servers=servers)
