@@ -154,6 +154,22 @@ class BatchDecoder:
             ]
             if absent:
                 table = table.drop_columns(absent)
+        try:
+            table.validate()
+        except pa.ArrowInvalid:
+            # pyarrow 26 collapses the leading nulls of a list whose element type it learns
+            # after them ([null, 1] gives a child of one value): an invalid table that failed
+            # the run, and every re-run. Read again with the types it inferred: then it fills
+            # lists in order. Lists of nulls only stay short either way and are padded. Still
+            # invalid: ArrowInvalid, and the callers narrow it down to a dead letter.
+            options = pj.ParseOptions(
+                explicit_schema=table.schema, unexpected_field_behavior="infer"
+            )
+            table = pj.read_json(
+                io.BytesIO(joined), read_options=read_options, parse_options=options
+            )
+            table = _with_valid_null_lists(table)
+            table.validate()
         return table
 
     def _parse_options(self) -> pj.ParseOptions:
@@ -451,6 +467,45 @@ def _with_metadata(table: pa.Table, batch: MessageBatch, indices: list[int] | No
     for field, array in zip(METADATA_FIELDS, arrays, strict=True):
         table = table.append_column(field, array)
     return table
+
+
+def _with_valid_null_lists(table: pa.Table) -> pa.Table:
+    """Pad the lists of nulls Arrow's JSON reader returns too short.
+
+    pyarrow 26 reads ``[null, null]`` as a ``list<null>`` whose child holds fewer nulls than
+    the lists span ("Length spanned by list offsets (2) larger than values array (length
+    1)"), even with an explicit schema. Every element is null, so padding is exact.
+    """
+    for index, field in enumerate(table.schema):
+        if _has_null_list(field.type):
+            column = table.column(index)
+            chunks = [_valid_null_lists(chunk) for chunk in column.chunks]
+            table = table.set_column(index, field, pa.chunked_array(chunks, type=field.type))
+    return table
+
+
+def _has_null_list(dtype: pa.DataType) -> bool:
+    if pa.types.is_list(dtype) or pa.types.is_large_list(dtype):
+        return pa.types.is_null(dtype.value_type) or _has_null_list(dtype.value_type)
+    if pa.types.is_struct(dtype):
+        return any(_has_null_list(dtype.field(i).type) for i in range(dtype.num_fields))
+    return False
+
+
+def _valid_null_lists(array: pa.Array) -> pa.Array:
+    dtype = array.type
+    if not _has_null_list(dtype):
+        return array
+    if pa.types.is_struct(dtype):
+        children = [_valid_null_lists(child) for child in array.flatten()]
+        return pa.StructArray.from_arrays(children, fields=list(dtype), mask=array.is_null())
+    offsets = array.offsets  # type: ignore[attr-defined]
+    if pa.types.is_null(dtype.value_type):
+        values = pa.nulls(offsets[-1].as_py() if len(offsets) else 0)
+    else:
+        values = _valid_null_lists(array.values)  # type: ignore[attr-defined]
+    kind = pa.LargeListArray if pa.types.is_large_list(dtype) else pa.ListArray
+    return kind.from_arrays(offsets, values, type=dtype, mask=array.is_null())
 
 
 def _as_json_types(schema: pa.Schema | None) -> pa.Schema | None:
