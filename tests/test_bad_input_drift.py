@@ -5,6 +5,8 @@ the field; a new field adds a column; every message is a row or a dead letter, n
 """
 
 import json
+import subprocess
+import sys
 
 import pytest
 from checker import check_exactly_once
@@ -77,3 +79,35 @@ def test_type_changes_mid_batch_are_dead_letters_and_new_fields_are_columns(
     grown = seqs[100 - 50]
     assert rows[grown]["coupon"] == "C100" and rows[grown]["meta"] == {"n": 100, "extra": True}
     assert rows[seqs[0]]["coupon"] is None and rows[seqs[0]]["meta"]["extra"] is None
+
+
+def test_a_big_batch_missing_a_nested_column_does_not_abort_the_process(
+    nats_server, publisher, stream_name, write_manifest
+):
+    # Arrow reads a batch over 4 MB in several blocks, so its columns come in several chunks
+    # while the nulls padding the table's missing nested column came in one: deltalake 1.6.6
+    # then panicked on the sliced nested struct and aborted the whole process (SIGABRT).
+    # In a subprocess, so that a regression fails this test rather than the test run.
+    subject = f"{stream_name}.big"
+    publisher.create_stream(stream_name, [f"{stream_name}.>"])
+    path = write_manifest(
+        address=f"nats+jetstream://{nats_server.hostport}?subject={subject}&batch_size=1000",
+        stream=stream_name,
+        extra_sink_options="commit_max_rows: 20000\ncommit_max_bytes: 100000000\n",
+    )
+    pipeline = parse_pipeline(path)
+    first = publisher.publish(subject, [{"id": 0, "meta": {"x": {"y": 1}}}])
+    run_pipeline(pipeline)
+    pad = "p" * 900
+    rest = publisher.publish(subject, [{"id": i, "pad": pad} for i in range(1, 12_001)])
+
+    done = subprocess.run(
+        [sys.executable, "-m", "nilus_dagster.cli", "run", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = check_exactly_once(pipeline.table_location().uri, first + rest, pipeline.app_id)
+    assert result.ok, str(result)

@@ -472,6 +472,7 @@ class DeltaSink:
         properties: CommitProperties,
         predicate: str | None = None,
     ) -> None:
+        rows = _one_chunk_layout(rows)
         if mode == "append":
             write_deltalake(
                 table, rows, mode="append", schema_mode="merge", commit_properties=properties
@@ -497,7 +498,7 @@ class DeltaSink:
             # resolve the key column on the target side).
             self._write(self._table, _latest_per_key(rows, self.primary_key), "append", properties)
         elif rows.num_rows:
-            source = _latest_per_key(rows, self.primary_key)
+            source = _one_chunk_layout(_latest_per_key(rows, self.primary_key))
             on = " AND ".join(f"t.{_quote(k)} = s.{_quote(k)}" for k in self.primary_key)
             (
                 self._table.merge(
@@ -625,6 +626,18 @@ def _latest_per_key(rows: pa.Table, keys: Sequence[str]) -> pa.Table:
         ]
     )
     return rows.take(keep.take(pc.sort_indices(keep)))
+
+
+def _one_chunk_layout(rows: pa.Table) -> pa.Table:
+    """``rows`` with every column chunked alike (combined when they differ).
+
+    Columns chunked differently reach deltalake as record batches that slice some columns;
+    deltalake 1.6.6 (arrow-rs 59) panics on a sliced struct nested in a struct and aborts the
+    process (measured: a >4 MB batch, read by Arrow in two blocks, padded with a single-chunk
+    null column for a table's nested struct column missing from the batch).
+    """
+    layouts = {tuple(len(chunk) for chunk in column.chunks) for column in rows.columns}
+    return rows if len(layouts) <= 1 else rows.combine_chunks()
 
 
 def _after(table: pa.Table, position: int) -> pa.Table:
