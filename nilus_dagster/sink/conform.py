@@ -88,8 +88,11 @@ def without_void_fields(rows: pa.Table, table_schema: pa.Schema | None = None) -
     targets = {f.name: f.type for f in table_schema} if table_schema is not None else {}
     for index, field in enumerate(rows.schema):
         if _has_void(field.type):
-            column = rows.column(index).combine_chunks()
-            fixed = _without_void(column, targets.get(field.name))
+            # Chunk by chunk: the result's type depends on the types alone, and a column
+            # chunked unlike its neighbours made delta-rs panic (abort) on write.
+            target = targets.get(field.name)
+            chunks = rows.column(index).chunks or [pa.array([], field.type)]
+            fixed = pa.chunked_array([_without_void(chunk, target) for chunk in chunks])
             rows = rows.set_column(index, pa.field(field.name, fixed.type), fixed)
     return rows
 

@@ -157,6 +157,8 @@ class BatchDecoder:
         try:
             table.validate()
         except pa.ArrowInvalid:
+            if _too_deep(table.schema, self.max_nesting):
+                return table  # refused for its depth by every caller; nothing to repair
             # pyarrow 26 collapses the leading nulls of a list whose element type it learns
             # after them ([null, 1] gives a child of one value): an invalid table that failed
             # the run, and every re-run. Read again with the types it inferred: then it fills
