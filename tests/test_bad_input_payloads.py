@@ -249,3 +249,28 @@ def test_lists_that_start_with_nulls_keep_every_element(
     assert rows[seqs[3]]["s"] == {"x": [None, None, "q"]}
     assert rows[seqs[4]]["l"] == [None, [None, 1.5]]
     assert rows[seqs[5]]["o"] == [None, {"b": True}]
+
+
+def test_a_payload_field_named_like_the_raw_data_column_is_checked_like_any_other(
+    nats_server, publisher, stream_name, write_manifest
+):
+    # conform let a JSON field "_nats_data" through unchecked (the raw format's column name):
+    # once its type changed, every commit failed ("Unsupported CAST from Boolean to List").
+    subject = f"{stream_name}.data"
+    publisher.create_stream(stream_name, [f"{stream_name}.>"])
+    pipeline = parse_pipeline(
+        write_manifest(
+            address=f"nats+jetstream://{nats_server.hostport}?subject={subject}",
+            stream=stream_name,
+        )
+    )
+    first = publisher.publish(subject, [{"_nats_data": [1]}, {"_nats_data": False}])
+    run_pipeline(pipeline)
+    later = publisher.publish(subject, [{"_nats_data": "text"}, {"_nats_data": [2, 3]}])
+
+    report = run_pipeline(pipeline)
+
+    result = check_exactly_once(report.table_uri, first + later, pipeline.app_id)
+    assert result.ok and result.in_dead_letters == 2, str(result)
+    rows = {r["_nats_seq"]: r for r in DeltaTable(report.table_uri).to_pyarrow_table().to_pylist()}
+    assert rows[first[0]]["_nats_data"] == [1] and rows[later[1]]["_nats_data"] == [2, 3]

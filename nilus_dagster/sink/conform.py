@@ -162,8 +162,10 @@ def split_conflicts(
     seen_folded: dict[str, str] = {}
     for field in rows.schema:
         name, column = field.name, rows.column(field.name)
-        if name in METADATA_COLUMNS or name == DATA_COLUMN:
-            # Written by us with fixed types; Delta maps uint64 to long on write.
+        if name in METADATA_COLUMNS or _is_raw_data(field):
+            # Written by us with fixed types; Delta maps uint64 to long on write. (A JSON
+            # payload's own "_nats_data" field is a payload column like any other: let
+            # through unchecked, a later type change failed every commit.)
             columns[name] = column
             continue
         other = seen_folded.get(name.casefold()) or (
@@ -393,8 +395,13 @@ def _dead_letters(
     return pa.Table.from_arrays(columns, schema=DEAD_LETTER_SCHEMA)
 
 
+def _is_raw_data(field: pa.Field) -> bool:
+    """Whether ``field`` is the raw format's payload column (binary), not a JSON field."""
+    return field.name == DATA_COLUMN and pa.types.is_binary(field.type)
+
+
 def _as_json(rows: pa.Table) -> list[bytes]:
-    if DATA_COLUMN in rows.column_names:
+    if DATA_COLUMN in rows.column_names and _is_raw_data(rows.schema.field(DATA_COLUMN)):
         return [bytes(d or b"") for d in rows.column(DATA_COLUMN).to_pylist()]
     payload = rows.drop_columns([c for c in rows.column_names if c in METADATA_COLUMNS])
     return [

@@ -516,7 +516,9 @@ def _as_json_types(schema: pa.Schema | None) -> pa.Schema | None:
         return None
     fields = []
     for field in schema:
-        if field.name in METADATA_COLUMNS or field.name == DATA_COLUMN:
+        if field.name in METADATA_COLUMNS or (
+            field.name == DATA_COLUMN and pa.types.is_binary(field.type)
+        ):
             continue
         dtype = _as_json_type(field.type)
         if dtype is not None:
