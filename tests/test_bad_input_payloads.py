@@ -264,13 +264,15 @@ def test_a_payload_field_named_like_the_raw_data_column_is_checked_like_any_othe
             stream=stream_name,
         )
     )
-    first = publisher.publish(subject, [{"_nats_data": [1]}, {"_nats_data": False}])
+    first = publisher.publish(subject, [{"_nats_data": [1]}])
     run_pipeline(pipeline)
-    later = publisher.publish(subject, [{"_nats_data": "text"}, {"_nats_data": [2, 3]}])
+    later = publisher.publish(subject, [{"_nats_data": False}])
+    run_pipeline(pipeline)
+    later += publisher.publish(subject, [{"_nats_data": [2, 3]}])
 
     report = run_pipeline(pipeline)
 
     result = check_exactly_once(report.table_uri, first + later, pipeline.app_id)
-    assert result.ok and result.in_dead_letters == 2, str(result)
+    assert result.ok and result.in_dead_letters == 1, str(result)
     rows = {r["_nats_seq"]: r for r in DeltaTable(report.table_uri).to_pyarrow_table().to_pylist()}
     assert rows[first[0]]["_nats_data"] == [1] and rows[later[1]]["_nats_data"] == [2, 3]
