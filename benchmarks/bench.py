@@ -13,18 +13,22 @@ against the receive-only ceiling and the plain nats-py + deltalake baseline:
   whole process (start-up included) on the main and the large backlog.
 - ``dagster``: ``dagster asset materialize`` as a whole process, draining the large backlog.
 - ``latency``: publish-to-committed-row latency under a steady publish rate, with the engine run
-  back to back the way sensor-requested runs are.
+  back to back the way sensor-requested runs are; ``latency-sensor``: the same through the real
+  sensor path (``dagster-daemon`` evaluating the pipeline's sensor, each run its own process).
 
 Results go to stdout (markdown) and ``benchmarks/results/bench-<time>.json``.
 """
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import json
 import os
 import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -45,7 +49,19 @@ BIN = Path(sys.executable).parent
 MAIN_STREAM, MAIN_SUBJECT = "BENCH", "bench.orders"
 LARGE_STREAM, LARGE_SUBJECT = "BENCH_LARGE", "bench.large"
 LATENCY_STREAM, LATENCY_SUBJECT = "BENCH_LATENCY", "bench.latency"
-ALL_PATHS = ("ceiling", "source", "baseline", "engine", "cli", "cli-large", "dagster", "latency")
+SENSOR_STREAM, SENSOR_SUBJECT = "BENCH_SENSOR", "bench.sensor"
+ALL_PATHS = (
+    "ceiling",
+    "source",
+    "baseline",
+    "engine",
+    "cli",
+    "cli-large",
+    "dagster",
+    "latency",
+    "latency-sensor",
+)
+LATENCY_PATHS = ("latency", "latency-sensor")
 
 
 @dataclass(frozen=True)
@@ -97,6 +113,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-rate", type=float, default=5000, help="msg/s (5000)")
     parser.add_argument("--latency-seconds", type=float, default=20, help="publish time (20)")
     parser.add_argument(
+        "--sensor-rate", type=float, default=1000, help="msg/s of the sensor-path latency (1000)"
+    )
+    parser.add_argument(
         "--latency-poll",
         type=float,
         default=0.1,
@@ -112,6 +131,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.messages, args.large, args.repeat = min(args.messages, 3000), 0, 1
         args.batch_size, args.ceiling_pull = min(args.batch_size, 500), 500
         args.latency_rate, args.latency_seconds = 500, 2
+        # The sensor path needs a daemon and a run process per tick: too slow for a smoke run.
+        args.paths = ",".join(p for p in args.paths.split(",") if p.strip() != "latency-sensor")
     args.paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     unknown = set(args.paths) - set(ALL_PATHS)
     if unknown:
@@ -298,24 +319,102 @@ class Bench:
 
     # -- latency --------------------------------------------------------------------------
 
-    def latency(self) -> dict[str, Any]:
-        args = self.args
-        asyncio.run(workload.create_stream(self.url, LATENCY_STREAM, [LATENCY_SUBJECT]))
-        asyncio.run(workload.publish(self.url, LATENCY_SUBJECT, 1, args.size))  # warm-up row
-        manifest = workload.write_manifest(
-            self.work / "latency.yaml",
-            name="bench_latency",
+    def _latency_table(self, key: str, stream: str, subject: str, **manifest: Any) -> str:
+        """A stream with one warm-up message, and the pipeline over it; its table's URI."""
+        asyncio.run(workload.create_stream(self.url, stream, [subject]))
+        asyncio.run(workload.publish(self.url, subject, 1, self.args.size))
+        self.manifests[key] = workload.write_manifest(
+            self.work / f"{key}.yaml",
+            name=f"bench_{key.replace('-', '_')}",
             hostport=self.hostport,
-            stream=LATENCY_STREAM,
-            subject=LATENCY_SUBJECT,
-            batch_size=args.batch_size,
-            commit_rows=args.commit_rows,
+            stream=stream,
+            subject=subject,
+            batch_size=self.args.batch_size,
+            commit_rows=self.args.commit_rows,
+            **manifest,
         )
-        self.manifests["latency"] = manifest
+        return self.table_uri(key, self.work / f"lake-{key}")
+
+    def _latency_result(
+        self, key: str, uri: str, sent: int, rate: float, seconds: float, runs: int, how: str
+    ) -> dict[str, Any]:
+        from nilus_dagster.manifest import parse_pipeline
+
+        app_id = parse_pipeline(self.manifests[key]).app_id
+        values = lat.row_latencies(uri, app_id, skip_until=1)
+        rows, distinct, top = _table_rows(uri)
+        return {
+            "how": how,
+            "rate": rate,
+            "seconds": seconds,
+            "rows": len(values),
+            "rows_ok": rows == distinct == 1 + sent and top == 1 + sent,
+            "runs": runs,
+            "p50": lat.percentile(values, 50),
+            "p99": lat.percentile(values, 99),
+            "max": max(values) if values else float("nan"),
+        }
+
+    def sensor_latency(self) -> dict[str, Any]:
+        """Latency through ``dagster-daemon``: the pipeline's sensor requests each run."""
+        args = self.args
+        key = "latency-sensor"
+        uri = self._latency_table(key, SENSOR_STREAM, SENSOR_SUBJECT, sensor_interval=1)
+        home = self.work / "dagster-home-sensor"
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+        env = self.env(
+            self.work / f"lake-{key}",
+            NILUS_PIPELINES=str(self.manifests[key]),
+            DAGSTER_HOME=str(home),
+        )
+        log = open(self.work / "dagster-daemon.log", "wb")  # noqa: SIM115 (the daemon's)
+        daemon = subprocess.Popen(
+            [str(BIN / "dagster-daemon"), "run", "-f", str(REPO / "definitions.py")],
+            env=env,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            if not lat.wait_for_commit(uri, 1, timeout=180):
+                raise RuntimeError("no sensor-requested run committed within 180 s")
+            sent, rate = asyncio.run(
+                lat.publish_steady(
+                    self.url, SENSOR_SUBJECT, args.sensor_rate, args.latency_seconds, args.size, 1
+                )
+            )
+            if not lat.wait_for_commit(uri, 1 + sent, timeout=300):
+                raise RuntimeError("the sensor-requested runs did not catch up within 300 s")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(daemon.pid, signal.SIGTERM)
+            try:
+                daemon.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(daemon.pid, signal.SIGKILL)
+                daemon.wait(10)
+            log.close()
+        runs = len(lat.commit_times(uri)) - 1  # the warm-up run's commit aside
+        how = (
+            "sensor path: `dagster-daemon` evaluating the pipeline's sensor (minimum interval "
+            "1 s; the daemon evaluates sensors about every 5 s), each requested run launched as "
+            "its own process"
+        )
+        return self._latency_result(key, uri, sent, rate, args.latency_seconds, runs, how)
+
+    def latency(self) -> dict[str, Any]:
+        """Latency with the engine run back to back in one process (no Dagster)."""
+        args = self.args
+        uri = self._latency_table("latency", LATENCY_STREAM, LATENCY_SUBJECT)
         lakehouse = self.work / "lake-latency"
-        uri = self.table_uri("latency", lakehouse)
         stop = self.work / "latency.stop"
-        params = {"manifest": str(manifest), "stop_file": str(stop), "poll": args.latency_poll}
+        params = {
+            "manifest": str(self.manifests["latency"]),
+            "stop_file": str(stop),
+            "poll": args.latency_poll,
+        }
         holder: dict[str, ProcessResult] = {}
         loop = threading.Thread(
             target=lambda: holder.setdefault(
@@ -339,26 +438,13 @@ class Bench:
         if proc.returncode != 0:
             raise RuntimeError(f"the engine loop failed: {proc.stderr[-2000:]}")
         inner = json.loads(proc.stdout.strip().splitlines()[-1])
-        from nilus_dagster.manifest import parse_pipeline
-
-        app_id = parse_pipeline(manifest).app_id
-        values = lat.row_latencies(uri, app_id, skip_until=1)
-        rows, distinct, top = _table_rows(uri)
-        return {
-            "how": (
-                f"engine run back to back in one process, {args.latency_poll:g} s pause after a "
-                "run that found nothing (a sensor-driven deployment adds its tick interval and "
-                "run launch)"
-            ),
-            "rate": rate,
-            "seconds": args.latency_seconds,
-            "rows": len(values),
-            "rows_ok": rows == distinct == 1 + sent and top == 1 + sent,
-            "runs": inner["runs"],
-            "p50": lat.percentile(values, 50),
-            "p99": lat.percentile(values, 99),
-            "max": max(values) if values else float("nan"),
-        }
+        how = (
+            f"engine run back to back in one process, {args.latency_poll:g} s pause after a run "
+            "that found nothing: what the engine adds, without Dagster's tick and run launch"
+        )
+        return self._latency_result(
+            "latency", uri, sent, rate, args.latency_seconds, inner["runs"], how
+        )
 
 
 def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -465,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     for key in args.paths:
         if missing_engine and key not in ("ceiling", "baseline"):
             skipped[key] = missing_engine
-        elif missing_dagster and key == "dagster":
+        elif missing_dagster and key in ("dagster", "latency-sensor"):
             skipped[key] = missing_dagster
     paths = [p for p in args.paths if p not in skipped]
     load = os.getloadavg()[0]
@@ -485,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
         runs: dict[str, list[dict[str, Any]]] = {}
         for round_ in range(1, args.repeat + 1):
             for key in paths:
-                if key == "latency":
+                if key in LATENCY_PATHS:
                     continue
                 result = bench.run(key, round_)
                 runs.setdefault(key, []).append(result)
@@ -505,16 +591,18 @@ def main(argv: list[str] | None = None) -> int:
                 env,
             )
             _say(f"profile: {profile}.txt (exit {proc.returncode})")
-        latency = None
-        if "latency" in paths:
+        latencies: dict[str, Any] = {}
+        for key, measure in (("latency", bench.latency), ("latency-sensor", bench.sensor_latency)):
+            if key not in paths:
+                continue
             try:
-                latency = bench.latency()
-                p50, p99 = latency["p50"] * 1000, latency["p99"] * 1000
-                _say(f"latency p50 {p50:.0f} ms p99 {p99:.0f} ms")
+                latencies[key] = found = measure()
+                p50, p99 = found["p50"] * 1000, found["p99"] * 1000
+                _say(f"{key}: p50 {p50:.0f} ms p99 {p99:.0f} ms")
+                failed = failed or not found["rows_ok"]
             except Exception as exc:  # report it with the other results
-                latency = None
                 failed = True
-                _say(f"latency FAILED: {exc}")
+                _say(f"{key} FAILED: {exc}")
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -536,7 +624,8 @@ def main(argv: list[str] | None = None) -> int:
         },
         "paths": [by_key[k] for k in ALL_PATHS if k in by_key],
         "skipped": skipped,
-        "latency": latency,
+        "latency": latencies.get("latency"),
+        "latency_sensor": latencies.get("latency-sensor"),
         "targets": _targets(by_key),
         "load_after": [round(x, 2) for x in os.getloadavg()],
         "ok": not failed,

@@ -110,15 +110,15 @@ def markdown(results: dict[str, Any]) -> str:
             f"{_num(row.get('x_ceiling'), '{:.2f}')} | "
             f"{_num(row.get('x_baseline'), '{:.1f}')} |"
         )
-    lat = results.get("latency")
-    if lat:
-        lines += [
-            "",
-            f"Latency, publish to committed row ({lat['how']}): {lat['rate']:,.0f} msg/s for "
-            f"{lat['seconds']:.0f} s, {lat['rows']:,} rows over {lat['runs']} runs: "
-            f"p50 {lat['p50'] * 1000:.0f} ms, p99 {lat['p99'] * 1000:.0f} ms, "
-            f"max {lat['max'] * 1000:.0f} ms.",
-        ]
+    for lat in (results.get("latency"), results.get("latency_sensor")):
+        if lat:
+            lines += [
+                "",
+                f"Latency, publish to committed row ({lat['how']}): {lat['rate']:,.0f} msg/s "
+                f"for {lat['seconds']:.0f} s, {lat['rows']:,} rows over {lat['runs']} runs: "
+                f"p50 {lat['p50'] * 1000:,.0f} ms, p99 {lat['p99'] * 1000:,.0f} ms, "
+                f"max {lat['max'] * 1000:,.0f} ms.",
+            ]
     targets = results.get("targets")
     if targets:
         lines += ["", "| target | measured | met |", "|---|---|---|"]

@@ -91,6 +91,7 @@ def write_manifest(
     batch_size: int,
     commit_rows: int,
     dest_table: str = "bench.orders",
+    sensor_interval: int | None = None,
 ) -> Path:
     """A pipeline manifest over the benchmark stream, without partitions (drains in one run)."""
     path.write_text(
@@ -115,5 +116,6 @@ spec:
   dagster:
     partitions: none
 """
+        + (f"    sensor_interval_seconds: {sensor_interval}\n" if sensor_interval else "")
     )
     return path
