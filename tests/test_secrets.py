@@ -1,0 +1,262 @@
+"""Secrets (password, token, nkeys seed) never leave the process: not in any output, log file,
+Delta log, or Dagster storage, as such or base64-encoded.
+
+Each auth mode gets a server with an authorization block. Pipelines run through the CLI (a
+subprocess, all output captured), through Dagster (materialize on a test instance, a sensor
+tick, and a failed run with a wrong secret), and through the CLI again with the wrong secret.
+Then every text is searched: captured output and logging, the CLI's output, every file under
+the test's folder (lakehouse, Delta logs, the server's log; not the files that hold the secret
+on purpose: the server's config and a manifest with a literal secret) and every file of the
+Dagster instance (its SQLite event log and run storage).
+"""
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import dagster as dg
+import nats
+import nkeys
+import pytest
+
+from nilus_dagster.dagster import (
+    DeltaSinkResource,
+    NatsResource,
+    build_nilus_asset,
+    build_pipeline_definitions,
+)
+from nilus_dagster.manifest import parse_pipeline
+
+STREAM = "SECRETS"
+SUBJECT = "secrets.orders"
+PASSWORD = "pw-Sekr1t-9QzX"
+TOKEN = "tok-Sekr1t-4LmN"
+WRONG = "wrong-Sekr1t-7RtY"
+
+
+def _user_seed() -> str:
+    return nkeys.from_seed(nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)).seed.decode()
+
+
+SEED = _user_seed()
+WRONG_SEED = _user_seed()
+
+# mode -> (server config, address credentials part, query part, env with the secret, connect
+# kwargs for the test's own publisher, the secret, the wrong env)
+MODES = {
+    "password": (
+        f'authorization {{ users = [ {{ user: alice, password: "{PASSWORD}" }} ] }}',
+        "{NATS_USERNAME}:{NATS_PASSWORD}@",
+        "",
+        {"NATS_USERNAME": "alice", "NATS_PASSWORD": PASSWORD},
+        {"user": "alice", "password": PASSWORD},
+        PASSWORD,
+        {"NATS_USERNAME": "alice", "NATS_PASSWORD": WRONG},
+    ),
+    "token": (
+        f'authorization {{ token: "{TOKEN}" }}',
+        "{NATS_TOKEN}@",
+        "",
+        {"NATS_TOKEN": TOKEN},
+        {"token": TOKEN},
+        TOKEN,
+        {"NATS_TOKEN": WRONG},
+    ),
+    "nkeys": (
+        "",  # filled with the public key below
+        "",
+        "&nkeys_seed={NATS_NKEYS_SEED}",
+        {"NATS_NKEYS_SEED": SEED},
+        {"nkeys_seed_str": SEED},
+        SEED,
+        {"NATS_NKEYS_SEED": WRONG_SEED},
+    ),
+}
+
+
+def _forms(secret: str) -> set[str]:
+    """The secret as such and base64-encoded (standard and URL-safe, with and without padding)."""
+    raw = secret.encode()
+    encoded = {base64.b64encode(raw).decode(), base64.urlsafe_b64encode(raw).decode()}
+    return {secret} | encoded | {e.rstrip("=") for e in encoded}
+
+
+def _prepare(url: str, connect: dict[str, str], count: int) -> None:
+    async def go() -> None:
+        nc = await nats.connect(url, allow_reconnect=False, **connect)
+        try:
+            js = nc.jetstream()
+            with contextlib.suppress(Exception):  # exists already
+                await js.add_stream(name=STREAM, subjects=["secrets.>"])
+            for i in range(count):
+                await js.publish(SUBJECT, json.dumps({"i": i, "note": "n"}).encode())
+        finally:
+            await nc.close()
+
+    asyncio.run(go())
+
+
+def _files(root: Path, skip: set[Path]) -> Iterator[tuple[Path, bytes]]:
+    for path in root.rglob("*"):
+        if path.is_file() and path not in skip:
+            yield path, path.read_bytes()
+
+
+def _leaks(texts: dict[str, str | bytes], secrets: set[str]) -> list[str]:
+    found = []
+    for where, text in texts.items():
+        data = text.encode() if isinstance(text, str) else text
+        for secret in secrets:
+            if secret.encode() in data:
+                found.append(f"{secret!r} in {where}")
+    return found
+
+
+def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "nilus_dagster.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_secrets_appear_nowhere(
+    mode,
+    nats_server_factory,
+    write_manifest,
+    tmp_path,
+    monkeypatch,
+    capfd,
+    caplog,
+    isolated_secrets,
+):
+    config, creds, query, env, connect, secret, wrong_env = MODES[mode]
+    if mode == "nkeys":
+        public = nkeys.from_seed(SEED.encode()).public_key.decode()
+        config = f'authorization {{ users = [ {{ nkey: "{public}" }} ] }}'
+    caplog.set_level("DEBUG")
+    server = nats_server_factory(config)
+    _prepare(server.url, connect, 40)
+    path = write_manifest(
+        address=f"nats+jetstream://{creds}{server.hostport}?subject={SUBJECT}{query}",
+        stream=STREAM,
+    )
+    texts: dict[str, str | bytes] = {}
+    base_env = {**os.environ, **env}
+
+    # The engine through the CLI: a run, the lag, and a run with the wrong secret.
+    ran = _cli("run", str(path), env=base_env)
+    assert ran.returncode == 0, ran.stderr
+    lag = _cli("lag", str(path), env=base_env)
+    assert lag.returncode == 0, lag.stderr
+    refused = _cli("run", str(path), env={**os.environ, **wrong_env})
+    assert refused.returncode == 1 and "authorization" in refused.stderr.lower(), refused.stderr
+    for name, done in {"cli run": ran, "cli lag": lag, "cli wrong": refused}.items():
+        texts[f"{name} stdout"], texts[f"{name} stderr"] = done.stdout, done.stderr
+
+    # Dagster: a materialization, a sensor tick, and a failed run with the wrong secret.
+    _prepare(server.url, connect, 10)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    pipeline = parse_pipeline(path)
+    defs = build_pipeline_definitions(pipeline)
+    asset = build_nilus_asset(pipeline)
+    resources = {"nats": NatsResource(), "nilus_sink": DeltaSinkResource()}
+    with dg.instance_for_test() as instance:
+        result = dg.materialize([asset], instance=instance, resources=resources)
+        assert result.success
+        _prepare(server.url, connect, 5)
+        sensor = defs.resolve_sensor_def(f"{pipeline.name}_sensor")
+        with dg.build_sensor_context(
+            instance=instance, definitions=defs, resources=defs.resources
+        ) as context:
+            tick = sensor.evaluate_tick(context)
+        assert tick.run_requests, tick.skip_message
+        texts["sensor tick"] = repr(tick)
+        for key, value in wrong_env.items():
+            monkeypatch.setenv(key, value)
+        failed = dg.materialize(
+            [asset], instance=instance, resources=resources, raise_on_error=False
+        )
+        assert not failed.success
+        failure = failed.failure_data_for_node(failed.job_def.nodes[0].name)
+        assert failure is not None and "authorization" in str(failure.error).lower()
+        texts["dagster failure"] = str(failure.error)
+        for record in instance.get_event_records(
+            dg.EventRecordsFilter(dg.DagsterEventType.RUN_FAILURE)
+        ):
+            texts["dagster run failure event"] = repr(record)
+        for path_, data in _files(Path(instance.root_directory), set()):
+            texts[f"dagster storage {path_.name}"] = data
+
+    out, err = capfd.readouterr()
+    texts["captured stdout"], texts["captured stderr"] = out, err
+    texts["logging"] = caplog.text
+    skip = set(tmp_path.rglob("server.conf"))
+    for file, data in _files(tmp_path, skip):
+        texts[f"file {file.relative_to(tmp_path)}"] = data
+    assert any("_delta_log" in where for where in texts), "no Delta log was searched"
+    # The search sees what it should: the materialization's metadata in Dagster's storage,
+    # the run's report in the CLI output, the server's log of the refused connection.
+    assert _leaks(texts, {"nats/sequence_lag"}), "Dagster's event log was not searched"
+    assert "nats/last_seq" in str(texts["cli run stdout"])
+    assert _leaks(
+        {k: v for k, v in texts.items() if "nats-server.log" in k}, {"authentication error"}
+    )
+
+    secrets = _forms(secret) | _forms(list(wrong_env.values())[-1])
+    leaks = _leaks(texts, secrets)
+    assert not leaks, leaks
+
+
+def test_a_literal_password_in_the_manifest_appears_nowhere_else(
+    nats_server_factory, write_manifest, tmp_path, capfd, caplog, isolated_secrets
+):
+    # Not recommended, but it happens: the password written into the address itself. The
+    # asset's metadata, descriptions and run records carry the address, redacted.
+    config, _, _, _, connect, _, _ = MODES["password"]
+    caplog.set_level("DEBUG")
+    server = nats_server_factory(config)
+    _prepare(server.url, connect, 20)
+    path = write_manifest(
+        address=f"nats+jetstream://alice:{PASSWORD}@{server.hostport}?subject={SUBJECT}",
+        stream=STREAM,
+    )
+    texts: dict[str, str | bytes] = {}
+    ran = _cli("run", str(path), env=dict(os.environ))
+    assert ran.returncode == 0, ran.stderr
+    texts["cli stdout"], texts["cli stderr"] = ran.stdout, ran.stderr
+    validated = _cli("validate", str(path), env=dict(os.environ))
+    texts["validate"] = validated.stdout + validated.stderr
+    _prepare(server.url, connect, 5)
+    pipeline = parse_pipeline(path)
+    defs = build_pipeline_definitions(pipeline)
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [build_nilus_asset(pipeline)],
+            instance=instance,
+            resources={"nats": NatsResource(), "nilus_sink": DeltaSinkResource()},
+        )
+        assert result.success
+        spec = defs.resolve_assets_def(dg.AssetKey(pipeline.name))
+        texts["asset metadata"] = repr(spec.metadata_by_key) + repr(spec.descriptions_by_key)
+        for file, data in _files(Path(instance.root_directory), set()):
+            texts[f"dagster storage {file.name}"] = data
+    out, err = capfd.readouterr()
+    texts["captured"], texts["logging"] = out + err, caplog.text
+    skip = set(tmp_path.rglob("server.conf")) | {path}
+    for file, data in _files(tmp_path, skip):
+        texts[f"file {file.relative_to(tmp_path)}"] = data
+
+    assert "alice:***@" in texts["asset metadata"] or "***" in texts["asset metadata"]
+    leaks = _leaks(texts, _forms(PASSWORD))
+    assert not leaks, leaks
