@@ -134,7 +134,9 @@ def install_log_redaction(logger: logging.Logger | None = None) -> None:
 
             def factory(*args: object, **kwargs: object) -> logging.LogRecord:
                 record = previous(*args, **kwargs)
-                name = record.name
+                # logging.makeLogRecord({}) makes a record without a name; Dagster's log
+                # manager does that for every record it handles.
+                name = record.name or ""
                 if any(n == "root" or name == n or name.startswith(n + ".") for n in _installed):
                     _redact_record(record)
                 return record
