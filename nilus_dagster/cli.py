@@ -4,6 +4,7 @@ Imports stay inside the verbs so that ``validate`` does not pay for pyarrow, del
 """
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -187,5 +188,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def console_main() -> None:
+    """The console script: :func:`main`, then leave without the interpreter's teardown.
+
+    pyarrow and deltalake keep native worker threads; tearing the interpreter down around them
+    occasionally aborts the process ("terminate called without an active exception", exit -6)
+    after all work is done and committed. The exit code must be the verb's, so the process ends
+    here once its output is flushed.
+    """
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()
