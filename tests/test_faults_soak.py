@@ -91,6 +91,7 @@ def _launch(path: str) -> subprocess.Popen[bytes]:
     )
 
 
+@pytest.mark.timeout(SECONDS + 600)  # the suite's per-test limit would end a long soak
 @pytest.mark.parametrize("query", ["", f"&durable={DURABLE}&ack_policy=all"])
 def test_soak(nats_server_factory, write_manifest, query):
     rng = random.Random(int(os.environ.get("NILUS_SOAK_SEED", "1")))
