@@ -144,6 +144,10 @@ def build_nilus_definitions(
         sensors=merged.sensors,
         resources=resources,
         metadata=metadata or None,
+        # A run is one async step: a step subprocess would only add ~2 s to every run. Only the
+        # code location's own Definitions set it, so composing the per-pipeline ones into a
+        # project with an executor of its own never conflicts.
+        executor=dg.in_process_executor,
     )
 
 
