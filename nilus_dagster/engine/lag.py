@@ -53,7 +53,7 @@ async def measure_lag_async(
         stream_first_seq=stream.first_seq,
         stream_last_seq=stream.last_seq,
         sequence_lag=pending,
-        gap=stream.first_seq - position - 1 if position and stream.first_seq > position + 1 else 0,
+        gap=stream.gap_after(position),
         lag_seconds=(datetime.now(timezone.utc) - newest).total_seconds() if newest else None,
         table_uri=settings.location.uri,
         problem=problem,

@@ -17,13 +17,13 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 
+from nilus_dagster.engine.backfill import replay_window
 from nilus_dagster.engine.report import RunReport
 from nilus_dagster.engine.settings import RuntimeSettings, runtime_settings
 from nilus_dagster.errors import PositionError
 from nilus_dagster.jetstream import JetStreamSource, StreamState
 from nilus_dagster.manifest.loader import Pipeline
 from nilus_dagster.messages import MessageBatch
-from nilus_dagster.redaction import redact
 from nilus_dagster.sink import STREAM_CREATED_KEY, Decoded, DeltaSink, PositionConflict
 
 logger = logging.getLogger("nilus_dagster.engine")
@@ -70,19 +70,13 @@ def check_stream_identity(
     Raises:
         PositionError: The position is past the stream's end, or its creation time changed.
     """
-    created = stream.created.isoformat()
-    if stored_created and stored_created != created:
+    created = datetime.fromisoformat(stored_created) if stored_created else None
+    problem = stream.recreated_since(position, created)
+    if problem:
         raise PositionError(
-            f"stream {stream.name} was recreated (created {created}, the table's position "
-            f"{position} was committed against the stream created {stored_created}); its "
-            f"sequences start over. To ingest the new stream, write to a new dest_table, or "
-            f"delete the table at {pipeline.table_location(fill_secrets=False).uri}"
-        )
-    if position > stream.last_seq:
-        raise PositionError(
-            f"the table's position {position} is past the last sequence {stream.last_seq} of "
-            f"stream {stream.name}: the stream was recreated or purged to a lower sequence. "
-            "To ingest the new stream, write to a new dest_table, or delete the table"
+            f"{problem}; its sequences start over. To ingest the new stream, write to a new "
+            f"dest_table, or delete the table at "
+            f"{pipeline.table_location(fill_secrets=False).uri}"
         )
 
 
@@ -268,10 +262,10 @@ async def _run_pipeline_async(
         await src.check_subject()
         check_stream_identity(pipeline, stream, state.position, state.stream_created)
         if window is not None:
-            return await _replay_window(settings, sink, src, stream, window, started, log)
+            return await replay_window(settings, sink, src, stream, window, started, log)
         committer = _Committer(sink, settings, stream.created.isoformat())
         position = state.position
-        gap = stream.first_seq - position - 1 if position and stream.first_seq > position + 1 else 0
+        gap = stream.gap_after(position)
         if gap:
             log.warning(
                 "%s: %d messages (sequences %d..%d) were removed by the stream's retention or a "
@@ -336,7 +330,7 @@ async def _run_pipeline_async(
                     # What is left is within both bounds, so all of it belongs to the next
                     # commit: decode it ahead in parts while the pull goes on.
                     if len(chunk) - decoded_ahead >= part_rows:
-                        part = _tail(chunk, decoded_ahead)
+                        part = chunk.split(decoded_ahead)[1]
                         decoded_ahead = len(chunk)
                         loop.run_in_executor(worker, committer.prepare_part, part)
                     if deadline and time.monotonic() > deadline:
@@ -397,18 +391,6 @@ async def _run_pipeline_async(
     return report
 
 
-def _tail(chunk: MessageBatch, start: int) -> MessageBatch:
-    """The messages of ``chunk`` from index ``start`` on."""
-    return MessageBatch(
-        sequences=chunk.sequences[start:],
-        timestamps_ns=chunk.timestamps_ns[start:],
-        subjects=chunk.subjects[start:],
-        payloads=chunk.payloads[start:],
-        headers=chunk.headers[start:] if chunk.headers is not None else None,
-        num_pending=chunk.num_pending,
-    )
-
-
 def _fit(chunk: MessageBatch, max_bytes: int) -> int:
     """How many leading messages of ``chunk`` fit in ``max_bytes`` (at least one)."""
     total = 0
@@ -425,99 +407,6 @@ async def _acked(src: JetStreamSource, task: "asyncio.Future[int]") -> None:
     await src.ack_through(position)
 
 
-async def _replay_window(
-    settings: RuntimeSettings,
-    sink: DeltaSink,
-    src: JetStreamSource,
-    stream: StreamState,
-    window: tuple[datetime, datetime],
-    started: float,
-    log: logging.Logger,
-) -> RunReport:
-    pipeline = settings.pipeline
-    start, end = (_utc(w) for w in window)
-    position = sink.position
-    if stream.first_seq > 1 and stream.messages:
-        oldest = await _first_message_time(src, stream.first_seq)
-        if oldest is not None and start < oldest:
-            raise PositionError(
-                f"cannot backfill {start.isoformat()}..{end.isoformat()}: stream {stream.name} "
-                f"now starts at sequence {stream.first_seq} ({oldest.isoformat()}); older "
-                "messages were removed by retention, so replaying this window would lose rows. "
-                "Choose windows that start after the stream's oldest message"
-            )
-    collected = MessageBatch()
-    if position:
-        async for batch in src.messages(1, stop_at_seq=position, start_time=start):
-            keep = [
-                i
-                for i, ts in enumerate(batch.timestamps_ns)
-                if batch.sequences[i] <= position and ts < end.timestamp() * 1e9
-            ]
-            if keep:
-                collected.extend(batch.select(keep))
-            if batch.last_seq >= position or batch.timestamps_ns[-1] >= end.timestamp() * 1e9:
-                break
-    decoded = sink.prepare(collected, format=settings.address.format) if len(collected) else None
-    rows = decoded.rows if decoded is not None else None
-    dead_count = decoded.dead_letters.num_rows if decoded is not None else 0
-    result = await asyncio.to_thread(
-        sink.replace_window,
-        rows,
-        None,
-        start=start,
-        end=end,
-        commit_metadata={
-            STREAM_CREATED_KEY: stream.created.isoformat(),
-            "nilus.pipeline": pipeline.name,
-            "nilus.window": f"{start.isoformat()}/{end.isoformat()}",
-        },
-    )
-    final = await src.stream_state()
-    newest_ts = await asyncio.to_thread(sink.newest_timestamp)
-    duration = time.monotonic() - started
-    log.info(
-        "%s: replaced window %s..%s with %d rows", pipeline.name, start, end, result.rows_written
-    )
-    return RunReport(
-        pipeline=pipeline.name,
-        stream=pipeline.stream,
-        subject=settings.address.subject,
-        table_uri=settings.location.uri,
-        first_seq=collected.first_seq if len(collected) else None,
-        last_seq=collected.last_seq if len(collected) else None,
-        position=position,
-        stream_last_seq=final.last_seq,
-        sequence_lag=await src.pending_after(position) if position < final.last_seq else 0,
-        lag_seconds=(datetime.now(timezone.utc) - newest_ts).total_seconds() if newest_ts else None,
-        gap=0,
-        row_count=await asyncio.to_thread(sink.row_count),
-        rows_written=result.rows_written,
-        dead_letters=dead_count,
-        messages=len(collected),
-        bytes=collected.nbytes,
-        commits=1,
-        duration_seconds=duration,
-        consumer=src.consumer_kind,
-        notes=(f"window {start.isoformat()}..{end.isoformat()}",),
-    )
-
-
-def _utc(moment: datetime) -> datetime:
-    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
-
-
-async def _first_message_time(src: JetStreamSource, first_seq: int) -> datetime | None:
-    async for batch in src.messages(first_seq, max_messages=1):
-        return datetime.fromtimestamp(batch.timestamps_ns[0] / 1e9, tz=timezone.utc)
-    return None
-
-
 def run_pipeline(pipeline: Pipeline, **kwargs: object) -> RunReport:
     """Synchronous :func:`run_pipeline_async` (for the CLI and scripts)."""
     return asyncio.run(run_pipeline_async(pipeline, **kwargs))  # type: ignore[arg-type]
-
-
-def describe_error(exc: BaseException) -> str:
-    """A one-line, secret-free description of a run failure."""
-    return redact(f"{type(exc).__name__}: {exc}")
