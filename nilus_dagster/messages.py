@@ -3,6 +3,7 @@
 The source fills it without building a Python object per message; the sink turns it into Arrow.
 """
 
+from bisect import bisect_right
 from dataclasses import dataclass, field
 
 
@@ -82,6 +83,4 @@ class MessageBatch:
         """The messages with a sequence above ``position`` (all of them, usually)."""
         if not self.sequences or self.sequences[0] > position:
             return self
-        from bisect import bisect_right
-
         return self._slice(bisect_right(self.sequences, position), len(self))

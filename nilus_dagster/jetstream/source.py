@@ -85,20 +85,6 @@ class _Recovery:
         return self.since is not None and time.monotonic() - self.since > self.seconds
 
 
-def _head(batch: MessageBatch, count: int) -> MessageBatch:
-    """The first ``count`` messages of ``batch``."""
-    if count >= len(batch):
-        return batch
-    return MessageBatch(
-        sequences=batch.sequences[:count],
-        timestamps_ns=batch.timestamps_ns[:count],
-        subjects=batch.subjects[:count],
-        payloads=batch.payloads[:count],
-        headers=batch.headers[:count] if batch.headers is not None else None,
-        num_pending=batch.num_pending,
-    )
-
-
 class JetStreamSource:
     """One pipeline's view of a JetStream stream, for the length of a run (or a sensor tick).
 
@@ -373,6 +359,12 @@ class JetStreamSource:
     async def _api(self, subject: str, body: dict[str, Any] | None, doing: str) -> dict[str, Any]:
         """An API call on the current connection, failures translated to SourceError."""
         link = await self._ensure_link_or_fail(doing)
+        return await self._call(link, subject, body, doing)
+
+    async def _call(
+        self, link: Link, subject: str, body: dict[str, Any] | None, doing: str
+    ) -> dict[str, Any]:
+        """An API call on ``link``, failures translated to SourceError."""
         try:
             return await link.api(subject, body)
         except JsApiError as exc:
@@ -522,16 +514,7 @@ class JetStreamSource:
     ) -> dict[str, Any]:
         subject = create_subject(self.stream, config["name"], self.subject)
         body = {"stream_name": self.stream, "config": config}
-        try:
-            return await link.api(subject, body)
-        except JsApiError as exc:
-            if exc.err_code == ERR_STREAM_NOT_FOUND:
-                await self._note_streams(link)
-            raise self._error(exc, doing) from None
-        except NoResponders as exc:
-            raise await self._no_responders_error(link, exc, doing) from None
-        except (PermissionViolation, RequestTimeout, ConnectionLost) as exc:
-            raise self._error(exc, doing) from None
+        return await self._call(link, subject, body, doing)
 
     async def _delete_consumer(self, link: Link, name: str) -> None:
         # Best effort: an ephemeral we fail to delete goes away after inactive_threshold.
@@ -805,10 +788,10 @@ class JetStreamSource:
                 done = False
                 if stop_at_seq is not None and batch.last_seq >= stop_at_seq:
                     cut = bisect_right(batch.sequences, stop_at_seq)
-                    batch, replies, done = _head(batch, cut), replies[:cut], True
+                    batch, replies, done = batch.split(cut)[0], replies[:cut], True
                 if max_messages is not None and yielded + len(batch) >= max_messages:
                     cut = max_messages - yielded
-                    batch, replies, done = _head(batch, cut), replies[:cut], True
+                    batch, replies, done = batch.split(cut)[0], replies[:cut], True
                 if batch:
                     if self.spec.acks:
                         self._ack_seqs.extend(batch.sequences)
