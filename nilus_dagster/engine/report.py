@@ -1,6 +1,6 @@
 """What a run did and what the stream looks like: the figures behind the run metadata."""
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -86,8 +86,3 @@ class RunReport:
             "nilus/duration_seconds": round(self.duration_seconds, 3),
             "nilus/table_uri": self.table_uri,
         }
-
-    def as_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["messages_per_second"] = self.messages_per_second
-        return data
