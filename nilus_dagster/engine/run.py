@@ -259,7 +259,7 @@ async def _run_pipeline_async(
     state = await asyncio.to_thread(sink.open)
     async with JetStreamSource(settings.address, pipeline.stream, servers=settings.servers) as src:
         stream = await src.stream_state()
-        await src.check_subject()
+        await src.check_subject(stream)
         check_stream_identity(pipeline, stream, state.position, state.stream_created)
         if window is not None:
             return await replay_window(settings, sink, src, stream, window, started, log)

@@ -429,14 +429,18 @@ class JetStreamSource:
             )
         )
 
-    async def check_subject(self) -> None:
+    async def check_subject(self, state: StreamState | None = None) -> None:
         """Check that the subject is bound to the stream and that the user may subscribe to it.
+
+        Args:
+            state: The stream's state if the caller just read it (saves a second request).
 
         Raises:
             SourceError: The stream has no subject the pipeline's subject falls under (the
                 message lists the stream's subjects), or the user may not subscribe to it.
         """
-        state = await self.stream_state()
+        if state is None:
+            state = await self.stream_state()
         if state.subjects and not subject_in(self.subject, state.subjects):
             raise SourceError(
                 redact(
