@@ -6,10 +6,15 @@ Imports stay inside the verbs so that ``validate`` does not pay for pyarrow, del
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from nilus_dagster.errors import NilusError
 from nilus_dagster.redaction import redact
+
+if TYPE_CHECKING:
+    from nilus_dagster.engine import Progress
+    from nilus_dagster.manifest.loader import Pipeline
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -47,17 +52,17 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_one(path: str):  # type: ignore[no-untyped-def]
+def _load_one(path: str) -> "Pipeline":
     from nilus_dagster.manifest.loader import parse_pipeline
 
     return parse_pipeline(path)
 
 
-def _progress_printer():  # type: ignore[no-untyped-def]
+def _progress_printer() -> "Callable[[Progress], None] | None":
     if not sys.stderr.isatty():
         return None
 
-    def show(progress) -> None:  # type: ignore[no-untyped-def]
+    def show(progress: "Progress") -> None:
         target = f"/{progress.target}" if progress.target else ""
         sys.stderr.write(
             f"\r  position {progress.position}{target}  {progress.messages} messages  "
@@ -121,6 +126,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``nilus-dagster`` argument parser: one subcommand per verb."""
     parser = argparse.ArgumentParser(
         prog="nilus-dagster",
         description="Run Nilus NATS JetStream stream pipelines into Delta Lake, on Dagster.",
@@ -136,9 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = verbs.add_parser("run", help="run one pipeline through the engine, without Dagster")
     run.add_argument("pipeline", help="the pipeline's YAML file")
     run.add_argument("--max-messages", type=int, default=None, help="stop after N messages")
-    run.add_argument(
-        "--max-seconds", type=float, default=None, help="stop pulling after S seconds"
-    )
+    run.add_argument("--max-seconds", type=float, default=None, help="stop pulling after S seconds")
     mode = run.add_mutually_exclusive_group()
     mode.add_argument(
         "--drain", action="store_true", help="drain what is pending (default with run_in_loop)"
