@@ -251,3 +251,11 @@ def json_load(data: bytes) -> dict[str, object]:
     import json
 
     return json.loads(data)
+
+
+def test_messages_name_the_servers_without_their_credentials() -> None:
+    # A servers override may carry user:password@ (NILUS_NATS_SERVERS, the nats resource); the
+    # hosts shown in errors and logs must not.
+    address = parse_nats_address("nats+jetstream://localhost:4222?subject=orders.>")
+    source = JetStreamSource(address, "orders", servers=["nats://u:s3cret@h1:4222", "h2:4222"])
+    assert source.hosts == "h1:4222, h2:4222"

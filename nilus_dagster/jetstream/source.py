@@ -24,6 +24,7 @@ from nilus_dagster.jetstream.connection import (
     PermissionViolation,
     RequestTimeout,
     connect,
+    hosts_text,
     is_auth_failure,
     server_urls,
 )
@@ -196,7 +197,8 @@ class JetStreamSource:
 
     @property
     def hosts(self) -> str:
-        return ", ".join(u.split("://", 1)[-1] for u in self.urls)
+        """``host:port`` of each server, credentials dropped: for messages and logs."""
+        return hosts_text(self.urls)
 
     # -- connection ----------------------------------------------------------------------------
 
