@@ -45,15 +45,16 @@ async def replay_window(
             )
     collected = MessageBatch()
     if position:
+        end_ns = end.timestamp() * 1e9
         async for batch in src.messages(1, stop_at_seq=position, start_time=start):
             keep = [
                 i
                 for i, ts in enumerate(batch.timestamps_ns)
-                if batch.sequences[i] <= position and ts < end.timestamp() * 1e9
+                if batch.sequences[i] <= position and ts < end_ns
             ]
             if keep:
                 collected.extend(batch.select(keep))
-            if batch.last_seq >= position or batch.timestamps_ns[-1] >= end.timestamp() * 1e9:
+            if batch.last_seq >= position or batch.timestamps_ns[-1] >= end_ns:
                 break
     decoded = sink.prepare(collected, format=settings.address.format) if len(collected) else None
     rows = decoded.rows if decoded is not None else None
