@@ -56,9 +56,16 @@ async def replay_window(
                 collected.extend(batch.select(keep))
             if batch.last_seq >= position or batch.timestamps_ns[-1] >= end_ns:
                 break
-    decoded = sink.prepare(collected, format=settings.address.format) if len(collected) else None
+    decoded = (
+        await asyncio.to_thread(sink.prepare, collected, format=settings.address.format)
+        if len(collected)
+        else None
+    )
     rows = decoded.rows if decoded is not None else None
     dead_count = decoded.dead_letters.num_rows if decoded is not None else 0
+    # The window's dead letters were recorded when those messages were first ingested (the
+    # dead-letter table is a log of what failed, under its own position); a replay counts them
+    # but does not record them again.
     result = await asyncio.to_thread(
         sink.replace_window,
         rows,
@@ -97,12 +104,14 @@ async def replay_window(
         commits=1,
         duration_seconds=duration,
         consumer=src.consumer_kind,
-        notes=(f"window {start.isoformat()}..{end.isoformat()}",),
     )
 
 
 def _utc(moment: datetime) -> datetime:
-    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
+    # Dagster's partition windows are UTC already; a naive time is taken as UTC too.
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc)
 
 
 async def _first_message_time(src: JetStreamSource, first_seq: int) -> datetime | None:

@@ -1,6 +1,6 @@
 """What a run did and what the stream looks like: the figures behind the run metadata."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -62,7 +62,6 @@ class RunReport:
     duration_seconds: float
     consumer: str = "ephemeral"
     realigned: bool = False
-    notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def messages_per_second(self) -> float:
