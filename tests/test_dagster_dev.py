@@ -6,27 +6,20 @@ holds the run metadata and the sensor's lag observations. Once with the default 
 once with a PostgreSQL-backed instance.
 """
 
-import contextlib
 import os
 import secrets
-import signal
-import subprocess
-import sys
-import textwrap
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import dagster as dg
 import pytest
 from dagster._core.instance.ref import InstanceRef
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
+from dagster_dev import dagster_dev, wait_for, write_dagster_home
 from deltalake import DeltaTable
 
 from nilus_dagster.jetstream.local_server import free_port
 
-REPO = Path(__file__).resolve().parents[1]
-DAGSTER_DEV = [sys.executable, "-m", "dagster", "dev"]
 DEADLINE_SECONDS = 60
 PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
 
@@ -53,53 +46,11 @@ def postgres_url() -> Iterator[str]:
         admin.close()
 
 
-def _dagster_home(tmp_path: Path, storage: str) -> Path:
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text(
-        textwrap.dedent(
-            """\
-            telemetry: {enabled: false}
-            run_coordinator:
-              module: dagster._core.run_coordinator
-              class: QueuedRunCoordinator
-              config: {dequeue_interval_seconds: 1}
-            concurrency:
-              pools: {default_limit: 1}
-            """
-        )
-        + storage
-    )
-    return home
-
-
-def _wait_for(condition: Callable[[], bool], what: str, log: Path) -> None:
-    deadline = time.monotonic() + DEADLINE_SECONDS
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.5)
-    pytest.fail(f"timed out waiting for {what}; dagster dev output:\n{log.read_text()[-6000:]}")
-
-
 def _row_count(uri: str) -> int:
     try:
         return len(DeltaTable(uri).to_pyarrow_table(columns=["_nats_seq"]))
     except Exception:
         return 0
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGINT lets dagster dev shut its children down; then the whole group is killed."""
-    try:
-        process.send_signal(signal.SIGINT)
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
 
 
 def _run_dagster_dev(tmp_path, nats_server, publisher, stream_name, write_manifest, storage=""):
@@ -112,34 +63,21 @@ def _run_dagster_dev(tmp_path, nats_server, publisher, stream_name, write_manife
         stream=stream_name,
         filename="pipelines/orders.yaml",
     )
-    home = _dagster_home(tmp_path, storage)
+    home = write_dagster_home(tmp_path / "dagster_home", storage)
     uri = str(tmp_path / "lakehouse" / "lake" / "analytics" / "orders")
     first = publisher.publish_orders(subject, 50)
-    log = tmp_path / "dagster-dev.log"
-    env = {
-        **os.environ,
-        "DAGSTER_HOME": str(home),
-        "NILUS_PIPELINES": str(tmp_path / "pipelines"),
-        "PYTHONUNBUFFERED": "1",
-    }
-    port = free_port()
+    env = {**os.environ, "NILUS_PIPELINES": str(tmp_path / "pipelines")}
     started = time.monotonic()
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [*DAGSTER_DEV, "-w", str(REPO / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
-            cwd=tmp_path,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        _wait_for(lambda: _row_count(uri) == len(first), "the first 50 rows", log)
+    with dagster_dev(home, env, tmp_path, free_port()) as log:
+        wait_for(lambda: _row_count(uri) == len(first), "the first 50 rows", log, DEADLINE_SECONDS)
         first_ingest = time.monotonic() - started
         second = publisher.publish_orders(subject, 20, start=50)
-        _wait_for(lambda: _row_count(uri) == len(first) + len(second), "20 more rows", log)
-    finally:
-        _stop(process)
+        wait_for(
+            lambda: _row_count(uri) == len(first) + len(second),
+            "20 more rows",
+            log,
+            DEADLINE_SECONDS,
+        )
     total = time.monotonic() - started
 
     seqs = sorted(DeltaTable(uri).to_pyarrow_table()["_nats_seq"].to_pylist())

@@ -9,18 +9,13 @@ page. The screenshot is kept under test-artifacts/ (gitignored) to look at.
 import contextlib
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import textwrap
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import dagster as dg
 import pytest
 from dagster._core.instance.ref import InstanceRef
+from dagster_dev import dagster_dev, wait_for, write_dagster_home
 
 from nilus_dagster.jetstream.local_server import free_port
 
@@ -69,58 +64,12 @@ def chromium() -> str:
     return path
 
 
-def _wait_for(condition: Callable[[], object], what: str, log: Path) -> object:
-    deadline = time.monotonic() + DEADLINE_SECONDS
-    while time.monotonic() < deadline:
-        result = condition()
-        if result:
-            return result
-        time.sleep(0.5)
-    pytest.fail(f"timed out waiting for {what}; dagster dev output:\n{log.read_text()[-6000:]}")
-
-
 def _serving(url: str) -> bool:
     try:
         with urllib.request.urlopen(f"{url}/server_info", timeout=2) as response:
             return response.status == 200
     except OSError:
         return False
-
-
-@contextlib.contextmanager
-def dagster_dev(home: Path, env: dict[str, str], cwd: Path, port: int) -> Iterator[Path]:
-    """``dagster dev`` on the repository's workspace.yaml; yields its log file."""
-    log = cwd / "dagster-dev.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "dagster",
-                "dev",
-                "-w",
-                str(REPO / "workspace.yaml"),
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(port),
-            ],
-            cwd=cwd,
-            env={**env, "DAGSTER_HOME": str(home), "PYTHONUNBUFFERED": "1"},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        yield log
-    finally:
-        # SIGINT lets dagster dev stop its children; then the whole group goes.
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.send_signal(signal.SIGINT)
-            process.wait(timeout=20)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
 
 
 def dismiss_newsletter_dialog(page) -> None:  # type: ignore[no-untyped-def]
@@ -160,19 +109,7 @@ def test_asset_page_shows_the_latest_materialization_and_the_lag(
         stream=stream_name,
         run_in_loop=True,
     )
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text(
-        textwrap.dedent(
-            """\
-            telemetry: {enabled: false}
-            run_coordinator:
-              module: dagster._core.run_coordinator
-              class: QueuedRunCoordinator
-              config: {dequeue_interval_seconds: 1}
-            """
-        )
-    )
+    home = write_dagster_home(tmp_path / "dagster_home")
     env = {**os.environ, "NILUS_PIPELINES": str(manifest)}
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -182,10 +119,13 @@ def test_asset_page_shows_the_latest_materialization_and_the_lag(
         dagster_dev(home, env, tmp_path, port) as log,
         dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(home))) as instance,
     ):
-        _wait_for(lambda: _serving(url), "the Dagster UI", log)
+        wait_for(lambda: _serving(url), "the Dagster UI", log, DEADLINE_SECONDS)
         # The sensor (run_in_loop: true) requests the run that ingests the 300 orders.
-        event = _wait_for(
-            lambda: instance.get_latest_materialization_event(key), "a materialization", log
+        event = wait_for(
+            lambda: instance.get_latest_materialization_event(key),
+            "a materialization",
+            log,
+            DEADLINE_SECONDS,
         )
         metadata = event.asset_materialization.metadata
         assert metadata["nats/last_seq"].value == published[-1]
