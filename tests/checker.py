@@ -114,6 +114,18 @@ def _columns(table: DeltaTable | None, names: list[str]) -> dict[str, list[objec
     }
 
 
+def order_keys(published: list[int], payloads: list[object]) -> dict[int, object]:
+    """``keys=`` for :func:`check_exactly_once`: each JSON payload's ``order_id`` by sequence.
+
+    Poison payloads (bytes) have no key; they are checked through ``expect_dead``.
+    """
+    return {
+        seq: payload["order_id"]
+        for seq, payload in zip(published, payloads, strict=True)
+        if isinstance(payload, dict)
+    }
+
+
 def check_exactly_once(
     table_uri: str,
     published: Iterable[int],

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from checker import check_exactly_once
+from checker import check_exactly_once, order_keys
 from conftest import order
 
 from nilus_dagster.engine import run_pipeline
@@ -96,11 +96,7 @@ def test_full_filesystem_fails_the_run_cleanly_and_a_rerun_completes(
         published,
         pipeline.app_id,
         expect_dead=poison,
-        keys={
-            s: p["order_id"]
-            for s, p in zip(published, payloads, strict=True)
-            if isinstance(p, dict)
-        },
+        keys=order_keys(published, payloads),
         key_column="order_id",
     )
     assert result.ok, str(result)
