@@ -418,6 +418,9 @@ class Link:
                 raise PermissionViolation("subscribe", subject)
 
 
+_DROPPED = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+
+
 def describe_connect_failure(
     exc: BaseException, link: Link, address: NatsAddress, connect_timeout: float
 ) -> str:
@@ -447,11 +450,12 @@ def describe_connect_failure(
             hint = "check tls, tls_ca, tls_cert and tls_key in the address and the server's TLS"
             hint += " settings"
         return f"TLS with NATS at {hosts} failed ({detail}): {hint}"
-    if uses_tls and any(isinstance(e, ConnectionResetError) for e in seen):
+    if uses_tls and any(isinstance(e, _DROPPED) for e in seen):
         # With TLS 1.3 a server that rejects the client certificate may just drop the
-        # connection after the handshake.
+        # connection after the handshake; the client sees a reset or, when it was writing
+        # at that moment, a broken pipe.
         return (
-            f"TLS with NATS at {hosts} failed (the server reset the connection after the "
+            f"TLS with NATS at {hosts} failed (the server dropped the connection after the "
             "handshake): the server may want a client certificate, or refuse the one given: "
             "check tls_cert and tls_key"
         )
