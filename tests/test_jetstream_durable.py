@@ -1,4 +1,5 @@
-"""Durable consumers: created, attached, realigned when ahead or behind, acked after commit."""
+"""Durable consumers: created, left alone when in place, realigned when ahead or behind, moved
+after each commit; never read from, so another client pulling from one takes nothing."""
 
 import asyncio
 import json
@@ -26,19 +27,20 @@ def read(
     options: str,
     start: int,
     *,
-    ack_through: int | None = None,
+    committed: int | None = None,
     **kwargs: Any,
 ) -> tuple[list[int], bool, list[str]]:
-    """One session: (sequences read, realigned, reasons)."""
+    """One session as a run does it: (sequences read, realigned, reasons)."""
 
     async def go() -> tuple[list[int], bool, list[str]]:
         got: list[int] = []
         async with source(server, stream, options) as src:
             assert src.consumer_kind == f"durable:{stream}d"
+            await src.align_durable(start)
             async for batch in src.messages(start, **kwargs):
                 got.extend(batch.sequences)
-            if ack_through is not None:
-                await src.ack_through(ack_through)
+            if committed is not None:
+                await src.mark_committed(committed)
             return got, src.realigned, src.realign_reasons
 
     return asyncio.run(go())
@@ -66,39 +68,88 @@ def orders(server: LocalNatsServer, stream: str, count: int = 100) -> list[int]:
     return seqs
 
 
-def test_created_then_attached(any_nats_server: LocalNatsServer, stream_name: str) -> None:
+def is_29(server: LocalNatsServer) -> bool:
+    return server.binary.endswith("/usr/sbin/nats-server")
+
+
+def at(server: LocalNatsServer, stream: str, seq: int) -> bool:
+    """Whether the durable stands right after ``seq`` with nothing unacknowledged."""
+    state = info(server, stream)
+    # 2.9 recreates the durable to move it, and a new consumer's ack floor starts at 0.
+    floor = 0 if is_29(server) else seq
+    return (
+        state["delivered"]["stream_seq"],
+        state["ack_floor"]["stream_seq"],
+        state["num_ack_pending"],
+    ) == (seq, floor, 0)
+
+
+def test_created_then_left_in_place(any_nats_server: LocalNatsServer, stream_name: str) -> None:
     seqs = orders(any_nats_server, stream_name)
     options = f"durable={stream_name}d&batch_size=7"
-    got, realigned, _ = read(any_nats_server, stream_name, options, 1, max_messages=50)
+    got, realigned, _ = read(
+        any_nats_server, stream_name, options, 1, max_messages=50, committed=seqs[49]
+    )
     assert got == seqs[:50]
     assert not realigned
     created = info(any_nats_server, stream_name)
     assert created["config"]["durable_name"] == f"{stream_name}d"
     assert created["config"]["filter_subject"] == f"{stream_name}.orders"
     assert created["config"]["ack_policy"] == "none"
-    assert created["delivered"]["stream_seq"] == seqs[49]
-    # The next session starts right after: the durable is used as it is.
+    assert at(any_nats_server, stream_name, seqs[49])
+    assert created["num_pending"] == 50
+    # The next session starts right after: the durable is already there.
     got, realigned, _ = read(any_nats_server, stream_name, options, seqs[49] + 1)
     assert got == seqs[50:]
     assert not realigned
     assert info(any_nats_server, stream_name)["created"] == created["created"]
 
 
+def test_messages_never_come_from_the_durable(
+    any_nats_server: LocalNatsServer, stream_name: str
+) -> None:
+    """Another client pulling from the durable (a second run, a stray `nats consumer next`)
+    while a run reads takes nothing from the run; so does a reset of the durable."""
+    seqs = orders(any_nats_server, stream_name)
+    options = f"durable={stream_name}d&batch_size=10"
+    stolen: list[int] = []
+
+    async def go() -> list[int]:
+        got: list[int] = []
+        nc = await nats.connect(any_nats_server.url)
+        rogue = await nc.jetstream().pull_subscribe_bind(f"{stream_name}d", stream=stream_name)
+        try:
+            async with source(any_nats_server, stream_name, options) as src:
+                await src.align_durable(1)
+                async for batch in src.messages(1):
+                    got.extend(batch.sequences)
+                    for msg in await rogue.fetch(5, timeout=1):
+                        stolen.append(msg.metadata.sequence.stream)
+                    # A second run moving the durable to where its table ends.
+                    await src.mark_committed(seqs[-1])
+        finally:
+            await nc.close()
+        return got
+
+    assert asyncio.run(go()) == seqs
+    assert stolen  # the durable did deliver to the other client
+
+
 def test_realigned_when_ahead(any_nats_server: LocalNatsServer, stream_name: str) -> None:
     seqs = orders(any_nats_server, stream_name)
     options = f"durable={stream_name}d"
-    assert read(any_nats_server, stream_name, options, 1)[0] == seqs
+    assert read(any_nats_server, stream_name, options, 1, committed=seqs[-1])[0] == seqs
     before = info(any_nats_server, stream_name)
-    # The table only holds the first 40 (say a commit was lost): read again from there.
+    # The table only holds the first 40 (say its commits were lost): read again from there.
     got, realigned, reasons = read(any_nats_server, stream_name, options, seqs[39] + 1)
     assert got == seqs[40:]
     assert realigned
-    # (2.9 moves a filtered consumer past the other subject's last message too.)
-    assert reasons[0].startswith("it is ahead: its next sequence is 1")
-    assert reasons[0].endswith(f", the table needs {seqs[39] + 1}")
+    assert reasons == [
+        f"it is ahead: its next sequence is {seqs[-1] + 1}, the table needs {seqs[39] + 1}"
+    ]
     after = info(any_nats_server, stream_name)
-    assert seqs[-1] <= after["delivered"]["stream_seq"] <= seqs[-1] + 1
-    if any_nats_server.binary.endswith("/usr/sbin/nats-server"):
+    assert at(any_nats_server, stream_name, seqs[39])
+    if is_29(any_nats_server):
         assert after["created"] != before["created"]  # 2.9: deleted and recreated
     else:
         assert after["created"] == before["created"]  # 2.14+: reset in place
@@ -107,12 +158,27 @@ def test_realigned_when_ahead(any_nats_server: LocalNatsServer, stream_name: str
 def test_realigned_when_behind(any_nats_server: LocalNatsServer, stream_name: str) -> None:
     seqs = orders(any_nats_server, stream_name)
     options = f"durable={stream_name}d&batch_size=10"
-    assert read(any_nats_server, stream_name, options, 1, max_messages=20)[0] == seqs[:20]
+    got = read(any_nats_server, stream_name, options, 1, max_messages=20, committed=seqs[19])[0]
+    assert got == seqs[:20]
     assert info(any_nats_server, stream_name)["delivered"]["stream_seq"] == seqs[19]
     got, realigned, reasons = read(any_nats_server, stream_name, options, seqs[59] + 1)
     assert got == seqs[60:]
     assert realigned
-    assert reasons[0].startswith(f"it is behind: its next sequence is {seqs[19] + 1}")
+    assert reasons == [
+        f"it is behind: its next sequence is {seqs[19] + 1}, the table needs {seqs[59] + 1}"
+    ]
+
+
+def test_not_realigned_when_only_other_subjects_lie_between(
+    any_nats_server: LocalNatsServer, stream_name: str
+) -> None:
+    seqs = orders(any_nats_server, stream_name, 20)
+    options = f"durable={stream_name}d"
+    read(any_nats_server, stream_name, options, 1, max_messages=10, committed=seqs[9])
+    # seqs[9] + 1 holds the other subject's message: starting after it reads the same.
+    got, realigned, _ = read(any_nats_server, stream_name, options, seqs[9] + 2)
+    assert got == seqs[10:]
+    assert not realigned
 
 
 def test_realigned_when_it_filters_another_subject(
@@ -135,40 +201,67 @@ def test_realigned_when_it_filters_another_subject(
     assert got == seqs
     assert realigned
     assert reasons == [f"it filters on '{stream_name}.other', not '{stream_name}.orders'"]
+    assert info(any_nats_server, stream_name)["config"]["filter_subject"] == (
+        f"{stream_name}.orders"
+    )
 
 
-@pytest.mark.parametrize("policy", ["all", "explicit"])
-def test_ack_through_moves_the_ack_floor(
+@pytest.mark.parametrize("policy", ["none", "all", "explicit"])
+def test_mark_committed_moves_the_durable(
     any_nats_server: LocalNatsServer, stream_name: str, policy: str
 ) -> None:
     seqs = orders(any_nats_server, stream_name)
     options = f"durable={stream_name}d&ack_policy={policy}&batch_size=10"
-    got, _, _ = read(any_nats_server, stream_name, options, 1, ack_through=seqs[59])
+    got, _, _ = read(any_nats_server, stream_name, options, 1, committed=seqs[59])
     assert got == seqs
     state = info(any_nats_server, stream_name)
     assert state["config"]["ack_policy"] == policy
-    # The floor may move on over the other subject's message that follows.
-    assert seqs[59] <= state["ack_floor"]["stream_seq"] < seqs[60]
-    assert state["num_ack_pending"] == 40
-    # Unacked messages would come back after newer ones: the next session realigns, in order.
-    got, realigned, reasons = read(
-        any_nats_server, stream_name, options, seqs[59] + 1, ack_through=seqs[-1]
-    )
-    assert got == seqs[60:]
-    assert realigned
-    assert reasons == ["it has 40 delivered but unacknowledged messages"]
-    state = info(any_nats_server, stream_name)
-    assert seqs[-1] <= state["ack_floor"]["stream_seq"] <= seqs[-1] + 1
-    assert state["num_ack_pending"] == 0
-    # Everything acked: the next session attaches without realigning.
-    assert read(any_nats_server, stream_name, options, seqs[-1] + 1)[:2] == ([], False)
+    # What `nats consumer info` shows is the table's position, whatever was read beyond it.
+    assert at(any_nats_server, stream_name, seqs[59])
+    assert state["num_pending"] == 40
+    got, realigned, _ = read(any_nats_server, stream_name, options, seqs[59] + 1)
+    assert (got, realigned) == (seqs[60:], False)
 
 
-def test_ack_through_is_a_no_op_without_an_ack_policy(
+def test_mark_committed_recreates_a_deleted_durable(
     any_nats_server: LocalNatsServer, stream_name: str
 ) -> None:
-    orders(any_nats_server, stream_name, 10)
+    seqs = orders(any_nats_server, stream_name, 20)
     options = f"durable={stream_name}d"
-    got, _, _ = read(any_nats_server, stream_name, options, 1, ack_through=5)
-    assert len(got) == 10
-    assert info(any_nats_server, stream_name)["num_ack_pending"] == 0
+
+    async def go() -> None:
+        nc = await nats.connect(any_nats_server.url)
+        async with source(any_nats_server, stream_name, options) as src:
+            await src.align_durable(1)
+            await nc.jetstream().delete_consumer(stream_name, f"{stream_name}d")
+            await src.mark_committed(seqs[4])
+        await nc.close()
+
+    asyncio.run(go())
+    assert at(any_nats_server, stream_name, seqs[4])
+
+
+def test_no_durable_means_nothing_to_align(
+    any_nats_server: LocalNatsServer, stream_name: str
+) -> None:
+    seqs = orders(any_nats_server, stream_name, 10)
+
+    async def go() -> tuple[list[int], list[str]]:
+        got: list[int] = []
+        async with source(any_nats_server, stream_name, "batch_size=5") as src:
+            await src.align_durable(1)
+            async for batch in src.messages(1):
+                got.extend(batch.sequences)
+            await src.mark_committed(got[-1])
+            return got, [c async for c in _consumers(src)]
+
+    got, consumers = asyncio.run(go())
+    assert got == seqs
+    assert consumers == []
+
+
+async def _consumers(src: JetStreamSource) -> Any:
+    link = await src._ensure_link()
+    listing = await link.api(f"$JS.API.CONSUMER.NAMES.{src.stream}")
+    for name in listing.get("consumers") or []:
+        yield name

@@ -270,6 +270,7 @@ async def run_pipeline_async(
         address = settings.address
         start_seq = position + 1 if position else (address.start_sequence or 1)
         start_time = address.start_time if not position and not address.start_sequence else None
+        await src.align_durable(start_seq, start_time=start_time)
         drain = pipeline.manifest.source.options.run_in_loop if drain is None else drain
         limit = (
             max_messages if drain else min(max_messages or address.batch_size, address.batch_size)
@@ -291,7 +292,7 @@ async def run_pipeline_async(
         async def flush(batch: MessageBatch) -> None:
             nonlocal in_flight
             if in_flight is not None:
-                await _acked(src, in_flight)
+                await _committed(src, in_flight)
             in_flight = loop.run_in_executor(worker, committer.commit, batch)
             in_flight.add_done_callback(lambda _: report_progress())
 
@@ -329,7 +330,7 @@ async def run_pipeline_async(
             if len(chunk):
                 await flush(chunk)
             if in_flight is not None:
-                await _acked(src, in_flight)
+                await _committed(src, in_flight)
         finally:
             # Normally idle by now; after a failure, no sink work may outlive the run.
             worker.shutdown(wait=True, cancel_futures=True)
@@ -392,10 +393,10 @@ def _fit(chunk: MessageBatch, max_bytes: int) -> int:
     return len(chunk)
 
 
-async def _acked(src: JetStreamSource, task: "asyncio.Future[int]") -> None:
+async def _committed(src: JetStreamSource, task: "asyncio.Future[int]") -> None:
     position = await task
-    # Acks go out only after the data is committed, so the server's view never runs ahead.
-    await src.ack_through(position)
+    # The durable moves only after the data is committed, so the server's view never runs ahead.
+    await src.mark_committed(position)
 
 
 def run_pipeline(pipeline: Pipeline, **kwargs: object) -> RunReport:

@@ -1,8 +1,9 @@
 """Pull consumer configs: what we ask the server for, and checking what it says it made.
 
 Every consumer here is a pull consumer on one ``filter_subject`` that starts at a given stream
-sequence with an instant replay. Ephemeral ones never ack (``ack_policy=none``) and disappear
-after ``inactive_threshold``; a durable keeps the ack policy of the address.
+sequence with an instant replay. Runs read through readers of their own, which never ack
+(``ack_policy=none``) and disappear after ``inactive_threshold``. A durable named in the address
+is only positioned (it mirrors the table's position) and keeps the address's ack policy.
 """
 
 from dataclasses import dataclass
@@ -28,12 +29,11 @@ class ConsumerSpec:
     Attributes:
         stream: Stream name.
         subject: The filter subject.
-        durable: Durable consumer name, or ``None`` for ephemeral consumers.
-        ack_policy: ``none``, ``all`` or ``explicit`` (durables only).
-        inactive_threshold: Seconds without pulls after which the server deletes an ephemeral.
-        ack_wait: Seconds before an unacked message is redelivered (ack policies other than
-            none). Long: we ack after a commit, and realign a consumer that has unacked
-            messages rather than wait for redeliveries.
+        durable: Durable consumer name to keep at the table's position, or ``None``.
+        ack_policy: ``none``, ``all`` or ``explicit`` (the durable's).
+        inactive_threshold: Seconds without pulls after which the server deletes a reader.
+        ack_wait: The durable's redelivery wait (ack policies other than none). Long: should
+            another client pull from it, its messages come back late rather than interleaved.
     """
 
     stream: str
@@ -43,36 +43,42 @@ class ConsumerSpec:
     inactive_threshold: float = 60.0
     ack_wait: float = DEFAULT_ACK_WAIT_SECONDS
 
-    @property
-    def acks(self) -> bool:
-        return self.durable is not None and self.ack_policy != "none"
-
 
 def new_ephemeral_name(prefix: str = "nilus") -> str:
     """A fresh consumer name (letters and digits only, valid everywhere)."""
     return f"{prefix}_{_nuid.next().decode()}"
 
 
-def consumer_config(spec: ConsumerSpec, name: str, start_seq: int) -> dict[str, Any]:
-    """The ``config`` object of a create request for a consumer starting at ``start_seq``."""
-    config: dict[str, Any] = {
+def reader_config(spec: ConsumerSpec, name: str, start_seq: int) -> dict[str, Any]:
+    """The ``config`` of a create request for a run's own reader starting at ``start_seq``."""
+    return {
         "name": name,
         "deliver_policy": "by_start_sequence",
         "opt_start_seq": max(1, start_seq),
         "replay_policy": "instant",
         "filter_subject": spec.subject,
+        "ack_policy": "none",
+        "inactive_threshold": int(spec.inactive_threshold * NS),
+        # A reader need not survive a server restart: the run recreates it anyway.
+        "mem_storage": True,
     }
-    if spec.durable is not None:
-        config["durable_name"] = spec.durable
-        config["ack_policy"] = spec.ack_policy
-        if spec.ack_policy != "none":
-            config["ack_wait"] = int(spec.ack_wait * NS)
-            config["max_ack_pending"] = UNLIMITED_ACK_PENDING
-    else:
-        config["ack_policy"] = "none"
-        config["inactive_threshold"] = int(spec.inactive_threshold * NS)
-        # Ephemeral state need not survive a restart: we recreate the consumer anyway.
-        config["mem_storage"] = True
+
+
+def durable_config(spec: ConsumerSpec, start_seq: int) -> dict[str, Any]:
+    """The ``config`` of a create request for the durable, positioned at ``start_seq``."""
+    assert spec.durable is not None
+    config: dict[str, Any] = {
+        "name": spec.durable,
+        "durable_name": spec.durable,
+        "deliver_policy": "by_start_sequence",
+        "opt_start_seq": max(1, start_seq),
+        "replay_policy": "instant",
+        "filter_subject": spec.subject,
+        "ack_policy": spec.ack_policy,
+    }
+    if spec.ack_policy != "none":
+        config["ack_wait"] = int(spec.ack_wait * NS)
+        config["max_ack_pending"] = UNLIMITED_ACK_PENDING
     return config
 
 

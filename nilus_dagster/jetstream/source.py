@@ -30,13 +30,14 @@ from nilus_dagster.jetstream.connection import (
 )
 from nilus_dagster.jetstream.consumers import (
     ConsumerSpec,
-    consumer_config,
     create_subject,
+    durable_config,
     misalignment,
     new_ephemeral_name,
     next_sequence,
     position_only,
     probe_config,
+    reader_config,
     resettable,
     verify_created,
 )
@@ -93,9 +94,17 @@ class JetStreamSource:
 
         async with JetStreamSource(address, "orders") as source:
             state = await source.stream_state()
+            await source.align_durable(position + 1)
             async for batch in source.messages(position + 1):
-                ...
-                await source.ack_through(batch.last_seq)
+                ...  # commit the batch, then:
+                await source.mark_committed(batch.last_seq)
+
+    Messages are always read through a consumer of the run's own, created at the requested
+    sequence. A durable consumer named in the address is not read from: it mirrors the
+    committed position (:meth:`align_durable`, :meth:`mark_committed`), so ``nats consumer
+    info`` shows the table's view. Two runs reading one durable would split its deliveries
+    between them, and a reset by one restarts the other's delivery numbering, so neither
+    could tell that it missed messages.
 
     Args:
         address: The pipeline's address, placeholders already filled.
@@ -151,9 +160,6 @@ class JetStreamSource:
         self._checked = False
         # Creation time of the stream as first seen: every consumer must be made on that stream.
         self._created: datetime | None = None
-        # Ack subjects of yielded messages not yet acked (durables with an ack policy only).
-        self._ack_seqs: list[int] = []
-        self._ack_replies: list[str] = []
 
     # -- context -------------------------------------------------------------------------------
 
@@ -546,22 +552,63 @@ class JetStreamSource:
 
     # -- consumers -----------------------------------------------------------------------------
 
-    async def _open_consumer(self, link: Link, start_seq: int) -> tuple[str, dict[str, Any]]:
-        """A consumer ready to deliver from ``start_seq``: (name, info)."""
-        doing = "create the consumer"
+    async def _open_reader(self, link: Link, start_seq: int) -> tuple[str, dict[str, Any]]:
+        """A consumer of this run's own, ready to deliver from ``start_seq``: (name, info)."""
+        name = new_ephemeral_name()
+        config = reader_config(self.spec, name, start_seq)
+        info = await self._create_consumer(link, config, "create the consumer")
+        self._ephemerals.add(name)
+        verify_created(config, info, server=self._version(link))
+        return name, info
+
+    async def align_durable(self, start_seq: int, *, start_time: datetime | None = None) -> None:
+        """Move the address's durable consumer to ``start_seq`` (or ``start_time``) if it is
+        elsewhere, and create it if it does not exist; nothing without a durable.
+
+        A durable that had to move is recorded in :attr:`realigned` and
+        :attr:`realign_reasons`. Call it once at the start of a run, with the table's position.
+
+        Raises:
+            SourceError: The durable cannot be read, created or moved (permissions, stream).
+        """
         if self.spec.durable is None:
-            name = new_ephemeral_name()
-            config = consumer_config(self.spec, name, start_seq)
-            info = await self._create_consumer(link, config, doing)
-            self._ephemerals.add(name)
-            verify_created(config, info, server=self._version(link))
-            return name, info
-        return self.spec.durable, await self._align_durable(link, start_seq)
+            return
+        if start_time is not None:
+            start_seq = await self._seq_for_time(start_time)
+        link = await self._ensure_link_or_fail(f"align durable consumer {self.spec.durable}")
+        await self._align_durable(link, start_seq)
+
+    async def mark_committed(self, seq: int) -> None:
+        """Move the durable consumer to just after ``seq``, now in the table; nothing without
+        a durable.
+
+        A failure is logged, not raised: the data is committed, the table holds the position,
+        and the next run realigns the durable.
+        """
+        name = self.spec.durable
+        link = self._link
+        if name is None:
+            return
+        if link is None or not link.is_open:
+            logger.warning(
+                "could not move durable consumer %s past sequence %d: not connected", name, seq
+            )
+            return
+        try:
+            if await self._reset_durable(link, seq + 1) is None:
+                await self._recreate_durable(link, seq + 1)
+        except Exception as exc:  # the data is committed; only the mirror is behind
+            logger.warning(
+                "could not move durable consumer %s past sequence %d: %s",
+                name,
+                seq,
+                redact(str(exc)),
+            )
 
     def _version(self, link: Link) -> str:
         return ".".join(map(str, link.server_version))
 
-    async def _align_durable(self, link: Link, start_seq: int) -> dict[str, Any]:
+    async def _align_durable(self, link: Link, start_seq: int) -> None:
         name = self.spec.durable
         assert name is not None
         doing = f"read durable consumer {name}"
@@ -589,7 +636,7 @@ class JetStreamSource:
             ):
                 reason = None
             if reason is None:
-                return info
+                return
             self._realigned = True
             self.realign_reasons.append(reason)
             logger.warning(
@@ -599,24 +646,26 @@ class JetStreamSource:
                 start_seq,
                 reason,
             )
-            reset = await self._reset_durable(link, info, start_seq)
-            if reset is not None:
-                return reset
+            if resettable(info, self.spec) and await self._reset_durable(link, start_seq):
+                return
+        await self._recreate_durable(link, start_seq, exists=info is not None)
+
+    async def _recreate_durable(self, link: Link, start_seq: int, *, exists: bool = True) -> None:
+        """Delete the durable (when it exists) and create it at ``start_seq``."""
+        name = self.spec.durable
+        assert name is not None
+        doing = f"delete durable consumer {name} to realign it"
+        if exists:
             try:
                 await link.api(f"{API_PREFIX}.CONSUMER.DELETE.{self.stream}.{name}")
             except JsApiError as exc:
                 if exc.err_code != ERR_CONSUMER_NOT_FOUND:
-                    raise self._error(
-                        exc, f"delete durable consumer {name} to realign it"
-                    ) from None
+                    raise self._error(exc, doing) from None
             except (PermissionViolation, NoResponders, RequestTimeout, ConnectionLost) as exc:
-                raise self._error(exc, f"delete durable consumer {name} to realign it") from None
-        # Acks of messages read before are meaningless to the new consumer.
-        self._ack_seqs, self._ack_replies = [], []
-        config = consumer_config(self.spec, name, start_seq)
+                raise self._error(exc, doing) from None
+        config = durable_config(self.spec, start_seq)
         created = await self._create_consumer(link, config, f"create durable consumer {name}")
         verify_created(config, created, server=self._version(link))
-        return created
 
     async def _nothing_between(self, link: Link, info: dict[str, Any], start_seq: int) -> bool:
         """Whether no message of the subject lies between ``start_seq`` and the durable's next
@@ -638,23 +687,19 @@ class JetStreamSource:
             await self._delete_consumer(link, probe["name"])
         return int(counted.get("num_pending", -1)) == int(info.get("num_pending", -2))
 
-    async def _reset_durable(
-        self, link: Link, info: dict[str, Any], start_seq: int
-    ) -> dict[str, Any] | None:
-        """Rewind/advance the durable in place (nats-server 2.14+); ``None`` if not possible."""
-        if link.server_version < (2, 14, 0) or not resettable(info, self.spec):
+    async def _reset_durable(self, link: Link, start_seq: int) -> dict[str, Any] | None:
+        """Move the durable in place (nats-server 2.14+): its info, or ``None`` if not possible."""
+        if link.server_version < (2, 14, 0):
             return None
-        name = self.spec.durable
         try:
-            await link.api(
-                f"{API_PREFIX}.CONSUMER.RESET.{self.stream}.{name}", {"seq": max(1, start_seq)}
+            after = await link.api(
+                f"{API_PREFIX}.CONSUMER.RESET.{self.stream}.{self.spec.durable}",
+                {"seq": max(1, start_seq)},
             )
-            after = await link.api(f"{API_PREFIX}.CONSUMER.INFO.{self.stream}.{name}")
         except (JsApiError, NoResponders, RequestTimeout, PermissionViolation):
             return None
         if misalignment(after, self.spec, start_seq) is not None:
             return None
-        self._ack_seqs, self._ack_replies = [], []
         return after
 
     # -- pulling -------------------------------------------------------------------------------
@@ -718,7 +763,7 @@ class JetStreamSource:
                 puller = None
             if link is not None:
                 link.unlisten(on_link_event)
-                if consumer is not None and self.spec.durable is None:
+                if consumer is not None:
                     await self._delete_consumer(link, consumer)
             consumer = None
 
@@ -735,7 +780,7 @@ class JetStreamSource:
                 try:
                     if puller is None:
                         link = await self._ensure_link()
-                        consumer, info = await self._open_consumer(link, last + 1)
+                        consumer, info = await self._open_reader(link, last + 1)
                         # After the consumer exists: a stream recreated later deletes it,
                         # and the recovery that follows comes back here.
                         await self._check_same_stream(last)
@@ -750,7 +795,6 @@ class JetStreamSource:
                             expires=self.address.timeout,
                             after_seq=last,
                             next_consumer_seq=int(delivered.get("consumer_seq", 0) or 0) + 1,
-                            keep_replies=self.spec.acks,
                         )
                         link.listen(on_link_event)
                         self._pullers.add(puller)
@@ -790,18 +834,12 @@ class JetStreamSource:
                 recovery.ok()
                 if not batch:
                     return  # a pull waited the whole timeout and got nothing
-                replies = puller.replies
                 done = False
                 if stop_at_seq is not None and batch.last_seq >= stop_at_seq:
-                    cut = bisect_right(batch.sequences, stop_at_seq)
-                    batch, replies, done = batch.split(cut)[0], replies[:cut], True
+                    batch, done = batch.split(bisect_right(batch.sequences, stop_at_seq))[0], True
                 if max_messages is not None and yielded + len(batch) >= max_messages:
-                    cut = max_messages - yielded
-                    batch, replies, done = batch.split(cut)[0], replies[:cut], True
+                    batch, done = batch.split(max_messages - yielded)[0], True
                 if batch:
-                    if self.spec.acks:
-                        self._ack_seqs.extend(batch.sequences)
-                        self._ack_replies.extend(replies)
                     last = batch.last_seq
                     yielded += len(batch)
                     yield batch
@@ -809,45 +847,6 @@ class JetStreamSource:
                     return
         finally:
             await drop_puller()
-
-    # -- acks ----------------------------------------------------------------------------------
-
-    async def ack_through(self, seq: int) -> None:
-        """Acknowledge every yielded message up to ``seq`` (after the engine committed it).
-
-        Only durables with ``ack_policy`` all or explicit ack; otherwise this does nothing. An
-        ack that cannot be delivered is logged, not raised: the data is committed, and the next
-        run realigns the consumer.
-        """
-        if not self.spec.acks or not self._ack_seqs:
-            return
-        cut = bisect_right(self._ack_seqs, seq)
-        if cut == 0:
-            return
-        replies = self._ack_replies[:cut]
-        if self.spec.ack_policy == "all":
-            replies = replies[-1:]
-        link = self._link
-        if link is None or not link.is_open:
-            logger.warning(
-                "could not ack through sequence %d on %s: not connected", seq, self.consumer_kind
-            )
-            return
-        try:
-            for reply in replies[:-1]:
-                await link.nc.publish(reply, b"+ACK")
-            # A double ack: the server answers once it has applied it (and those before it).
-            await link.request(replies[-1], b"+ACK")
-        except Exception as exc:  # the data is committed; only the ack is lost
-            logger.warning(
-                "could not ack through sequence %d on %s: %s",
-                seq,
-                self.consumer_kind,
-                redact(str(exc)),
-            )
-            return
-        del self._ack_seqs[:cut]
-        del self._ack_replies[:cut]
 
 
 def parse_time_ns(ns: int) -> datetime:
