@@ -9,6 +9,7 @@ floor restarts at 0: the delivered sequence is the position there).
 """
 
 import asyncio
+from datetime import datetime, timedelta, timezone
 
 import nats
 import pytest
@@ -137,3 +138,33 @@ def test_durable_behind_or_otherwise_made_is_realigned(
     state = consumer_state(any_nats_server.url, stream_name, DURABLE)
     assert state["delivered"] == 1_100, state
     assert state["num_ack_pending"] == 0, state
+
+
+def test_window_replay_leaves_the_durable_at_the_position(
+    any_nats_server, stream_name, write_manifest
+):
+    """A backfill replays old messages through a reader of its own: the durable, which
+    mirrors the position, is left where it is (replays through it once left every replayed
+    message unacknowledged on it, and the next run had to realign it)."""
+    subject = f"{stream_name}.orders"
+    publisher = Publisher(any_nats_server.url)
+    publisher.create_stream(stream_name, [f"{stream_name}.>"])
+    published = publisher.publish_orders(subject, 300)
+    pipeline = _manifest(
+        write_manifest, any_nats_server, stream_name, subject, f"&durable={DURABLE}&ack_policy=all"
+    )
+    run_pipeline(pipeline, drain=True)
+    window = (datetime.now(timezone.utc) - timedelta(hours=1), datetime.now(timezone.utc))
+
+    replay = run_pipeline(pipeline, window=window)
+
+    assert replay.rows_written == 300
+    assert not replay.realigned
+    _check(pipeline, published)
+    state = consumer_state(any_nats_server.url, stream_name, DURABLE)
+    assert (state["delivered"], state["num_pending"], state["num_ack_pending"]) == (
+        published[-1],
+        0,
+        0,
+    ), state
+    assert not run_pipeline(pipeline, drain=True).realigned
