@@ -70,6 +70,8 @@ def test_second_run_resumes_after_the_committed_position(
 
     assert (report.first_seq, report.last_seq, report.messages) == (301, 500, 200)
     assert again.messages == 0 and again.position == 500
+    # Nothing new: the empty range after the position, not a 0 on the asset's plots.
+    assert (again.metadata()["nats/first_seq"], again.metadata()["nats/last_seq"]) == (501, 500)
     assert check_exactly_once(report.table_uri, first + second, pipeline.app_id).ok
 
 

@@ -72,7 +72,9 @@ class RunReport:
         return {
             "nats/stream": self.stream,
             "nats/subject": self.subject,
-            "nats/first_seq": self.first_seq if self.first_seq is not None else 0,
+            # A run that committed nothing reports the empty range just past the position,
+            # which keeps both series continuous on the asset's plots (0 would spike them).
+            "nats/first_seq": self.first_seq if self.first_seq is not None else self.position + 1,
             "nats/last_seq": self.last_seq if self.last_seq is not None else self.position,
             "nats/stream_last_seq": self.stream_last_seq,
             "nats/sequence_lag": self.sequence_lag,
