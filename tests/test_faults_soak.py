@@ -157,4 +157,5 @@ def test_soak(nats_server_factory, write_manifest, query):
     assert "hung (killed after 120 s)" not in outcomes
     assert result.ok, str(result)
     if query:
-        assert consumer_state(server.url, STREAM, DURABLE)["ack_floor"] == report.position
+        state = consumer_state(server.url, STREAM, DURABLE)
+        assert state["delivered"] == state["ack_floor"] == report.position, state
