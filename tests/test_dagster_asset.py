@@ -24,6 +24,7 @@ RUN_METADATA_KEYS = {
     "nilus/messages_per_second": dg.FloatMetadataValue,
     "nilus/duration_seconds": dg.FloatMetadataValue,
     "nilus/table_uri": dg.PathMetadataValue,
+    "nilus/consumer": dg.TextMetadataValue,
 }
 RESOURCES = {"nats": NatsResource(), "nilus_sink": DeltaSinkResource()}
 NOW = datetime.now(timezone.utc)
@@ -76,6 +77,8 @@ def test_materialize_drains_and_records_every_run_metadata_key(
     assert metadata["nats/subject"].value == subject
     assert (metadata["nats/first_seq"].value, metadata["nats/last_seq"].value) == (1, 300)
     assert metadata["nats/sequence_lag"].value == 0
+    assert metadata["nilus/consumer"].value == "ephemeral"
+    assert "nilus/realigned" not in metadata
     assert metadata["dagster/row_count"].value == 300
     assert metadata["nilus/rows_written"].value == 300
     columns = {c.name for c in metadata["dagster/column_schema"].schema.columns}

@@ -102,6 +102,10 @@ def test_durable_acked_ahead_of_the_table_is_realigned(
 
     assert first.position == 200
     assert report.realigned
+    metadata = report.metadata()
+    assert metadata["nilus/consumer"] == f"durable:{DURABLE}"
+    assert metadata["nilus/realigned"].startswith("it has 50 delivered but unacknowledged")
+    assert "nilus/realigned" not in first.metadata()
     assert (report.first_seq, report.last_seq) == (201, 1_000)
     _check(pipeline, published)
     state = consumer_state(any_nats_server.url, stream_name, DURABLE)

@@ -40,7 +40,11 @@ class LagReport:
 
 @dataclass(frozen=True)
 class RunReport:
-    """What one run committed. Every field maps to a run metadata key (see ``metadata()``)."""
+    """What one run committed. Every field maps to a run metadata key (see ``metadata()``).
+
+    ``consumer`` is ``ephemeral`` or ``durable:NAME``; ``realign_reasons`` says why the run found
+    the durable away from the table's position (empty when it was in place).
+    """
 
     pipeline: str
     stream: str
@@ -61,7 +65,12 @@ class RunReport:
     commits: int
     duration_seconds: float
     consumer: str = "ephemeral"
-    realigned: bool = False
+    realign_reasons: tuple[str, ...] = ()
+
+    @property
+    def realigned(self) -> bool:
+        """Whether the run found the durable consumer away from the table's position."""
+        return bool(self.realign_reasons)
 
     @property
     def messages_per_second(self) -> float:
@@ -86,4 +95,6 @@ class RunReport:
             "nilus/messages_per_second": round(self.messages_per_second, 1),
             "nilus/duration_seconds": round(self.duration_seconds, 3),
             "nilus/table_uri": self.table_uri,
+            "nilus/consumer": self.consumer,
+            **({"nilus/realigned": "; ".join(self.realign_reasons)} if self.realigned else {}),
         }

@@ -367,7 +367,7 @@ async def run_pipeline_async(
             commits=committer.commits,
             duration_seconds=time.monotonic() - started,
             consumer=src.consumer_kind,
-            realigned=src.realigned,
+            realign_reasons=tuple(src.realign_reasons),
         )
     log.info(
         "%s: committed %d messages (%s..%s) in %.2fs, %.0f msg/s; position %d, lag %d",

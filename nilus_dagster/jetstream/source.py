@@ -154,7 +154,6 @@ class JetStreamSource:
         self._link: Link | None = None
         self._ephemerals: set[str] = set()
         self._pullers: set[BulkPuller] = set()
-        self._realigned = False
         self.realign_reasons: list[str] = []
         self.reconnects = 0
         self._checked = False
@@ -199,7 +198,7 @@ class JetStreamSource:
     @property
     def realigned(self) -> bool:
         """Whether a durable consumer had to be moved to the requested start this session."""
-        return self._realigned
+        return bool(self.realign_reasons)
 
     @property
     def hosts(self) -> str:
@@ -637,7 +636,6 @@ class JetStreamSource:
                 reason = None
             if reason is None:
                 return
-            self._realigned = True
             self.realign_reasons.append(reason)
             logger.warning(
                 "durable consumer %s on stream %s realigned to sequence %d: %s",
