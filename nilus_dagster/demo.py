@@ -358,7 +358,35 @@ def _shown_path(path: Path, base: Path | None) -> str:
     return str(path)
 
 
-def next_steps(pipeline: Pipeline, port: int, *, keep_running: bool) -> list[str]:
+DAGSTER_HOME_FOLDER = ".dagster_home"
+
+
+def prepare_dagster_home(project: Path | None) -> bool:
+    """Create the project's ``.dagster_home`` with its SQLite storage, if not there yet.
+
+    ``dagster dev`` starts the webserver and the daemon at once, and on a fresh home both create
+    the schedule database: one of them can fail with "table alembic_version already exists"
+    (seen in about 1 start in 4 on a busy 2-core machine), which leaves a UI that never comes
+    up. Creating the storage here, once, leaves them nothing to race for.
+
+    Returns:
+        Whether the folder is ready (``False`` when the project folder is unknown).
+    """
+    if project is None:
+        return False
+    home = project / DAGSTER_HOME_FOLDER
+    if (home / "schedules").is_dir() and (home / "history").is_dir():
+        return True
+    home.mkdir(parents=True, exist_ok=True)
+    from dagster import DagsterInstance  # only here: the rest of the demo needs no Dagster
+
+    DagsterInstance.from_config(str(home)).dispose()
+    return True
+
+
+def next_steps(
+    pipeline: Pipeline, port: int, *, keep_running: bool, home_ready: bool = False
+) -> list[str]:
     """The commands that show this pipeline live in ``dagster dev``.
 
     ``NILUS_PIPELINES`` limits Dagster to the sample pipeline: the other examples in
@@ -379,8 +407,10 @@ def next_steps(pipeline: Pipeline, port: int, *, keep_running: bool) -> list[str
     if lakehouse or not at_root:
         # Dagster must read the table this run wrote, wherever it starts.
         env.append(f"{LAKEHOUSE_ENV}={_shown_path(cwd / (lakehouse or '.lakehouse'), base)}")
-    env.append("DAGSTER_HOME=$PWD/.dagster_home")
-    dev = f"mkdir -p .dagster_home && {_shown_path(venv_bin / 'dagster', base)} dev"
+    env.append(f"DAGSTER_HOME=$PWD/{DAGSTER_HOME_FOLDER}")
+    dev = f"{_shown_path(venv_bin / 'dagster', base)} dev"
+    if not home_ready:
+        dev = f"mkdir -p {DAGSTER_HOME_FOLDER} && {dev}"
     demo = f"{_shown_path(venv_bin / 'nilus-dagster', base)} demo --keep-running"
     if port != DEMO_PORT:
         demo += f" --port {port}"
@@ -495,7 +525,10 @@ def run_demo(
             for line in run_summary(pipeline.name, report, location):
                 say(line)
             say()
-            for line in next_steps(pipeline, demo.port, keep_running=keep_running):
+            home_ready = prepare_dagster_home(checkout_root())
+            for line in next_steps(
+                pipeline, demo.port, keep_running=keep_running, home_ready=home_ready
+            ):
                 say(line)
 
             if keep_running:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+import dagster as dg
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,6 +40,9 @@ def write_dagster_home(folder: Path, storage: str = "") -> Path:
         )
         + storage
     )
+    # Made here, once: `dagster dev` starts its webserver and daemon together, and on a fresh
+    # home both create the storage, which can fail ("table alembic_version already exists").
+    dg.DagsterInstance.from_config(str(folder)).dispose()
     return folder
 
 

@@ -128,10 +128,14 @@ def test_demo_in_the_repository_points_dagster_at_the_sample_file(tmp_path: Path
     assert "NILUS_PIPELINES=pipelines/orders-local.yaml" in export
     assert f"NILUS_LAKEHOUSE={tmp_path / 'lake'}" in export
     assert "pipeline   orders-local (pipelines/orders-local.yaml)" in result.stdout
-    assert "mkdir -p .dagster_home && .venv/bin/dagster dev" in result.stdout or (
+    assert "\n    .venv/bin/dagster dev\n" in result.stdout or (
         # a venv elsewhere than .venv is named by its path
-        f"{Path(sys.executable).parent / 'dagster'} dev" in result.stdout
+        f"\n    {Path(sys.executable).parent / 'dagster'} dev\n" in result.stdout
     )
+    # The storage is made before `dagster dev` starts its webserver and daemon, which would
+    # otherwise both create it and could collide.
+    assert (REPO / ".dagster_home" / "schedules").is_dir()
+    assert (REPO / ".dagster_home" / "history").is_dir()
 
 
 def test_keep_running_publishes_until_interrupted_and_a_second_demo_reuses_it(
