@@ -52,14 +52,20 @@ STATUS_408 = b"NATS/1.0 408 Request Timeout\r\nNats-Pending-Messages: 5\r\n\r\n"
 USER_HEADERS = b"NATS/1.0\r\nX-Trace: t-1\r\n\r\n"
 
 
-def wire() -> bytes:
-    parts = [b'INFO {"server_id":"x"}\r\n', b"+OK\r\n"]
-    for i in range(40):
-        reply = b"$JS.ACK.S.C.1.%d.%d.170000000%d.%d" % (i, i, i, 40 - i)
-        parts.append(frame(OURS, b'{"i":%d,"text":"a\r\nMSG fake 7 9\r\n"}' % i, reply))
-        if i % 7 == 0:
+def wire(count: int = 200, *, special: bool = True, crlf: tuple[int, ...] = (29, 150)) -> bytes:
+    parts = [b'INFO {"server_id":"x"}\r\n', b"+OK\r\n"] if special else []
+    for i in range(count):
+        reply = b"$JS.ACK.S.C.1.%d.%d.170000000%d.%d" % (i, i, i, count - i)
+        payload = b'{"i":%d,"text":"%s"}' % (i, b"x" * (i % 50))
+        if i in crlf:
+            # A CRLF (and what looks like a frame) inside a payload.
+            payload = b'{"i":%d,"text":"a\r\nMSG fake 7 $JS.ACK 9\r\n"}' % i
+        parts.append(frame(OURS, payload, reply))
+        if not special:
+            continue
+        if i % 37 == 0:
             parts.append(frame(OTHER, b"for someone else %d" % i, b"_INBOX.r"))
-        if i % 11 == 0:
+        if i % 53 == 0:
             parts.append(b"PING\r\n")
         if i == 13:
             parts.append(frame(OURS, b"", headers=STATUS_408))
@@ -67,7 +73,8 @@ def wire() -> bytes:
             parts.append(frame(OURS, b"with headers", b"$JS.ACK.S.C.1.99.99.1.0", USER_HEADERS))
         if i == 23:
             parts.append(frame(OTHER, b"other with headers", headers=USER_HEADERS))
-    parts += [b"PONG\r\n", frame(OURS, b"", b"$JS.ACK.S.C.1.50.50.1.0")]
+    if special:
+        parts += [b"PONG\r\n", frame(OURS, b"", b"$JS.ACK.S.C.1.50.50.1.0")]
     return b"".join(parts)
 
 
@@ -100,7 +107,7 @@ def as_calls(client: FakeClient, inbox: ColumnInbox | None) -> tuple[list[Any], 
 def test_same_frames_as_nats_py_however_the_bytes_are_cut(seed: int) -> None:
     data = wire()
     rng = random.Random(seed)
-    cuts = rng.sample(range(1, len(data)), rng.randint(1, 60)) if seed else []
+    cuts = rng.sample(range(1, len(data)), rng.randint(1, 40)) if seed else []
     chunks = split(data, cuts)
 
     async def go() -> None:
@@ -174,3 +181,40 @@ def test_install_refuses_a_client_without_nats_py_parser() -> None:
     client._ps = object()  # type: ignore[assignment]
     with pytest.raises(RuntimeError):
         install(client, OURS, ColumnInbox(lambda: None))
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_runs_of_plain_frames_are_read_in_bulk_with_the_same_result(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import nilus_dagster.jetstream.inbox as inbox_module
+
+    bulk_reads: list[int] = []
+    original = inbox_module._bulk_frames
+
+    def counting(*args: Any) -> Any:
+        done = original(*args)
+        if done is not None:
+            bulk_reads.append(done[2])
+        return done
+
+    monkeypatch.setattr(inbox_module, "_bulk_frames", counting)
+    data = wire(500, special=False, crlf=(450,))
+    rng = random.Random(seed)
+    chunks = split(data, rng.sample(range(1, len(data)), rng.randint(3, 12)))
+
+    async def go() -> None:
+        ref_mine, _ = as_calls(await reference(data, chunks), None)
+        client = FakeClient()
+        inbox = ColumnInbox(lambda: None)
+        install(client, OURS, inbox)
+        for chunk in chunks:
+            await client._ps.parse(chunk)
+        assert client.calls == []
+        subjects, replies, payloads, headers = inbox.take()
+        assert list(zip(replies, payloads, strict=True)) == [(r, p) for r, p, _ in ref_mine]
+        assert len(replies) == 500 and headers is None
+        assert set(subjects) == {b"_INBOX.abc"}
+
+    asyncio.run(go())
+    assert bulk_reads  # (a chunk holding a CRLF payload or a cut frame is read frame by frame)

@@ -113,6 +113,25 @@ _WAKE = object()
 _MAX_SUBJECT_NAMES = 10_000  # decoded subjects remembered (a wildcard can match many)
 
 
+def _ack_fields(replies: list[bytes], width: int) -> list[list[bytes]] | None:
+    """Stream sequence, consumer sequence, timestamp and pending tokens of every reply subject.
+
+    One join and one split for the whole list instead of a split per reply (a tenth of the
+    pull's time went to those splits). ``None`` when the replies do not all have ``width``
+    tokens and the ``$JS.ACK`` prefix; the caller then splits them one by one.
+    """
+    count = len(replies)
+    flat = b".".join(replies).split(b".")
+    if (
+        len(flat) != count * width
+        or flat[0::width].count(b"$JS") != count
+        or flat[1::width].count(b"ACK") != count
+    ):
+        return None
+    start = width - 4 - (1 if width == 12 else 0)
+    return [flat[i::width] for i in range(start, start + 4)]
+
+
 class BulkPuller:
     """Pulls from one JetStream pull consumer with several pull requests in flight.
 
@@ -299,12 +318,17 @@ class BulkPuller:
         self._credit -= count
         self.delivered += count
         self._last_activity = time.monotonic()
-        tokens = [r.split(b".") for r in replies]
         # v1 has 9 tokens; v2 has 11, or 12 with a trailing random token. One consumer's
         # replies all have the same form.
-        shift = 1 if len(tokens[0]) == 12 else 0
-        first_cseq = int(tokens[0][-3 - shift])
-        last_cseq = int(tokens[-1][-3 - shift])
+        width = replies[0].count(b".") + 1
+        shift = 1 if width == 12 else 0
+        fields = _ack_fields(replies, width)
+        if fields is None:
+            tokens = [r.split(b".") for r in replies]
+            fields = [[t[i - width] for t in tokens] for i in range(width - 4 - shift, width)]
+        seq_tokens, cseq_tokens, time_tokens, pending_tokens = fields[:4]
+        first_cseq = int(cseq_tokens[0])
+        last_cseq = int(cseq_tokens[-1])
         # Deliveries of one consumer are numbered without holes; a hole is a lost message.
         expected = self._next_cseq or first_cseq
         if first_cseq != expected or last_cseq - expected + 1 != count:
@@ -314,8 +338,7 @@ class BulkPuller:
             )
             return
         self._next_cseq = last_cseq + 1
-        at = -4 - shift
-        sequences = [int(t[at]) for t in tokens]
+        sequences = list(map(int, seq_tokens))
         last = self._last_seq
         if sequences[0] <= last or not all(map(operator.lt, sequences, sequences[1:])):
             # Duplicates after a reconnect, or redeliveries (ack policies): keep only what
@@ -328,7 +351,7 @@ class BulkPuller:
             self.duplicates += count - len(keep)
             if not keep:
                 return
-            tokens = [tokens[i] for i in keep]
+            time_tokens = [time_tokens[i] for i in keep]
             replies = [replies[i] for i in keep]
             sequences = [sequences[i] for i in keep]
             subjects = [subjects[i] for i in keep]
@@ -338,11 +361,8 @@ class BulkPuller:
         cols = self._cols
         had = len(cols.sequences)
         cols.sequences += sequences
-        at = -2 - shift
-        cols.timestamps_ns += [int(t[at]) for t in tokens]
-        # One subject (or a few) for a whole pull: decode each distinct one once.
-        names = self._subject_names
-        cols.subjects += [names.get(s) or self._subject_name(s) for s in subjects]
+        cols.timestamps_ns += map(int, time_tokens)
+        cols.subjects += self._subject_column(subjects)
         cols.payloads += payloads
         if headers is not None and any(h is not None for h in headers):
             if cols.headers is None:
@@ -353,7 +373,16 @@ class BulkPuller:
         if cols.replies is not None:
             cols.replies += [r.decode() for r in replies]
         self._last_seq = sequences[-1]
-        cols.pending = int(tokens[-1][-1 - shift])
+        cols.pending = int(pending_tokens[-1])
+
+    def _subject_column(self, subjects: list[bytes]) -> list[str]:
+        """The subjects as text: a pull of one subject (the usual case) decodes it once."""
+        first = subjects[0]
+        if subjects.count(first) == len(subjects):
+            name = self._subject_names.get(first) or self._subject_name(first)
+            return [name] * len(subjects)
+        names = self._subject_names
+        return [names.get(s) or self._subject_name(s) for s in subjects]
 
     def _subject_name(self, subject: bytes) -> str:
         name = subject.decode()
