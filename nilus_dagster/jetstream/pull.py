@@ -5,8 +5,9 @@ metadata object per message, which caps it at a few tens of thousands of message
 :class:`BulkPuller` instead publishes ``$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>`` requests
 itself with the reply set to an inbox of its own, keeps several of them in flight, and reads the
 stream sequence, timestamp and pending count straight out of each message's ``$JS.ACK`` reply
-subject into plain lists. It has no knowledge of where the consumer came from, so the benchmark
-can use it on any consumer.
+subject into plain lists. The inbox's frames never become nats-py ``Msg`` objects: they are read
+off the wire into columns by :mod:`nilus_dagster.jetstream.inbox`. It has no knowledge of where
+the consumer came from, so the benchmark can use it on any consumer.
 """
 
 import asyncio
@@ -135,9 +136,10 @@ def _ack_fields(replies: list[bytes], width: int) -> list[list[bytes]] | None:
 class BulkPuller:
     """Pulls from one JetStream pull consumer with several pull requests in flight.
 
-    Replies land in the pending queue of a plain nats-py subscription on an inbox of our own;
-    :meth:`next_batch` drains that queue in one go (no await per message) into column lists,
-    reading sequence, timestamp and pending count from the reply subject. Duplicates (a
+    Replies to a plain nats-py subscription on an inbox of our own are read off the wire into a
+    :class:`~nilus_dagster.jetstream.inbox.ColumnInbox`; :meth:`next_batch` takes what it holds
+    in one go (no await per message) into column lists, reading sequence, timestamp and
+    pending count from the reply subjects. Duplicates (a
     sequence at or below one already collected) are dropped. A jump in the consumer's delivery
     sequence means a delivery went missing and ends the pull with :class:`PullInterrupted`, so
     the caller can recreate the consumer where it left off; so do a deleted consumer, a closed
@@ -216,7 +218,7 @@ class BulkPuller:
         """Subscribe to the reply inbox (before any request goes out)."""
         self._inbox = self.nc.new_inbox()
         # No pending limits: the credit we hand out bounds what can pile up, and a limit would
-        # make nats-py drop messages as a "slow consumer", since we bypass next_msg().
+        # make nats-py drop messages as a "slow consumer" should any reach it (after stop()).
         self._sub = await self.nc.subscribe(
             self._inbox, pending_msgs_limit=0, pending_bytes_limit=0
         )
