@@ -223,6 +223,34 @@ def test_timestamp_like_strings_stay_strings() -> None:
     assert "o" not in third.rows.column_names and "items" not in third.rows.column_names
 
 
+@pytest.mark.parametrize("late", [False, True])
+def test_a_first_large_batch_learns_its_string_hints_from_a_sample_with_the_same_result(
+    late: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+
+    # (``nilus_dagster.sink.decode`` as an attribute is the function the package exports.)
+    decode_module = importlib.import_module("nilus_dagster.sink.decode")
+
+    # Enough rows for the sample (its first 64 KB) to be a small part of the batch; with
+    # ``late``, the timestamp-looking field only starts after the sample.
+    payloads: list[object] = [
+        {
+            "i": i,
+            "pad": "p" * 150,
+            **({"at": f"2025-01-01T10:00:{i % 60:02d}Z"} if not late or i > 2000 else {}),
+            "o": {"d": "2025-01-02"} if i % 2 else None,
+        }
+        for i in range(3000)
+    ]
+    sampled = BatchDecoder().decode(batch(payloads))
+    monkeypatch.setattr(decode_module, "_HINT_SAMPLE_BYTES", 1 << 40)  # no sample: as before
+    whole = BatchDecoder().decode(batch(payloads))
+    assert sampled.rows.equals(whole.rows)
+    assert sampled.rows.schema.field("at").type == pa.string()
+    assert sampled.rows.column("o").type == pa.struct([("d", pa.string())])
+
+
 def test_payload_field_named_like_a_metadata_column_is_overridden() -> None:
     rows = decode(batch([{"_nats_seq": "mine", "a": 1}], start=5)).rows
     assert rows.column("_nats_seq").to_pylist() == [5]

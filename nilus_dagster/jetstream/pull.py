@@ -5,12 +5,14 @@ metadata object per message, which caps it at a few tens of thousands of message
 :class:`BulkPuller` instead publishes ``$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>`` requests
 itself with the reply set to an inbox of its own, keeps several of them in flight, and reads the
 stream sequence, timestamp and pending count straight out of each message's ``$JS.ACK`` reply
-subject into plain lists. It has no knowledge of where the consumer came from, so the benchmark
-can use it on any consumer.
+subject into plain lists. The inbox's frames never become nats-py ``Msg`` objects: they are read
+off the wire into columns by :mod:`nilus_dagster.jetstream.inbox`. It has no knowledge of where
+the consumer came from, so the benchmark can use it on any consumer.
 """
 
 import asyncio
 import contextlib
+import functools
 import json
 import operator
 import time
@@ -18,9 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from nilus_dagster.jetstream.inbox import ColumnInbox
+from nilus_dagster.jetstream.inbox import install as install_inbox
+from nilus_dagster.jetstream.inbox import uninstall as uninstall_inbox
 from nilus_dagster.messages import MessageBatch
 
 API_PREFIX = "$JS.API"
@@ -104,22 +108,38 @@ class _Columns:
     pending: int = -1
 
 
-class _Wake:
-    """Put in the inbox queue to wake a waiting :meth:`BulkPuller.next_batch` from outside."""
+_WAKE = object()
+"""Put in the subscription's queue to wake a waiting :meth:`BulkPuller.next_batch`."""
 
-    reply = ""
-    headers = None
+_MAX_SUBJECT_NAMES = 10_000  # decoded subjects remembered (a wildcard can match many)
 
 
-_WAKE = _Wake()
+def _ack_fields(replies: list[bytes], width: int) -> list[list[bytes]] | None:
+    """Stream sequence, consumer sequence, timestamp and pending tokens of every reply subject.
+
+    One join and one split for the whole list instead of a split per reply (a tenth of the
+    pull's time went to those splits). ``None`` when the replies do not all have ``width``
+    tokens and the ``$JS.ACK`` prefix; the caller then splits them one by one.
+    """
+    count = len(replies)
+    flat = b".".join(replies).split(b".")
+    if (
+        len(flat) != count * width
+        or flat[0::width].count(b"$JS") != count
+        or flat[1::width].count(b"ACK") != count
+    ):
+        return None
+    start = width - 4 - (1 if width == 12 else 0)
+    return [flat[i::width] for i in range(start, start + 4)]
 
 
 class BulkPuller:
     """Pulls from one JetStream pull consumer with several pull requests in flight.
 
-    Replies land in the pending queue of a plain nats-py subscription on an inbox of our own;
-    :meth:`next_batch` drains that queue in one go (no await per message) into column lists,
-    reading sequence, timestamp and pending count from the reply subject. Duplicates (a
+    Replies to a plain nats-py subscription on an inbox of our own are read off the wire into a
+    :class:`~nilus_dagster.jetstream.inbox.ColumnInbox`; :meth:`next_batch` takes what it holds
+    in one go (no await per message) into column lists, reading sequence, timestamp and
+    pending count from the reply subjects. Duplicates (a
     sequence at or below one already collected) are dropped. A jump in the consumer's delivery
     sequence means a delivery went missing and ends the pull with :class:`PullInterrupted`, so
     the caller can recreate the consumer where it left off; so do a deleted consumer, a closed
@@ -184,6 +204,8 @@ class BulkPuller:
         self._last_activity = time.monotonic()
         self._sub: Subscription | None = None
         self._queue: asyncio.Queue[Any] | None = None
+        self._inbox_columns: ColumnInbox | None = None
+        self._subject_names: dict[bytes, str] = {}
         self._inbox = ""
         self._requests: dict[int, bytes] = {}
         self.delivered = 0
@@ -196,25 +218,34 @@ class BulkPuller:
         """Subscribe to the reply inbox (before any request goes out)."""
         self._inbox = self.nc.new_inbox()
         # No pending limits: the credit we hand out bounds what can pile up, and a limit would
-        # make nats-py drop messages as a "slow consumer", since we bypass next_msg().
+        # make nats-py drop messages as a "slow consumer" should any reach it (after stop()).
         self._sub = await self.nc.subscribe(
             self._inbox, pending_msgs_limit=0, pending_bytes_limit=0
         )
-        # A subscription without a callback keeps its messages in this queue; draining it
-        # directly avoids an await (and a task switch) per message, which is most of the cost
-        # of next_msg() and of callbacks alike.
+        # The inbox's frames are read off the wire into columns (see inbox.py) instead of
+        # becoming one Msg each; the subscription's queue (a subscription without a callback
+        # keeps its messages there) only carries a wake-up token per burst.
         queue = getattr(self._sub, "_pending_queue", None)
-        if not isinstance(queue, asyncio.Queue):
+        sid = getattr(self._sub, "_id", None)
+        if not isinstance(queue, asyncio.Queue) or not isinstance(sid, int):
             await self.stop()
             raise RuntimeError(
                 "this nats-py version has no Subscription._pending_queue; use nats-py 2.x"
             )
         self._queue = queue
+        self._inbox_columns = ColumnInbox(functools.partial(queue.put_nowait, _WAKE))
+        try:
+            install_inbox(self.nc, sid, self._inbox_columns)
+        except RuntimeError:
+            await self.stop()
+            raise
         return self
 
     async def stop(self) -> None:
         """Unsubscribe: the server drops the requests still waiting once nobody listens."""
         sub, self._sub = self._sub, None
+        if sub is not None:
+            uninstall_inbox(self.nc, sub._id)
         if sub is not None and not self.nc.is_closed:
             # The connection may be going away; there is nothing to undo then.
             with contextlib.suppress(Exception):
@@ -239,41 +270,67 @@ class BulkPuller:
 
     # -- receiving -----------------------------------------------------------------------------
 
-    def _drain(self, first: Any = None) -> None:
-        """Collect ``first`` and everything already queued, without awaiting."""
+    def _drain(self) -> None:
+        """Collect everything received so far, without awaiting."""
         queue = self._queue
-        assert queue is not None
-        msgs = [] if first is None else [first]
+        assert queue is not None and self._inbox_columns is not None
+        # The queue only holds wake-up tokens; the frames themselves are in the inbox.
         get = queue.get_nowait
         for _ in range(queue.qsize()):
-            msgs.append(get())
-        if msgs:
-            self._collect(msgs)
+            if get() is not _WAKE:
+                # A message that went the Msg way around the inbox: its place among the
+                # others is unknown, so this consumer's order can no longer be vouched for.
+                self.interrupt("a message of the pull inbox bypassed its column reader")
+        if len(self._inbox_columns):
+            self._collect(*self._inbox_columns.take())
 
-    def _collect(self, msgs: list[Any]) -> None:
+    def _collect(
+        self,
+        subjects: list[bytes],
+        replies: list[bytes],
+        payloads: list[bytes],
+        headers: list[dict[str, str] | None] | None,
+    ) -> None:
         # Column at a time (list comprehensions), not message at a time: this is the loop
-        # every message goes through.
-        data = [m for m in msgs if m.reply]
+        # every message goes through. A frame without a reply subject is a status message.
+        if all(replies):
+            self._collect_data(subjects, replies, payloads, headers)
+            return
+        data = [i for i, reply in enumerate(replies) if reply]
         if data:
-            self._collect_data(data)
-        if len(data) != len(msgs):
-            # Statuses after the data, so that a 408 next to messages is not an empty pull.
-            for msg in msgs:
-                if not msg.reply and msg is not _WAKE:
-                    self._on_status(msg)
+            self._collect_data(
+                [subjects[i] for i in data],
+                [replies[i] for i in data],
+                [payloads[i] for i in data],
+                None if headers is None else [headers[i] for i in data],
+            )
+        # Statuses after the data, so that a 408 next to messages is not an empty pull.
+        for i, reply in enumerate(replies):
+            if not reply:
+                self._on_status(headers[i] if headers is not None else None)
 
-    def _collect_data(self, data: list[Msg]) -> None:
-        count = len(data)
+    def _collect_data(
+        self,
+        subjects: list[bytes],
+        replies: list[bytes],
+        payloads: list[bytes],
+        headers: list[dict[str, str] | None] | None,
+    ) -> None:
+        count = len(replies)
         self._credit -= count
         self.delivered += count
         self._last_activity = time.monotonic()
-        replies = [m.reply for m in data]
-        tokens = [r.split(".") for r in replies]
         # v1 has 9 tokens; v2 has 11, or 12 with a trailing random token. One consumer's
         # replies all have the same form.
-        shift = 1 if len(tokens[0]) == 12 else 0
-        first_cseq = int(tokens[0][-3 - shift])
-        last_cseq = int(tokens[-1][-3 - shift])
+        width = replies[0].count(b".") + 1
+        shift = 1 if width == 12 else 0
+        fields = _ack_fields(replies, width)
+        if fields is None:
+            tokens = [r.split(b".") for r in replies]
+            fields = [[t[i - width] for t in tokens] for i in range(width - 4 - shift, width)]
+        seq_tokens, cseq_tokens, time_tokens, pending_tokens = fields[:4]
+        first_cseq = int(cseq_tokens[0])
+        last_cseq = int(cseq_tokens[-1])
         # Deliveries of one consumer are numbered without holes; a hole is a lost message.
         expected = self._next_cseq or first_cseq
         if first_cseq != expected or last_cseq - expected + 1 != count:
@@ -283,8 +340,7 @@ class BulkPuller:
             )
             return
         self._next_cseq = last_cseq + 1
-        at = -4 - shift
-        sequences = [int(t[at]) for t in tokens]
+        sequences = list(map(int, seq_tokens))
         last = self._last_seq
         if sequences[0] <= last or not all(map(operator.lt, sequences, sequences[1:])):
             # Duplicates after a reconnect, or redeliveries (ack policies): keep only what
@@ -297,29 +353,47 @@ class BulkPuller:
             self.duplicates += count - len(keep)
             if not keep:
                 return
-            data = [data[i] for i in keep]
-            tokens = [tokens[i] for i in keep]
+            time_tokens = [time_tokens[i] for i in keep]
             replies = [replies[i] for i in keep]
             sequences = [sequences[i] for i in keep]
+            subjects = [subjects[i] for i in keep]
+            payloads = [payloads[i] for i in keep]
+            if headers is not None:
+                headers = [headers[i] for i in keep]
         cols = self._cols
         had = len(cols.sequences)
         cols.sequences += sequences
-        at = -2 - shift
-        cols.timestamps_ns += [int(t[at]) for t in tokens]
-        cols.subjects += [m.subject for m in data]
-        cols.payloads += [m.data for m in data]
-        headers = [m.headers for m in data]
-        if cols.headers is not None or any(h is not None for h in headers):
+        cols.timestamps_ns += map(int, time_tokens)
+        cols.subjects += self._subject_column(subjects)
+        cols.payloads += payloads
+        if headers is not None and any(h is not None for h in headers):
             if cols.headers is None:
                 cols.headers = [None] * had
             cols.headers += headers
+        elif cols.headers is not None:
+            cols.headers += [None] * len(sequences)
         if cols.replies is not None:
-            cols.replies += replies
+            cols.replies += [r.decode() for r in replies]
         self._last_seq = sequences[-1]
-        cols.pending = int(tokens[-1][-1 - shift])
+        cols.pending = int(pending_tokens[-1])
 
-    def _on_status(self, msg: Msg) -> None:
-        headers = msg.headers or {}
+    def _subject_column(self, subjects: list[bytes]) -> list[str]:
+        """The subjects as text: a pull of one subject (the usual case) decodes it once."""
+        first = subjects[0]
+        if subjects.count(first) == len(subjects):
+            name = self._subject_names.get(first) or self._subject_name(first)
+            return [name] * len(subjects)
+        names = self._subject_names
+        return [names.get(s) or self._subject_name(s) for s in subjects]
+
+    def _subject_name(self, subject: bytes) -> str:
+        name = subject.decode()
+        if len(self._subject_names) < _MAX_SUBJECT_NAMES:
+            self._subject_names[subject] = name
+        return name
+
+    def _on_status(self, headers: dict[str, str] | None) -> None:
+        headers = headers or {}
         status = headers.get("Status", "")
         description = str(headers.get("Description", "") or "").strip()
         lowered = description.lower()
@@ -444,10 +518,8 @@ class BulkPuller:
         wake_at = self.batch_size if wanted is None else min(self.batch_size, wanted)
         deadline = time.monotonic() + (max_wait if max_wait is not None else self.expires + 2.0)
         silence = 2 * self.idle_heartbeat + 1.0 if self.idle_heartbeat else None
-        arrived = None
         while True:
-            self._drain(arrived)
-            arrived = None
+            self._drain()
             if self._interrupt is not None:
                 raise self._interrupt
             cols = self._cols
@@ -476,7 +548,7 @@ class BulkPuller:
                     )
                 timeout = min(timeout, silence / 2)
             try:
-                arrived = await asyncio.wait_for(queue.get(), timeout)
+                await asyncio.wait_for(queue.get(), timeout)
             except asyncio.TimeoutError:
                 if self._cols.sequences:
                     return await self._hand_over(wanted)

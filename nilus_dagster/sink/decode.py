@@ -43,6 +43,7 @@ MAX_NESTING = 32
 # (whose own recursion limit is far lower) before Arrow sees them.
 _ARROW_SAFE_BRACKETS = 2000
 
+_HINT_SAMPLE_BYTES = 64 << 10  # first lines of a first batch read to learn string hints
 _MIN_BLOCK = 4 << 20  # several blocks per commit-sized batch let Arrow parse on both cores
 # A failed part of at most this many rows is checked row by row with `json`, then re-read
 # without the malformed ones; valid rows Arrow still rejects are halved down to single reads.
@@ -87,6 +88,7 @@ class BatchDecoder:
         self.format = format
         self.max_nesting = max_nesting
         self._hints: pa.Schema | None = None
+        self._sampled = False
 
     def decode(self, batch: MessageBatch, table_schema: pa.Schema | None = None) -> Decoded:
         """Turn ``batch`` into rows and dead letters. Never raises for a bad payload.
@@ -135,6 +137,11 @@ class BatchDecoder:
     def _read(self, joined: bytes, longest: int) -> pa.Table:
         """One Arrow read; fields Arrow takes for timestamps are read again as strings."""
         read_options = pj.ReadOptions(block_size=max(_MIN_BLOCK, 2 * longest + 2))
+        if not self._sampled and len(joined) > 4 * _HINT_SAMPLE_BYTES:
+            self._sampled = True
+            cut = joined.rfind(b"\n", 0, _HINT_SAMPLE_BYTES)  # whole lines only
+            if cut > 0:
+                self._learn_hints(joined[:cut])
         table = pj.read_json(
             io.BytesIO(joined), read_options=read_options, parse_options=self._parse_options()
         )
@@ -173,6 +180,23 @@ class BatchDecoder:
             table = _with_valid_null_lists(table)
             table.validate()
         return table
+
+    def _learn_hints(self, sample: bytes) -> None:
+        """Learn the timestamp-looking fields from the first lines of a decoder's first batch.
+
+        Without hints, a batch whose fields Arrow takes for timestamps is read twice (the
+        second time with those fields as strings): for a decoder's first batch, a fresh one
+        every run, that was a whole second read of up to 16k messages. Reading a few hundred
+        lines first finds the usual case; a field that only looks like a timestamp further
+        down still gets the second read. A sample Arrow cannot read teaches nothing.
+        """
+        try:
+            found = pj.read_json(io.BytesIO(sample))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+            return
+        overrides = _string_overrides(found.schema)
+        if overrides is not None:
+            self._hints = _merge_hints(self._hints, overrides)
 
     def _parse_options(self) -> pj.ParseOptions:
         if self._hints is None:

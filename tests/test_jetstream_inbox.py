@@ -1,0 +1,220 @@
+"""The column inbox's protocol parser against nats-py's own, frame for frame."""
+
+import asyncio
+import itertools
+import random
+from typing import Any
+
+import pytest
+from nats.aio.client import Client
+from nats.errors import ProtocolError
+from nats.protocol.parser import Parser
+
+from nilus_dagster.jetstream.inbox import ColumnInbox, FastParser, install, uninstall
+
+OURS, OTHER = 7, 3
+
+
+class FakeClient(Client):
+    """An unconnected nats-py client that records what its parser hands it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[Any, ...]] = []
+
+    async def _process_msg(self, sid, subject, reply, data, headers) -> None:  # type: ignore[no-untyped-def]
+        self.calls.append(("msg", sid, bytes(subject), bytes(reply), bytes(data), headers))
+
+    async def _process_ping(self) -> None:
+        self.calls.append(("ping",))
+
+    async def _process_pong(self) -> None:
+        self.calls.append(("pong",))
+
+    async def _process_info(self, info: dict[str, Any]) -> None:
+        self.calls.append(("info", info))
+
+    async def _process_err(self, text: str) -> None:
+        self.calls.append(("err", text))
+
+
+def frame(sid: int, payload: bytes, reply: bytes = b"", headers: bytes = b"") -> bytes:
+    subject = b"_INBOX.abc" if sid == OURS else b"other.subject"
+    reply_part = b" " + reply if reply else b""
+    if headers:
+        size = len(headers) + len(payload)
+        line = b"HMSG %s %d%s %d %d\r\n" % (subject, sid, reply_part, len(headers), size)
+        return line + headers + payload + b"\r\n"
+    return b"MSG %s %d%s %d\r\n" % (subject, sid, reply_part, len(payload)) + payload + b"\r\n"
+
+
+STATUS_408 = b"NATS/1.0 408 Request Timeout\r\nNats-Pending-Messages: 5\r\n\r\n"
+USER_HEADERS = b"NATS/1.0\r\nX-Trace: t-1\r\n\r\n"
+
+
+def wire(count: int = 200, *, special: bool = True, crlf: tuple[int, ...] = (29, 150)) -> bytes:
+    parts = [b'INFO {"server_id":"x"}\r\n', b"+OK\r\n"] if special else []
+    for i in range(count):
+        reply = b"$JS.ACK.S.C.1.%d.%d.170000000%d.%d" % (i, i, i, count - i)
+        payload = b'{"i":%d,"text":"%s"}' % (i, b"x" * (i % 50))
+        if i in crlf:
+            # A CRLF (and what looks like a frame) inside a payload.
+            payload = b'{"i":%d,"text":"a\r\nMSG fake 7 $JS.ACK 9\r\n"}' % i
+        parts.append(frame(OURS, payload, reply))
+        if not special:
+            continue
+        if i % 37 == 0:
+            parts.append(frame(OTHER, b"for someone else %d" % i, b"_INBOX.r"))
+        if i % 53 == 0:
+            parts.append(b"PING\r\n")
+        if i == 13:
+            parts.append(frame(OURS, b"", headers=STATUS_408))
+        if i == 17:
+            parts.append(frame(OURS, b"with headers", b"$JS.ACK.S.C.1.99.99.1.0", USER_HEADERS))
+        if i == 23:
+            parts.append(frame(OTHER, b"other with headers", headers=USER_HEADERS))
+    if special:
+        parts += [b"PONG\r\n", frame(OURS, b"", b"$JS.ACK.S.C.1.50.50.1.0")]
+    return b"".join(parts)
+
+
+async def reference(data: bytes, chunks: list[bytes]) -> FakeClient:
+    """nats-py's parser: everything goes to the client."""
+    client = FakeClient()
+    parser = Parser(client)
+    for chunk in chunks:
+        await parser.parse(chunk)
+    return client
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    edges = [0, *sorted(cuts), len(data)]
+    return [data[a:b] for a, b in itertools.pairwise(edges)]
+
+
+def as_calls(client: FakeClient, inbox: ColumnInbox | None) -> tuple[list[Any], list[Any]]:
+    mine = []
+    others = []
+    for call in client.calls:
+        if call[0] == "msg" and call[1] == OURS:
+            mine.append((call[3], call[4], call[5]))
+        else:
+            others.append(call)
+    return mine, others
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_same_frames_as_nats_py_however_the_bytes_are_cut(seed: int) -> None:
+    data = wire()
+    rng = random.Random(seed)
+    cuts = rng.sample(range(1, len(data)), rng.randint(1, 40)) if seed else []
+    chunks = split(data, cuts)
+
+    async def go() -> None:
+        ref = await reference(data, chunks)
+        ref_mine, ref_others = as_calls(ref, None)
+        client = FakeClient()
+        client._ps = Parser(client)
+        wakes: list[int] = []
+        inbox = ColumnInbox(lambda: wakes.append(1))
+        install(client, OURS, inbox)
+        assert isinstance(client._ps, FastParser)
+        for chunk in chunks:
+            await client._ps.parse(chunk)
+        _, others = as_calls(client, inbox)
+        assert others == ref_others  # other subscriptions and operations: untouched
+        subjects, replies, payloads, headers = inbox.take()
+        assert all(s == b"_INBOX.abc" for s in subjects)
+        # nats-py hands headers to the client raw; the inbox holds them parsed.
+        parsed = [await client._process_headers(h) for _, _, h in ref_mine]
+        assert list(zip(replies, payloads, strict=True)) == [(r, p) for r, p, _ in ref_mine]
+        assert headers == parsed
+        assert headers[replies.index(b"")] == {
+            "Status": "408",
+            "Description": "Request Timeout",
+            "Nats-Pending-Messages": "5",
+        }
+        traced = headers[replies.index(b"$JS.ACK.S.C.1.99.99.1.0")]
+        assert traced is not None and traced["X-Trace"] == "t-1"
+        assert 1 <= len(wakes) <= len(chunks)
+        assert client.stats["in_msgs"] == len(replies)
+
+    asyncio.run(go())
+
+
+def test_switched_while_nats_py_waits_for_a_payload() -> None:
+    async def go() -> None:
+        client = FakeClient()
+        client._ps = Parser(client)
+        other = frame(OTHER, b"0123456789", b"r")
+        await client._ps.parse(other[:-5])
+        inbox = ColumnInbox(lambda: None)
+        install(client, OURS, inbox)
+        mine = frame(OURS, b"x", b"$JS.ACK.S.C.1.1.1.1.0")
+        await client._ps.parse(other[-5:] + mine)
+        assert client.calls == [("msg", OTHER, b"other.subject", b"r", b"0123456789", None)]
+        assert inbox.take()[1:3] == ([b"$JS.ACK.S.C.1.1.1.1.0"], [b"x"])
+        uninstall(client, OURS)
+        await client._ps.parse(mine)
+        assert client.calls[-1][1] == OURS  # back to nats-py's way
+        assert not len(inbox)
+
+    asyncio.run(go())
+
+
+def test_garbage_is_a_protocol_error_like_nats_py() -> None:
+    async def go() -> None:
+        client = FakeClient()
+        client._ps = Parser(client)
+        install(client, OURS, ColumnInbox(lambda: None))
+        with pytest.raises(ProtocolError):
+            await client._ps.parse(b"WHAT is this\r\n")
+        client._ps.reset()
+        with pytest.raises(ProtocolError):
+            await client._ps.parse(b"MSG a 7 b c d e\r\n")
+
+    asyncio.run(go())
+
+
+def test_install_refuses_a_client_without_nats_py_parser() -> None:
+    client = FakeClient()
+    client._ps = object()  # type: ignore[assignment]
+    with pytest.raises(RuntimeError):
+        install(client, OURS, ColumnInbox(lambda: None))
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_runs_of_plain_frames_are_read_in_bulk_with_the_same_result(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import nilus_dagster.jetstream.inbox as inbox_module
+
+    bulk_reads: list[int] = []
+    original = inbox_module._bulk_frames
+
+    def counting(*args: Any) -> Any:
+        done = original(*args)
+        if done is not None:
+            bulk_reads.append(done[2])
+        return done
+
+    monkeypatch.setattr(inbox_module, "_bulk_frames", counting)
+    data = wire(500, special=False, crlf=(450,))
+    rng = random.Random(seed)
+    chunks = split(data, rng.sample(range(1, len(data)), rng.randint(3, 12)))
+
+    async def go() -> None:
+        ref_mine, _ = as_calls(await reference(data, chunks), None)
+        client = FakeClient()
+        inbox = ColumnInbox(lambda: None)
+        install(client, OURS, inbox)
+        for chunk in chunks:
+            await client._ps.parse(chunk)
+        assert client.calls == []
+        subjects, replies, payloads, headers = inbox.take()
+        assert list(zip(replies, payloads, strict=True)) == [(r, p) for r, p, _ in ref_mine]
+        assert len(replies) == 500 and headers is None
+        assert set(subjects) == {b"_INBOX.abc"}
+
+    asyncio.run(go())
+    assert bulk_reads  # (a chunk holding a CRLF payload or a cut frame is read frame by frame)
