@@ -104,7 +104,6 @@ class _Columns:
     subjects: list[str] = field(default_factory=list)
     payloads: list[bytes] = field(default_factory=list)
     headers: list[dict[str, str] | None] | None = None
-    replies: list[str] | None = None
     pending: int = -1
 
 
@@ -156,7 +155,6 @@ class BulkPuller:
         after_seq: Drop messages with a stream sequence at or below this.
         next_consumer_seq: The consumer sequence of the next delivery (consumer's
             ``delivered.consumer_seq + 1``), to notice lost deliveries; 0 to learn it.
-        keep_replies: Keep each message's ack subject (needed to ack it later).
         idle_heartbeat: Seconds between server heartbeats while a request waits; ``None`` picks
             one from ``expires``; 0 turns them off.
         api_prefix: JetStream API prefix.
@@ -173,7 +171,6 @@ class BulkPuller:
         in_flight: int | None = None,
         after_seq: int = 0,
         next_consumer_seq: int = 0,
-        keep_replies: bool = False,
         idle_heartbeat: float | None = None,
         api_prefix: str = API_PREFIX,
     ):
@@ -193,11 +190,10 @@ class BulkPuller:
             # (The server refuses a heartbeat longer than half the expiry.)
             idle_heartbeat = min(5.0, expires * 0.45) if expires >= 1 else 0.0
         self.idle_heartbeat = idle_heartbeat
-        self.keep_replies = keep_replies
         self._next_subject = f"{api_prefix}.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self._last_seq = after_seq
         self._next_cseq = next_consumer_seq
-        self._cols = _Columns(replies=[] if keep_replies else None)
+        self._cols = _Columns()
         self._credit = 0  # messages requested and not yet delivered or expired
         self._empty_pull = False
         self._interrupt: PullInterrupted | None = None
@@ -210,7 +206,6 @@ class BulkPuller:
         self._requests: dict[int, bytes] = {}
         self.delivered = 0
         self.duplicates = 0
-        self.replies: list[str] = []
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -354,7 +349,6 @@ class BulkPuller:
             if not keep:
                 return
             time_tokens = [time_tokens[i] for i in keep]
-            replies = [replies[i] for i in keep]
             sequences = [sequences[i] for i in keep]
             subjects = [subjects[i] for i in keep]
             payloads = [payloads[i] for i in keep]
@@ -372,8 +366,6 @@ class BulkPuller:
             cols.headers += headers
         elif cols.headers is not None:
             cols.headers += [None] * len(sequences)
-        if cols.replies is not None:
-            cols.replies += [r.decode() for r in replies]
         self._last_seq = sequences[-1]
         cols.pending = int(pending_tokens[-1])
 
@@ -464,17 +456,12 @@ class BulkPuller:
     # -- the caller's side ---------------------------------------------------------------------
 
     def take(self) -> MessageBatch:
-        """Everything collected so far (possibly nothing), as one batch.
-
-        With ``keep_replies``, the ack subjects of the returned messages are in :attr:`replies`.
-        """
+        """Everything collected so far (possibly nothing), as one batch."""
         cols = self._cols
         self._empty_pull = False
         if not cols.sequences:
-            self.replies = []
             return MessageBatch(num_pending=max(cols.pending, 0))
-        self._cols = _Columns(replies=[] if self.keep_replies else None, pending=cols.pending)
-        self.replies = cols.replies or []
+        self._cols = _Columns(pending=cols.pending)
         return MessageBatch(
             sequences=cols.sequences,
             timestamps_ns=cols.timestamps_ns,
