@@ -26,7 +26,6 @@ from nats.protocol import parser as nats_parser
 
 _CONTROL = nats_parser.AWAITING_CONTROL_LINE
 _PAYLOAD = nats_parser.AWAITING_MSG_PAYLOAD
-_MAX_CONTROL_LINE = nats_parser.MAX_CONTROL_LINE_SIZE
 
 
 def _unanchored(pattern: "re.Pattern[bytes]") -> "re.Pattern[bytes]":
@@ -101,6 +100,10 @@ class FastParser(nats_parser.Parser):
             return
         if self.buf:
             self.buf.extend(data)
+            if self.state == _PAYLOAD and len(self.buf) < self.needed + 2:
+                # A large payload arrives over many reads: wait for all of it instead of
+                # copying and reading what is here on every read (quadratic in its size).
+                return
             data = bytes(self.buf)
         # Frames are read from an immutable ``data`` by position (slices of bytes are the only
         # copies); what is left of it goes back into a fresh buffer at the end. reset() (on a
@@ -128,60 +131,16 @@ class FastParser(nats_parser.Parser):
                             touched.append(inbox)
                         continue
                 if self.state == _PAYLOAD:
-                    # Left over by nats-py's parser when it was switched mid-frame.
-                    end = pos + self.needed
+                    # The frame whose control line was read last (here, or by nats-py's
+                    # parser before the switch), once all of its payload is here.
+                    start, end = pos, pos + self.needed
                     if end + 2 > size:
                         break
+                    pos = end + 2
                     arg = self.msg_arg
-                    header_size = self.header_needed
-                    headers = data[pos : pos + header_size] if header_size else None
-                    payload = data[pos + header_size : end]
-                    pos = end + 2
-                    self.header_needed = 0
+                    sid, subject, reply = arg["sid"], arg["subject"], arg["reply"]
+                    header_size, self.header_needed = self.header_needed, 0
                     self.state = _CONTROL
-                    await nc._process_msg(
-                        arg["sid"], arg["subject"], arg["reply"], payload, headers
-                    )
-                    if self.buf is not own:
-                        return
-                    continue
-                eol = data.find(b"\r\n", pos)
-                if eol < 0:
-                    if size - pos >= _MAX_CONTROL_LINE:
-                        raise ProtocolError("nats: unknown protocol")
-                    break
-                hmsg = data.startswith(b"HMSG", pos)
-                if hmsg or data.startswith(b"MSG", pos):
-                    args = data[pos + (4 if hmsg else 3) : eol].split()
-                    count = len(args)
-                    try:
-                        if hmsg:
-                            if count == 5:
-                                subject, sid_text, reply, header_text, size_text = args
-                            elif count == 4:
-                                subject, sid_text, header_text, size_text = args
-                                reply = b""
-                            else:
-                                raise ValueError(count)
-                            header_size = int(header_text)
-                        else:
-                            if count == 4:
-                                subject, sid_text, reply, size_text = args
-                            elif count == 3:
-                                subject, sid_text, size_text = args
-                                reply = b""
-                            else:
-                                raise ValueError(count)
-                            header_size = 0
-                        sid = int(sid_text)
-                        needed = int(size_text)
-                    except ValueError:
-                        raise ProtocolError("nats: malformed MSG") from None
-                    start = eol + 2
-                    end = start + needed
-                    if end + 2 > size:
-                        break  # the payload is not all here yet: read the frame again later
-                    pos = end + 2
                     inbox = inboxes.get(sid)
                     if inbox is None:
                         headers = data[start : start + header_size] if header_size else None
@@ -191,23 +150,30 @@ class FastParser(nats_parser.Parser):
                             return
                         continue
                     received += 1
-                    received_bytes += needed - header_size
+                    received_bytes += end - start - header_size
                     if header_size:
                         # Rare on a pull inbox (status messages, messages published with
                         # headers): parsed by nats-py, so they read as they always did.
                         parsed = await nc._process_headers(data[start : start + header_size])
+                        if self.buf is not own:
+                            return
                         inbox._add_headers(len(inbox.replies), parsed)
-                        payload = data[start + header_size : end]
-                    else:
-                        if inbox.headers is not None:
-                            inbox.headers.append(None)
-                        payload = data[start:end]
+                    elif inbox.headers is not None:
+                        inbox.headers.append(None)
                     inbox.subjects.append(subject)
                     inbox.replies.append(reply)
-                    inbox.payloads.append(payload)
+                    inbox.payloads.append(data[start + header_size : end])
                     if not inbox.woken:
                         inbox.woken = True
                         touched.append(inbox)
+                    continue
+                eol = data.find(b"\r\n", pos)
+                if eol < 0:
+                    break  # a line split across reads (nats-py waits for the rest too)
+                hmsg = data.startswith(b"HMSG", pos)
+                if hmsg or data.startswith(b"MSG", pos):
+                    self._read_msg_line(data[pos + (4 if hmsg else 3) : eol].split(), hmsg)
+                    pos = eol + 2
                     continue
                 # Everything else is one line, handled as nats-py's parser handles it.
                 pos = await self._operation(data, pos, eol)
@@ -221,6 +187,39 @@ class FastParser(nats_parser.Parser):
                 nc.stats["in_bytes"] += received_bytes
             for inbox in touched:
                 inbox.wake()
+
+    def _read_msg_line(self, args: list[bytes], hmsg: bool) -> None:
+        """Take a MSG/HMSG control line's arguments; the payload is read next."""
+        count = len(args)
+        try:
+            if hmsg:
+                if count == 5:
+                    subject, sid_text, reply, header_text, size_text = args
+                elif count == 4:
+                    subject, sid_text, header_text, size_text = args
+                    reply = b""
+                else:
+                    raise ValueError(count)
+                header_size = int(header_text)
+            else:
+                if count == 4:
+                    subject, sid_text, reply, size_text = args
+                elif count == 3:
+                    subject, sid_text, size_text = args
+                    reply = b""
+                else:
+                    raise ValueError(count)
+                header_size = 0
+            sid = int(sid_text)
+            needed = int(size_text)
+        except ValueError:
+            raise ProtocolError("nats: malformed MSG") from None
+        self.msg_arg["subject"] = subject
+        self.msg_arg["sid"] = sid
+        self.msg_arg["reply"] = reply
+        self.needed = needed
+        self.header_needed = header_size
+        self.state = _PAYLOAD
 
     async def _operation(self, data: bytes, pos: int, eol: int) -> int:
         """Handle the one-line operation at ``pos``; returns where the next one starts."""
@@ -299,8 +298,14 @@ def install(nc: Client, sid: int, inbox: ColumnInbox) -> None:
     """
     parser = getattr(nc, "_ps", None)
     needed = ("buf", "state", "needed", "header_needed", "msg_arg", "nc")
-    if not isinstance(parser, nats_parser.Parser) or not all(hasattr(parser, a) for a in needed):
-        raise RuntimeError("this nats-py version's protocol parser is not supported; use 2.x")
+    handlers = ("_process_msg", "_process_headers", "_process_err", "_process_ping")
+    handlers += ("_process_pong", "_process_info")
+    if (
+        not isinstance(parser, nats_parser.Parser)
+        or not all(hasattr(parser, a) for a in needed)
+        or not all(callable(getattr(nc, h, None)) for h in handlers)
+    ):
+        raise RuntimeError("this nats-py version's protocol parser is not supported; use 2.16")
     if not isinstance(parser, FastParser):
         # The same object, so the read loop's next parse() call picks it up with its buffer
         # and state as they are (a frame half-read by nats-py's parser is finished here).
