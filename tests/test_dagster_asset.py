@@ -24,7 +24,6 @@ RUN_METADATA_KEYS = {
     "nilus/messages_per_second": dg.FloatMetadataValue,
     "nilus/duration_seconds": dg.FloatMetadataValue,
     "nilus/table_uri": dg.PathMetadataValue,
-    "nilus/consumer": dg.TextMetadataValue,
 }
 RESOURCES = {"nats": NatsResource(), "nilus_sink": DeltaSinkResource()}
 NOW = datetime.now(timezone.utc)
@@ -77,7 +76,7 @@ def test_materialize_drains_and_records_every_run_metadata_key(
     assert metadata["nats/subject"].value == subject
     assert (metadata["nats/first_seq"].value, metadata["nats/last_seq"].value) == (1, 300)
     assert metadata["nats/sequence_lag"].value == 0
-    assert metadata["nilus/consumer"].value == "ephemeral"
+    assert "nilus/durable" not in metadata
     assert "nilus/realigned" not in metadata
     assert metadata["dagster/row_count"].value == 300
     assert metadata["nilus/rows_written"].value == 300

@@ -103,7 +103,7 @@ def test_durable_acked_ahead_of_the_table_is_realigned(
     assert first.position == 200
     assert report.realigned
     metadata = report.metadata()
-    assert metadata["nilus/consumer"] == f"durable:{DURABLE}"
+    assert metadata["nilus/durable"] == DURABLE
     assert metadata["nilus/realigned"].startswith("it has 50 delivered but unacknowledged")
     assert "nilus/realigned" not in first.metadata()
     assert (report.first_seq, report.last_seq) == (201, 1_000)
@@ -164,6 +164,7 @@ def test_window_replay_leaves_the_durable_at_the_position(
 
     assert replay.rows_written == 300
     assert not replay.realigned
+    assert "nilus/durable" not in replay.metadata()  # the replay did not touch it
     _check(pipeline, published)
     state = consumer_state(any_nats_server.url, stream_name, DURABLE)
     assert (state["delivered"], state["num_pending"], state["num_ack_pending"]) == (

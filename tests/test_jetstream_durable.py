@@ -35,7 +35,7 @@ def read(
     async def go() -> tuple[list[int], bool, list[str]]:
         got: list[int] = []
         async with source(server, stream, options) as src:
-            assert src.consumer_kind == f"durable:{stream}d"
+            assert src.spec.durable == f"{stream}d"
             await src.align_durable(start)
             async for batch in src.messages(start, **kwargs):
                 got.extend(batch.sequences)
@@ -265,3 +265,21 @@ async def _consumers(src: JetStreamSource) -> Any:
     listing = await link.api(f"$JS.API.CONSUMER.NAMES.{src.stream}")
     for name in listing.get("consumers") or []:
         yield name
+
+
+def test_a_durable_made_by_another_run_meanwhile_is_replaced(
+    any_nats_server: LocalNatsServer, stream_name: str
+) -> None:
+    """Two runs on 2.9 move the durable by delete and create: one run's create can find the
+    other's durable, made at another start ("start sequence can not be updated")."""
+    seqs = orders(any_nats_server, stream_name, 20)
+    options = f"durable={stream_name}d"
+
+    async def go() -> None:
+        async with source(any_nats_server, stream_name, options) as src:
+            await src.align_durable(1)  # the other run's durable, at 1
+            link = await src._ensure_link()
+            await src._recreate_durable(link, seqs[4] + 1, exists=False)
+
+    asyncio.run(go())
+    assert at(any_nats_server, stream_name, seqs[4])

@@ -225,7 +225,7 @@ def test_ephemeral_consumers_are_deleted_afterwards(
     async def work(source: JetStreamSource) -> list[str]:
         async for _ in source.messages(1, max_messages=10):
             break  # leave the generator open: the source still cleans up
-        assert source.consumer_kind == "ephemeral"
+        assert source.spec.durable is None
         await source.pending_after(3)
         await source.last_message_time()
         return await consumer_names(any_nats_server.url, stream_name)

@@ -97,7 +97,7 @@ def test_durable_survives_a_restart(nats_server_factory: Callable[..., LocalNats
     )
     thread[0].join()
     assert got == published
-    assert source.consumer_kind == "durable:ingest"
+    assert source.spec.durable == "ingest"
 
 
 def test_server_gone_for_good_is_a_clear_error(

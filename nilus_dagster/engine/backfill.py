@@ -103,7 +103,6 @@ async def replay_window(
         bytes=collected.nbytes,
         commits=1,
         duration_seconds=duration,
-        consumer=src.consumer_kind,
     )
 
 

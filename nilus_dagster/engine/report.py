@@ -42,8 +42,9 @@ class LagReport:
 class RunReport:
     """What one run committed. Every field maps to a run metadata key (see ``metadata()``).
 
-    ``consumer`` is ``ephemeral`` or ``durable:NAME``; ``realign_reasons`` says why the run found
-    the durable away from the table's position (empty when it was in place).
+    ``durable`` names the durable consumer the run kept at the table's position (``None`` when
+    there is none, and for window replays, which leave it alone); ``realign_reasons`` says why
+    the run found it away from the table's position (empty when it was in place).
     """
 
     pipeline: str
@@ -64,7 +65,7 @@ class RunReport:
     bytes: int
     commits: int
     duration_seconds: float
-    consumer: str = "ephemeral"
+    durable: str | None = None
     realign_reasons: tuple[str, ...] = ()
 
     @property
@@ -95,6 +96,6 @@ class RunReport:
             "nilus/messages_per_second": round(self.messages_per_second, 1),
             "nilus/duration_seconds": round(self.duration_seconds, 3),
             "nilus/table_uri": self.table_uri,
-            "nilus/consumer": self.consumer,
+            **({"nilus/durable": self.durable} if self.durable else {}),
             **({"nilus/realigned": "; ".join(self.realign_reasons)} if self.realigned else {}),
         }

@@ -366,7 +366,7 @@ async def run_pipeline_async(
             bytes=committer.bytes,
             commits=committer.commits,
             duration_seconds=time.monotonic() - started,
-            consumer=src.consumer_kind,
+            durable=src.spec.durable,
             realign_reasons=tuple(src.realign_reasons),
         )
     log.info(

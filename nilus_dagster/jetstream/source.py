@@ -52,6 +52,7 @@ logger = logging.getLogger(__name__)
 # JetStream API error codes we act on.
 ERR_STREAM_NOT_FOUND = 10059
 ERR_CONSUMER_NOT_FOUND = 10014
+ERR_CONSUMER_START_CHANGED = 10012  # a durable of that name exists with another start
 ERR_NO_MESSAGE = 10037
 ERR_JS_NOT_ENABLED_ACCOUNT = 10039
 ERR_JS_NOT_ENABLED = 10076
@@ -189,11 +190,6 @@ class JetStreamSource:
         if link is not None:
             await link.close()
         self._link = None
-
-    @property
-    def consumer_kind(self) -> str:
-        """``ephemeral`` or ``durable:<name>``."""
-        return f"durable:{self.spec.durable}" if self.spec.durable else "ephemeral"
 
     @property
     def realigned(self) -> bool:
@@ -595,6 +591,13 @@ class JetStreamSource:
             return
         try:
             if await self._reset_durable(link, seq + 1) is None:
+                if link.server_version >= (2, 14, 0):
+                    logger.warning(
+                        "durable consumer %s could not be reset past sequence %d in place (were "
+                        "its settings changed?); recreating it",
+                        name,
+                        seq,
+                    )
                 await self._recreate_durable(link, seq + 1)
         except Exception as exc:  # the data is committed; only the mirror is behind
             logger.warning(
@@ -652,18 +655,33 @@ class JetStreamSource:
         """Delete the durable (when it exists) and create it at ``start_seq``."""
         name = self.spec.durable
         assert name is not None
-        doing = f"delete durable consumer {name} to realign it"
-        if exists:
-            try:
-                await link.api(f"{API_PREFIX}.CONSUMER.DELETE.{self.stream}.{name}")
-            except JsApiError as exc:
-                if exc.err_code != ERR_CONSUMER_NOT_FOUND:
-                    raise self._error(exc, doing) from None
-            except (PermissionViolation, NoResponders, RequestTimeout, ConnectionLost) as exc:
-                raise self._error(exc, doing) from None
         config = durable_config(self.spec, start_seq)
-        created = await self._create_consumer(link, config, f"create durable consumer {name}")
-        verify_created(config, created, server=self._version(link))
+        subject = create_subject(self.stream, name, self.subject)
+        for attempt in (1, 2):
+            if exists or attempt == 2:
+                await self._delete_durable(link)
+            try:
+                created = await link.api(subject, {"stream_name": self.stream, "config": config})
+            except JsApiError as exc:
+                if exc.err_code == ERR_CONSUMER_START_CHANGED and attempt == 1:
+                    # Another run made it between our delete and create (on 2.9 every run
+                    # moves the durable this way after each commit): replace it once more.
+                    continue
+                raise self._error(exc, f"create durable consumer {name}") from None
+            except (PermissionViolation, NoResponders, RequestTimeout, ConnectionLost) as exc:
+                raise self._error(exc, f"create durable consumer {name}") from None
+            verify_created(config, created, server=self._version(link))
+            return
+
+    async def _delete_durable(self, link: Link) -> None:
+        doing = f"delete durable consumer {self.spec.durable} to realign it"
+        try:
+            await link.api(f"{API_PREFIX}.CONSUMER.DELETE.{self.stream}.{self.spec.durable}")
+        except JsApiError as exc:
+            if exc.err_code != ERR_CONSUMER_NOT_FOUND:
+                raise self._error(exc, doing) from None
+        except (PermissionViolation, NoResponders, RequestTimeout, ConnectionLost) as exc:
+            raise self._error(exc, doing) from None
 
     async def _nothing_between(self, link: Link, info: dict[str, Any], start_seq: int) -> bool:
         """Whether no message of the subject lies between ``start_seq`` and the durable's next
