@@ -132,10 +132,20 @@ def test_demo_in_the_repository_points_dagster_at_the_sample_file(tmp_path: Path
         # a venv elsewhere than .venv is named by its path
         f"\n    {Path(sys.executable).parent / 'dagster'} dev\n" in result.stdout
     )
-    # The storage is made before `dagster dev` starts its webserver and daemon, which would
-    # otherwise both create it and could collide.
     assert (REPO / ".dagster_home" / "schedules").is_dir()
-    assert (REPO / ".dagster_home" / "history").is_dir()
+
+
+def test_dagster_home_storage_is_made_before_dagster_dev(tmp_path: Path) -> None:
+    """`dagster dev` starts its webserver and daemon together, and on a fresh home both create
+    the storage, which can collide ("table alembic_version already exists")."""
+    assert not demo.prepare_dagster_home(None)  # an unknown project: the printed command makes it
+    assert demo.prepare_dagster_home(tmp_path)
+    home = tmp_path / ".dagster_home"
+    made = {p.relative_to(home) for p in home.rglob("*.db")}
+    assert made >= {Path("schedules/schedules.db"), Path("history/runs.db")}, made
+    stamp = (home / "history" / "runs.db").stat().st_mtime_ns
+    assert demo.prepare_dagster_home(tmp_path)  # a second demo leaves it alone
+    assert (home / "history" / "runs.db").stat().st_mtime_ns == stamp
 
 
 def test_keep_running_publishes_until_interrupted_and_a_second_demo_reuses_it(

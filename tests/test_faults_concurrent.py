@@ -72,7 +72,9 @@ def test_two_processes_running_one_pipeline_write_every_sequence_once(
     if query:
         # The two runs move the durable in turn, so the last move may be the slower run's;
         # whichever it was, the next run puts it where the table is.
-        _, err = _run(path).communicate(timeout=60)
+        last = _run(path)
+        _, err = last.communicate(timeout=60)
+        assert last.returncode == 0, err
         state = consumer_state(nats_server.url, stream_name, "nilus_twice")
         assert state["ack_floor"] == state["delivered"] == published[-1], (state, err)
         assert state["num_pending"] == state["num_ack_pending"] == 0, state
