@@ -98,61 +98,72 @@ def _assert_page_sink(pipeline: Pipeline) -> None:
     assert sink.options.create_table is True
 
 
-def test_local_dev_cluster_no_auth() -> None:
-    pipeline = _parse(_around(PAGE_LOCAL))
+def _assert_page_source(
+    pipeline: Pipeline,
+    *,
+    servers: tuple[str, ...],
+    durable: str | None,
+    batch_size: int,
+    timeout: int,
+    auth_mode: str,
+    credentials: tuple[str | None, str | None, str | None, str | None],
+    placeholders: list[str],
+) -> None:
+    """The page's source block as parsed; ``credentials`` is (user, password, token, nkeys_seed)."""
     address = pipeline.manifest.source.address
     options = pipeline.manifest.source.options
 
-    assert address.servers == ("localhost:4222",)
-    assert address.subject == "orders.created"
-    assert address.durable is None
-    assert address.batch_size == 500
-    assert address.timeout == 10
-    assert options.source_table == "orders-stream"
+    assert address.servers == servers
+    assert address.subject == pipeline.subject == "orders.created"
+    assert address.durable == durable
+    assert address.batch_size == batch_size
+    assert address.timeout == timeout
+    assert options.source_table == pipeline.stream == "orders-stream"
     assert options.run_in_loop is True
-    assert address.auth_mode == "none"
-    assert (address.user, address.password, address.token, address.nkeys_seed) == (None,) * 4
-    assert address.placeholders() == []
+    assert address.auth_mode == auth_mode
+    assert (address.user, address.password, address.token, address.nkeys_seed) == credentials
+    assert address.placeholders() == placeholders
     _assert_page_sink(pipeline)
+
+
+def test_local_dev_cluster_no_auth() -> None:
+    _assert_page_source(
+        _parse(_around(PAGE_LOCAL)),
+        servers=("localhost:4222",),
+        durable=None,
+        batch_size=500,
+        timeout=10,
+        auth_mode="none",
+        credentials=(None, None, None, None),
+        placeholders=[],
+    )
 
 
 def test_username_password_durable() -> None:
-    pipeline = _parse(_around(PAGE_USERPASS))
-    address = pipeline.manifest.source.address
-    options = pipeline.manifest.source.options
-
-    assert address.servers == ("nats.prod:4222",)
-    assert address.subject == "orders.created"
-    assert address.durable == "nilus-orders"
-    assert address.batch_size == 1000
-    assert address.timeout == 30
-    assert options.source_table == "orders-stream"
-    assert options.run_in_loop is True
-    assert address.auth_mode == "user/password"
-    assert (address.user, address.password) == ("{NATS_USERNAME}", "{NATS_PASSWORD}")
-    assert address.token is None and address.nkeys_seed is None
-    assert address.placeholders() == ["NATS_USERNAME", "NATS_PASSWORD"]
-    _assert_page_sink(pipeline)
+    _assert_page_source(
+        _parse(_around(PAGE_USERPASS)),
+        servers=("nats.prod:4222",),
+        durable="nilus-orders",
+        batch_size=1000,
+        timeout=30,
+        auth_mode="user/password",
+        credentials=("{NATS_USERNAME}", "{NATS_PASSWORD}", None, None),
+        placeholders=["NATS_USERNAME", "NATS_PASSWORD"],
+    )
 
 
 @pytest.mark.parametrize("block", [PAGE_TOKEN, PAGE_TOKEN_USERINFO], ids=["query", "userinfo"])
 def test_token(block: str) -> None:
-    pipeline = _parse(_around(block))
-    address = pipeline.manifest.source.address
-    options = pipeline.manifest.source.options
-
-    assert address.servers == ("nats.prod:4222",)
-    assert address.subject == "orders.created"
-    assert address.durable is None
-    assert address.batch_size == 1000
-    assert address.timeout == 30
-    assert options.source_table == "orders-stream"
-    assert options.run_in_loop is True
-    assert address.auth_mode == "token"
-    assert address.token == "{NATS_TOKEN}"
-    assert address.user is None and address.password is None and address.nkeys_seed is None
-    assert address.placeholders() == ["NATS_TOKEN"]
-    _assert_page_sink(pipeline)
+    _assert_page_source(
+        _parse(_around(block)),
+        servers=("nats.prod:4222",),
+        durable=None,
+        batch_size=1000,
+        timeout=30,
+        auth_mode="token",
+        credentials=(None, None, "{NATS_TOKEN}", None),
+        placeholders=["NATS_TOKEN"],
+    )
 
 
 def test_both_token_forms_give_one_model() -> None:
@@ -163,28 +174,21 @@ def test_both_token_forms_give_one_model() -> None:
 
 
 def test_nkeys_seed() -> None:
-    pipeline = _parse(_around(PAGE_NKEYS))
-    address = pipeline.manifest.source.address
-    options = pipeline.manifest.source.options
-
-    assert address.servers == ("nats.prod:4222",)
-    assert address.subject == "orders.created"
-    assert address.durable is None
-    assert address.batch_size == 1000
-    assert address.timeout == 30
-    assert options.source_table == "orders-stream"
-    assert options.run_in_loop is True
-    assert address.auth_mode == "nkeys"
-    assert address.nkeys_seed == "{NATS_NKEYS_SEED}"
-    assert address.user is None and address.password is None and address.token is None
-    assert address.placeholders() == ["NATS_NKEYS_SEED"]
-    _assert_page_sink(pipeline)
+    _assert_page_source(
+        _parse(_around(PAGE_NKEYS)),
+        servers=("nats.prod:4222",),
+        durable=None,
+        batch_size=1000,
+        timeout=30,
+        auth_mode="nkeys",
+        credentials=(None, None, None, "{NATS_NKEYS_SEED}"),
+        placeholders=["NATS_NKEYS_SEED"],
+    )
 
 
 def test_sample_nilus_config() -> None:
     pipeline = _parse(PAGE_SAMPLE, "nats-orders-stream.yaml")
     manifest = pipeline.manifest
-    address = manifest.source.address
 
     assert manifest.name == pipeline.name == "nats-orders-stream"
     assert manifest.version == "v1alpha"
@@ -193,17 +197,17 @@ def test_sample_nilus_config() -> None:
     assert manifest.description == "Stream NATS+JetStream orders into the lakehouse."
     assert manifest.spec.type == "stream"
     assert manifest.spec.compute == "universe-compute"
-    assert address.servers == ("nats.prod:4222",)
-    assert address.subject == pipeline.subject == "orders.created"
-    assert address.durable == "nilus-orders"
-    assert address.batch_size == 1000
-    assert address.timeout == 30
-    assert address.auth_mode == "nkeys"
-    assert address.placeholders() == ["NATS_NKEYS_SEED"]
-    assert manifest.source.options.source_table == pipeline.stream == "orders-stream"
-    assert manifest.source.options.run_in_loop is True
     assert pipeline.app_id == "nilus-dagster/nats-orders-stream"
-    _assert_page_sink(pipeline)
+    _assert_page_source(
+        pipeline,
+        servers=("nats.prod:4222",),
+        durable="nilus-orders",
+        batch_size=1000,
+        timeout=30,
+        auth_mode="nkeys",
+        credentials=(None, None, None, "{NATS_NKEYS_SEED}"),
+        placeholders=["NATS_NKEYS_SEED"],
+    )
 
 
 def test_example_sink_defaults() -> None:
