@@ -73,26 +73,23 @@ def parse_ack_reply(reply: str) -> AckMetadata:
     n = len(tokens)
     if n < 9 or tokens[0] != "$JS" or tokens[1] != "ACK" or n == 10 or n > 12:
         raise ValueError(f"not a JetStream ack subject: {reply!r}")
-    if n == 9:
-        return AckMetadata(
-            stream=tokens[2],
-            consumer=tokens[3],
-            delivered=int(tokens[4]),
-            stream_seq=int(tokens[5]),
-            consumer_seq=int(tokens[6]),
-            timestamp_ns=int(tokens[7]),
-            pending=int(tokens[8]),
-        )
+    at = _stream_seq_token(n)
     return AckMetadata(
-        domain=None if tokens[2] == "_" else tokens[2],
-        stream=tokens[4],
-        consumer=tokens[5],
-        delivered=int(tokens[6]),
-        stream_seq=int(tokens[7]),
-        consumer_seq=int(tokens[8]),
-        timestamp_ns=int(tokens[9]),
-        pending=int(tokens[10]),
+        domain=None if n == 9 or tokens[2] == "_" else tokens[2],
+        stream=tokens[at - 3],
+        consumer=tokens[at - 2],
+        delivered=int(tokens[at - 1]),
+        stream_seq=int(tokens[at]),
+        consumer_seq=int(tokens[at + 1]),
+        timestamp_ns=int(tokens[at + 2]),
+        pending=int(tokens[at + 3]),
     )
+
+
+def _stream_seq_token(width: int) -> int:
+    """Where the stream sequence is in an ack subject of ``width`` tokens (v1: 9; v2: 11, or
+    12 with a trailing random token); consumer sequence, timestamp and pending follow it."""
+    return 5 if width == 9 else 7
 
 
 @dataclass
@@ -128,8 +125,15 @@ def _ack_fields(replies: list[bytes], width: int) -> list[list[bytes]] | None:
         or flat[1::width].count(b"ACK") != count
     ):
         return None
-    start = width - 4 - (1 if width == 12 else 0)
+    start = _stream_seq_token(width)
     return [flat[i::width] for i in range(start, start + 4)]
+
+
+def _ack_fields_each(replies: list[bytes]) -> list[list[bytes]]:
+    """:func:`_ack_fields` one reply at a time, whatever form each has."""
+    tokens = [r.split(b".") for r in replies]
+    starts = [_stream_seq_token(len(t)) for t in tokens]
+    return [[t[at + i] for t, at in zip(tokens, starts, strict=True)] for i in range(4)]
 
 
 class BulkPuller:
@@ -315,15 +319,12 @@ class BulkPuller:
         self._credit -= count
         self.delivered += count
         self._last_activity = time.monotonic()
-        # v1 has 9 tokens; v2 has 11, or 12 with a trailing random token. One consumer's
-        # replies all have the same form.
+        # One consumer's replies all have the same form (see _stream_seq_token).
         width = replies[0].count(b".") + 1
-        shift = 1 if width == 12 else 0
         fields = _ack_fields(replies, width)
         if fields is None:
-            tokens = [r.split(b".") for r in replies]
-            fields = [[t[i - width] for t in tokens] for i in range(width - 4 - shift, width)]
-        seq_tokens, cseq_tokens, time_tokens, pending_tokens = fields[:4]
+            fields = _ack_fields_each(replies)
+        seq_tokens, cseq_tokens, time_tokens, pending_tokens = fields
         first_cseq = int(cseq_tokens[0])
         last_cseq = int(cseq_tokens[-1])
         # Deliveries of one consumer are numbered without holes; a hole is a lost message.
