@@ -199,15 +199,7 @@ class Bench:
             raise RuntimeError(f"{stream}: published {count}, the stream holds {messages}")
         self.counts[key] = count
         self.bytes[key] = sum(len(o) for o in workload.orders(0, count, self.args.size))
-        self.manifests[key] = workload.write_manifest(
-            self.work / f"{key}.yaml",
-            name=f"bench_{key}",
-            hostport=self.hostport,
-            stream=stream,
-            subject=subject,
-            batch_size=self.args.batch_size,
-            commit_rows=self.args.commit_rows,
-        )
+        self._write_manifest(key, stream, subject)
         _say(f"published {count:,} orders to {stream} in {seconds:.1f}s ({count / seconds:,.0f}/s)")
 
     def table_uri(self, key: str, lakehouse: Path) -> str:
@@ -323,6 +315,11 @@ class Bench:
         """A stream with one warm-up message, and the pipeline over it; its table's URI."""
         asyncio.run(workload.create_stream(self.url, stream, [subject]))
         asyncio.run(workload.publish(self.url, subject, 1, self.args.size))
+        self._write_manifest(key, stream, subject, **manifest)
+        return self.table_uri(key, self.work / f"lake-{key}")
+
+    def _write_manifest(self, key: str, stream: str, subject: str, **manifest: Any) -> None:
+        """The pipeline ``bench_<key>`` over ``subject``, with this run's pull and commit sizes."""
         self.manifests[key] = workload.write_manifest(
             self.work / f"{key}.yaml",
             name=f"bench_{key.replace('-', '_')}",
@@ -333,7 +330,6 @@ class Bench:
             commit_rows=self.args.commit_rows,
             **manifest,
         )
-        return self.table_uri(key, self.work / f"lake-{key}")
 
     def _latency_result(
         self, key: str, uri: str, sent: int, rate: float, seconds: float, runs: int, how: str
