@@ -590,15 +590,7 @@ class JetStreamSource:
             )
             return
         try:
-            if await self._reset_durable(link, seq + 1) is None:
-                if link.server_version >= (2, 14, 0):
-                    logger.warning(
-                        "durable consumer %s could not be reset past sequence %d in place (were "
-                        "its settings changed?); recreating it",
-                        name,
-                        seq,
-                    )
-                await self._recreate_durable(link, seq + 1)
+            await self._move_durable(link, seq + 1)
         except Exception as exc:  # the data is committed; only the mirror is behind
             logger.warning(
                 "could not move durable consumer %s past sequence %d: %s",
@@ -647,9 +639,28 @@ class JetStreamSource:
                 start_seq,
                 reason,
             )
-            if resettable(info, self.spec) and await self._reset_durable(link, start_seq):
-                return
-        await self._recreate_durable(link, start_seq, exists=info is not None)
+            await self._move_durable(link, start_seq, info)
+            return
+        await self._recreate_durable(link, start_seq, exists=False)
+
+    async def _move_durable(
+        self, link: Link, start_seq: int, info: dict[str, Any] | None = None
+    ) -> None:
+        """Put the existing durable at ``start_seq``: reset in place where the server (2.14+)
+        and its settings (``info``, when known) allow, else delete and recreate it."""
+        if (info is None or resettable(info, self.spec)) and await self._reset_durable(
+            link, start_seq
+        ):
+            return
+        if info is None and link.server_version >= (2, 14, 0):
+            # (A realignment logged its reason already.)
+            logger.warning(
+                "durable consumer %s could not be reset to sequence %d in place (were its "
+                "settings changed?); recreating it",
+                self.spec.durable,
+                start_seq,
+            )
+        await self._recreate_durable(link, start_seq)
 
     async def _recreate_durable(self, link: Link, start_seq: int, *, exists: bool = True) -> None:
         """Delete the durable (when it exists) and create it at ``start_seq``."""
