@@ -4,8 +4,10 @@ import asyncio
 import itertools
 import json
 import os
+import subprocess
+import sys
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -18,6 +20,36 @@ from nilus_dagster.jetstream.local_server import (
 )
 
 _counter = itertools.count()
+
+
+CLI = [sys.executable, "-m", "nilus_dagster.cli"]
+
+
+def run_cli(
+    *args: str,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 60,
+) -> subprocess.CompletedProcess[str]:
+    """``nilus-dagster ARGS`` in a subprocess, waited for, its output captured as text."""
+    return subprocess.run(
+        [*CLI, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def start_cli_run(
+    path: object, *, stdout: int = subprocess.DEVNULL, stderr: int = subprocess.DEVNULL
+) -> subprocess.Popen[str]:
+    """``nilus-dagster run PATH --drain`` started in a subprocess and not waited for (to run
+    beside another run, or to be killed); output discarded unless ``subprocess.PIPE``d."""
+    return subprocess.Popen(
+        [*CLI, "run", str(path), "--drain"],
+        stdout=stdout,
+        stderr=stderr,
+        text=True,
+        errors="replace",
+        env=os.environ.copy(),
+    )
 
 
 @pytest.fixture(scope="session")

@@ -5,11 +5,10 @@ the field; a new field adds a column; every message is a row or a dead letter, n
 """
 
 import json
-import subprocess
-import sys
 
 import pytest
 from checker import check_exactly_once
+from conftest import run_cli
 from deltalake import DeltaTable
 
 from nilus_dagster.engine import run_pipeline
@@ -101,12 +100,7 @@ def test_a_big_batch_missing_a_nested_column_does_not_abort_the_process(
     pad = "p" * 900
     rest = publisher.publish(subject, [{"id": i, "pad": pad} for i in range(1, 12_001)])
 
-    done = subprocess.run(
-        [sys.executable, "-m", "nilus_dagster.cli", "run", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_cli("run", str(path), timeout=120)
 
     assert done.returncode == 0, done.stderr[-2000:]
     result = check_exactly_once(pipeline.table_location().uri, first + rest, pipeline.app_id)

@@ -1,14 +1,12 @@
 """The position survives a run killed with SIGKILL at random points: every sequence once."""
 
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from checker import check_exactly_once
+from conftest import start_cli_run
 from deltalake import DeltaTable
 
 from nilus_dagster.engine import run_pipeline
@@ -37,12 +35,7 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(
     positions = []
     for _ in range(5):
         before = _commits(table)
-        process = subprocess.Popen(
-            [sys.executable, "-m", "nilus_dagster.cli", "run", str(path), "--drain"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=os.environ.copy(),
-        )
+        process = start_cli_run(path)
         deadline = time.monotonic() + 30
         while _commits(table) <= before and time.monotonic() < deadline:
             if process.poll() is not None:

@@ -5,13 +5,11 @@ run. The table's position is read and written through one snapshot, so the slowe
 commit conflicts, re-reads the position and writes only what is still its own.
 """
 
-import os
 import subprocess
-import sys
 
 import pytest
 from checker import check_exactly_once, consumer_state, order_keys
-from conftest import order
+from conftest import order, start_cli_run
 
 from nilus_dagster.manifest import parse_pipeline
 
@@ -21,13 +19,7 @@ def _payloads(start: int, count: int) -> list[bytes | dict[str, object]]:
 
 
 def _run(path: object) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "nilus_dagster.cli", "run", str(path), "--drain"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=os.environ.copy(),
-    )
+    return start_cli_run(path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 # With a shared durable, both runs once read from it, and one run's deliveries went to the

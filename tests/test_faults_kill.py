@@ -12,14 +12,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from checker import DEAD_LETTER_SUFFIX, check_exactly_once, consumer_state
-from conftest import order
+from conftest import order, start_cli_run
 from deltalake import DeltaTable
 
 from nilus_dagster.engine import run_pipeline
@@ -32,15 +31,6 @@ def _payloads(count: int, start: int = 0) -> list[bytes | dict[str, object]]:
     return [
         b"poison %d" % i if i % POISON_EVERY == 5 else order(i) for i in range(start, start + count)
     ]
-
-
-def _launch(path: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "nilus_dagster.cli", "run", str(path), "--drain"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=os.environ.copy(),
-    )
 
 
 def _commits(table: Path) -> int:
@@ -72,7 +62,7 @@ def _position(table: Path, app_id: str) -> int:
 
 
 def _kill_when(
-    process: subprocess.Popen[bytes],
+    process: subprocess.Popen[str],
     event: Callable[[], bool],
     *,
     delay: float = 0.0,
@@ -131,7 +121,7 @@ def test_sigkill_between_the_steps_of_a_commit(
             "committed": lambda n=commits: _commits(table) > n,
         }
         before = _position(table, pipeline.app_id)
-        if not _kill_when(_launch(path), events[step]):
+        if not _kill_when(start_cli_run(path), events[step]):
             pytest.fail(f"the run finished before {step} was seen; publish more")
         after = _position(table, pipeline.app_id)
         if step == "data-written":
@@ -174,7 +164,7 @@ def test_sigkill_while_the_first_commit_creates_the_tables(
     for delay in (0, 0, 0.001, 0.002, 0.004, 0.008, 0.015, 0.03, 0.06):
         shutil.rmtree(table, ignore_errors=True)
         shutil.rmtree(dead, ignore_errors=True)
-        process = _launch(path)
+        process = start_cli_run(path)
         # The dead letters of the first chunk create their table first, then the rows'.
         if not _kill_when(process, lambda: dead.exists() or table.exists(), delay=delay):
             pytest.fail("the run ended before it created a table")

@@ -17,14 +17,13 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
 
 import pytest
 from checker import check_exactly_once, consumer_state
-from conftest import order
+from conftest import order, start_cli_run
 
 from nilus_dagster.engine import run_pipeline
 from nilus_dagster.manifest import parse_pipeline
@@ -82,15 +81,6 @@ class _Publisher(threading.Thread):
             await nc.close()
 
 
-def _launch(path: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "nilus_dagster.cli", "run", path, "--drain"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=os.environ.copy(),
-    )
-
-
 @pytest.mark.timeout(SECONDS + 600)  # the suite's per-test limit would end a long soak
 @pytest.mark.parametrize("query", ["", f"&durable={DURABLE}&ack_policy=all"])
 def test_soak(nats_server_factory, write_manifest, query):
@@ -112,7 +102,10 @@ def test_soak(nats_server_factory, write_manifest, query):
     while time.monotonic() < deadline:
         fault = rng.choice(["none", "kill-run", "kill-server", "pause-server", "two-runs"])
         faults[fault] += 1
-        runs = [_launch(path)] + ([_launch(path)] if fault == "two-runs" else [])
+        runs = [
+            start_cli_run(path, stderr=subprocess.PIPE)
+            for _ in range(2 if fault == "two-runs" else 1)
+        ]
         time.sleep(rng.uniform(0.05, 1.5))
         if fault == "kill-run":
             runs[0].send_signal(signal.SIGKILL)
@@ -138,7 +131,7 @@ def test_soak(nats_server_factory, write_manifest, query):
             elif code == -signal.SIGKILL:
                 outcomes["killed"] += 1
             else:
-                reason = err.decode(errors="replace").strip().splitlines()[-1:] or ["?"]
+                reason = err.strip().splitlines()[-1:] or ["?"]
                 outcomes[f"failed: {reason[0][:120]}"] += 1
 
     publisher.stop.set()

@@ -5,15 +5,13 @@ stream deleted and recreated (between runs or during one) is a clear PositionErr
 of the new stream is written as if it were the old one.
 """
 
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 from checker import check_exactly_once
-from conftest import order
+from conftest import order, run_cli
 
 from nilus_dagster.engine import measure_lag, run_pipeline
 from nilus_dagster.errors import PositionError
@@ -104,12 +102,7 @@ def test_stream_recreated_with_fewer_messages_is_a_clear_error_from_the_cli(
     publisher.create_stream(stream_name, [f"{stream_name}.>"])
     publisher.publish_orders(subject, 10, start=1_000)  # last_seq 10 < position 50
 
-    done = subprocess.run(
-        [sys.executable, "-m", "nilus_dagster.cli", "run", str(pipeline.path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_cli("run", str(pipeline.path))
 
     assert done.returncode == 1
     assert done.stderr.startswith("error: ") and "recreated" in done.stderr, done.stderr

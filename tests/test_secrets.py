@@ -15,8 +15,6 @@ import base64
 import contextlib
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import dagster as dg
 import nats
 import nkeys
 import pytest
+from conftest import run_cli
 
 from nilus_dagster.dagster import (
     DeltaSinkResource,
@@ -118,16 +117,6 @@ def _leaks(texts: dict[str, str | bytes], secrets: set[str]) -> list[str]:
     return found
 
 
-def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "nilus_dagster.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
-
-
 @pytest.mark.parametrize("mode", list(MODES))
 def test_secrets_appear_nowhere(
     mode,
@@ -154,11 +143,11 @@ def test_secrets_appear_nowhere(
     base_env = {**os.environ, **env}
 
     # The engine through the CLI: a run, the lag, and a run with the wrong secret.
-    ran = _cli("run", str(path), env=base_env)
+    ran = run_cli("run", str(path), env=base_env)
     assert ran.returncode == 0, ran.stderr
-    lag = _cli("lag", str(path), env=base_env)
+    lag = run_cli("lag", str(path), env=base_env)
     assert lag.returncode == 0, lag.stderr
-    refused = _cli("run", str(path), env={**os.environ, **wrong_env})
+    refused = run_cli("run", str(path), env={**os.environ, **wrong_env})
     assert refused.returncode == 1 and "authorization" in refused.stderr.lower(), refused.stderr
     for name, done in {"cli run": ran, "cli lag": lag, "cli wrong": refused}.items():
         texts[f"{name} stdout"], texts[f"{name} stderr"] = done.stdout, done.stderr
@@ -232,10 +221,10 @@ def test_a_literal_password_in_the_manifest_appears_nowhere_else(
         stream=STREAM,
     )
     texts: dict[str, str | bytes] = {}
-    ran = _cli("run", str(path), env=dict(os.environ))
+    ran = run_cli("run", str(path), env=dict(os.environ))
     assert ran.returncode == 0, ran.stderr
     texts["cli stdout"], texts["cli stderr"] = ran.stdout, ran.stderr
-    validated = _cli("validate", str(path), env=dict(os.environ))
+    validated = run_cli("validate", str(path), env=dict(os.environ))
     texts["validate"] = validated.stdout + validated.stderr
     _prepare(server.url, connect, 5)
     pipeline = parse_pipeline(path)

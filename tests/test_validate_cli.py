@@ -1,12 +1,11 @@
 """``nilus-dagster validate``: one line per good pipeline, ``FILE: FIELD: message`` per problem."""
 
 import re
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 from nilus_dagster.cli import main
 
@@ -41,18 +40,8 @@ def write(folder: Path, file: str, text: str) -> Path:
     return folder / file
 
 
-def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "nilus_dagster.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 def test_shipped_pipelines_validate() -> None:
-    result = run_cli("validate", "pipelines")
+    result = run_cli("validate", "pipelines", cwd=REPO)
 
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
@@ -82,7 +71,7 @@ def test_problems_exit_1_with_file_field_message_lines(tmp_path: Path) -> None:
     broken = write(tmp_path, "broken.yaml", "name: x\nspec: [\n")
     write(tmp_path, "good.yaml", manifest("good"))
 
-    result = run_cli("validate", str(tmp_path))
+    result = run_cli("validate", str(tmp_path), cwd=REPO)
 
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
@@ -105,7 +94,7 @@ def test_globs_and_files(tmp_path: Path) -> None:
     write(tmp_path / "a", "two.yml", manifest("two"))
     three = write(tmp_path / "b", "three.yaml", manifest("three"))
 
-    result = run_cli("validate", str(tmp_path / "a" / "*.y*ml"), str(three))
+    result = run_cli("validate", str(tmp_path / "a" / "*.y*ml"), str(three), cwd=REPO)
 
     assert result.returncode == 0, result.stderr
     names = [line.split(": ")[1] for line in result.stdout.splitlines()]
@@ -113,7 +102,7 @@ def test_globs_and_files(tmp_path: Path) -> None:
 
 
 def test_nothing_found_is_a_problem(tmp_path: Path) -> None:
-    result = run_cli("validate", str(tmp_path / "*.yaml"))
+    result = run_cli("validate", str(tmp_path / "*.yaml"), cwd=REPO)
 
     assert result.returncode == 1
     assert (
@@ -198,7 +187,7 @@ def test_never_a_traceback_on_odd_input(tmp_path: Path) -> None:
     write(tmp_path, "deep.yaml", "[" * 5000)
     (tmp_path / "folder.yaml").mkdir()
 
-    result = run_cli("validate", str(tmp_path))
+    result = run_cli("validate", str(tmp_path), cwd=REPO)
 
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
