@@ -15,7 +15,7 @@ import base64
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -30,6 +30,7 @@ from nilus_dagster.dagster import (
     build_nilus_asset,
     build_pipeline_definitions,
 )
+from nilus_dagster.jetstream.local_server import LocalNatsServer
 from nilus_dagster.manifest import parse_pipeline
 
 STREAM = "SECRETS"
@@ -101,10 +102,52 @@ def _prepare(url: str, connect: dict[str, str], count: int) -> None:
     asyncio.run(go())
 
 
+def _serve(
+    nats_server_factory: Callable[..., LocalNatsServer],
+    write_manifest: Callable[..., Path],
+    config: str,
+    connect: dict[str, str],
+    count: int,
+    *,
+    userinfo: str,
+    query: str = "",
+) -> tuple[LocalNatsServer, Path]:
+    """A server with ``config`` holding ``count`` messages, and a manifest reading them with
+    ``userinfo`` (``user:password@``) and ``query`` in its address."""
+    server = nats_server_factory(config)
+    _prepare(server.url, connect, count)
+    path = write_manifest(
+        address=f"nats+jetstream://{userinfo}{server.hostport}?subject={SUBJECT}{query}",
+        stream=STREAM,
+    )
+    return server, path
+
+
+def _materialize(
+    asset: dg.AssetsDefinition, instance: dg.DagsterInstance, **kwargs: object
+) -> dg.ExecuteInProcessResult:
+    """The asset materialized on the test instance with the package's resources."""
+    resources = {"nats": NatsResource(), "nilus_sink": DeltaSinkResource()}
+    return dg.materialize([asset], instance=instance, resources=resources, **kwargs)
+
+
 def _files(root: Path, skip: set[Path]) -> Iterator[tuple[Path, bytes]]:
     for path in root.rglob("*"):
         if path.is_file() and path not in skip:
             yield path, path.read_bytes()
+
+
+def _dagster_storage(instance: dg.DagsterInstance) -> dict[str, str | bytes]:
+    """Every file of a Dagster instance (its SQLite event log and run storage), by name."""
+    return {
+        f"dagster storage {file.name}": data
+        for file, data in _files(Path(instance.root_directory), set())
+    }
+
+
+def _test_files(tmp_path: Path, skip: set[Path]) -> dict[str, str | bytes]:
+    """Every file under the test's folder but ``skip``, by relative path."""
+    return {f"file {file.relative_to(tmp_path)}": data for file, data in _files(tmp_path, skip)}
 
 
 def _leaks(texts: dict[str, str | bytes], secrets: set[str]) -> list[str]:
@@ -133,11 +176,8 @@ def test_secrets_appear_nowhere(
         public = nkeys.from_seed(SEED.encode()).public_key.decode()
         config = f'authorization {{ users = [ {{ nkey: "{public}" }} ] }}'
     caplog.set_level("DEBUG")
-    server = nats_server_factory(config)
-    _prepare(server.url, connect, 40)
-    path = write_manifest(
-        address=f"nats+jetstream://{creds}{server.hostport}?subject={SUBJECT}{query}",
-        stream=STREAM,
+    server, path = _serve(
+        nats_server_factory, write_manifest, config, connect, 40, userinfo=creds, query=query
     )
     texts: dict[str, str | bytes] = {}
     base_env = {**os.environ, **env}
@@ -159,9 +199,8 @@ def test_secrets_appear_nowhere(
     pipeline = parse_pipeline(path)
     defs = build_pipeline_definitions(pipeline)
     asset = build_nilus_asset(pipeline)
-    resources = {"nats": NatsResource(), "nilus_sink": DeltaSinkResource()}
     with dg.instance_for_test() as instance:
-        result = dg.materialize([asset], instance=instance, resources=resources)
+        result = _materialize(asset, instance)
         assert result.success
         _prepare(server.url, connect, 5)
         sensor = defs.resolve_sensor_def(f"{pipeline.name}_sensor")
@@ -173,9 +212,7 @@ def test_secrets_appear_nowhere(
         texts["sensor tick"] = repr(tick)
         for key, value in wrong_env.items():
             monkeypatch.setenv(key, value)
-        failed = dg.materialize(
-            [asset], instance=instance, resources=resources, raise_on_error=False
-        )
+        failed = _materialize(asset, instance, raise_on_error=False)
         assert not failed.success
         failure = failed.failure_data_for_node(failed.job_def.nodes[0].name)
         assert failure is not None and "authorization" in str(failure.error).lower()
@@ -184,15 +221,12 @@ def test_secrets_appear_nowhere(
             dg.EventRecordsFilter(dg.DagsterEventType.RUN_FAILURE)
         ):
             texts["dagster run failure event"] = repr(record)
-        for path_, data in _files(Path(instance.root_directory), set()):
-            texts[f"dagster storage {path_.name}"] = data
+        texts.update(_dagster_storage(instance))
 
     out, err = capfd.readouterr()
     texts["captured stdout"], texts["captured stderr"] = out, err
     texts["logging"] = caplog.text
-    skip = set(tmp_path.rglob("server.conf"))
-    for file, data in _files(tmp_path, skip):
-        texts[f"file {file.relative_to(tmp_path)}"] = data
+    texts.update(_test_files(tmp_path, skip=set(tmp_path.rglob("server.conf"))))
     assert any("_delta_log" in where for where in texts), "no Delta log was searched"
     # The search sees what it should: the materialization's metadata in Dagster's storage,
     # the run's report in the CLI output, the server's log of the refused connection.
@@ -214,11 +248,8 @@ def test_a_literal_password_in_the_manifest_appears_nowhere_else(
     # asset's metadata, descriptions and run records carry the address, redacted.
     config, _, _, _, connect, _, _ = MODES["password"]
     caplog.set_level("DEBUG")
-    server = nats_server_factory(config)
-    _prepare(server.url, connect, 20)
-    path = write_manifest(
-        address=f"nats+jetstream://alice:{PASSWORD}@{server.hostport}?subject={SUBJECT}",
-        stream=STREAM,
+    server, path = _serve(
+        nats_server_factory, write_manifest, config, connect, 20, userinfo=f"alice:{PASSWORD}@"
     )
     texts: dict[str, str | bytes] = {}
     ran = run_cli("run", str(path), env=dict(os.environ))
@@ -230,21 +261,14 @@ def test_a_literal_password_in_the_manifest_appears_nowhere_else(
     pipeline = parse_pipeline(path)
     defs = build_pipeline_definitions(pipeline)
     with dg.instance_for_test() as instance:
-        result = dg.materialize(
-            [build_nilus_asset(pipeline)],
-            instance=instance,
-            resources={"nats": NatsResource(), "nilus_sink": DeltaSinkResource()},
-        )
+        result = _materialize(build_nilus_asset(pipeline), instance)
         assert result.success
         spec = defs.resolve_assets_def(dg.AssetKey(pipeline.name))
         texts["asset metadata"] = repr(spec.metadata_by_key) + repr(spec.descriptions_by_key)
-        for file, data in _files(Path(instance.root_directory), set()):
-            texts[f"dagster storage {file.name}"] = data
+        texts.update(_dagster_storage(instance))
     out, err = capfd.readouterr()
     texts["captured"], texts["logging"] = out + err, caplog.text
-    skip = set(tmp_path.rglob("server.conf")) | {path}
-    for file, data in _files(tmp_path, skip):
-        texts[f"file {file.relative_to(tmp_path)}"] = data
+    texts.update(_test_files(tmp_path, skip=set(tmp_path.rglob("server.conf")) | {path}))
 
     assert "alice:***@" in texts["asset metadata"] or "***" in texts["asset metadata"]
     leaks = _leaks(texts, _forms(PASSWORD))
@@ -271,9 +295,5 @@ def test_dagster_runs_work_with_log_redaction_installed(
         )
     )
     with dg.instance_for_test() as instance:
-        result = dg.materialize(
-            [build_nilus_asset(pipeline)],
-            instance=instance,
-            resources={"nats": NatsResource(), "nilus_sink": DeltaSinkResource()},
-        )
+        result = _materialize(build_nilus_asset(pipeline), instance)
     assert result.success
