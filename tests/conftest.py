@@ -188,6 +188,31 @@ def publisher(nats_server: LocalNatsServer) -> Publisher:
     return Publisher(nats_server.url)
 
 
+def write_pipeline_file(
+    folder: Path, name: str, *, run_in_loop: bool = True, query: str = ""
+) -> Path:
+    """``folder/name.yaml``: a small pipeline on ``localhost:4222`` (subject ``name.x``, stream
+    ``NAME``, table ``s.name``), for definitions that are built but not run."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.yaml"
+    path.write_text(
+        textwrap.dedent(
+            f"""\
+            name: {name}
+            spec:
+              type: stream
+              source:
+                address: nats+jetstream://localhost:4222?subject={name}.x{query}
+                options: {{source_table: {name.upper()}, run_in_loop: {str(run_in_loop).lower()}}}
+              sink:
+                address: dataos://lake?purpose=rw
+                options: {{dest_table: s.{name.replace("-", "_")}}}
+            """
+        )
+    )
+    return path
+
+
 @pytest.fixture
 def write_manifest(tmp_path: Path) -> Callable[..., Path]:
     """Write a pipeline manifest to a temp file; keyword arguments fill the template."""

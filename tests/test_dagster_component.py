@@ -1,38 +1,17 @@
 """NilusPipelinesComponent: from attributes, and from a defs.yaml in a components project."""
 
-import textwrap
 from pathlib import Path
 
 import dagster as dg
+from conftest import write_pipeline_file
 from dagster.components.testing import create_defs_folder_sandbox
 
 from nilus_dagster.dagster import DeltaSinkResource, NatsResource, NilusPipelinesComponent
 
 
-def _write(folder: Path, name: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.yaml"
-    path.write_text(
-        textwrap.dedent(
-            f"""\
-            name: {name}
-            spec:
-              type: stream
-              source:
-                address: nats+jetstream://localhost:4222?subject={name}
-                options: {{source_table: S, run_in_loop: true}}
-              sink:
-                address: dataos://lake?purpose=rw
-                options: {{dest_table: s.{name}}}
-            """
-        )
-    )
-    return path
-
-
 def test_component_from_attributes_builds_assets_sensors_and_resources(tmp_path):
-    _write(tmp_path / "pipelines", "alpha")
-    _write(tmp_path / "pipelines", "beta")
+    write_pipeline_file(tmp_path / "pipelines", "alpha")
+    write_pipeline_file(tmp_path / "pipelines", "beta")
 
     component = NilusPipelinesComponent.from_attributes_dict(
         attributes={
@@ -69,7 +48,7 @@ def test_component_in_a_defs_folder_resolves_paths_next_to_defs_yaml():
                 },
             },
         )
-        _write(defs_path / "manifests", "gamma")
+        write_pipeline_file(defs_path / "manifests", "gamma")
         (defs_path / "depots.yaml").write_text("depots: {lake: {root: ./lakehouse}}\n")
 
         with sandbox.load_component_and_build_defs(defs_path=defs_path) as (component, defs):

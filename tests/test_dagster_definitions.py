@@ -5,11 +5,11 @@ import os
 import runpy
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import dagster as dg
 import pytest
+from conftest import write_pipeline_file
 
 from nilus_dagster.dagster import (
     NatsResource,
@@ -20,27 +20,6 @@ from nilus_dagster.dagster import (
 from nilus_dagster.errors import ManifestError
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _write(folder: Path, name: str, *, run_in_loop: bool = True, query: str = "") -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.yaml"
-    path.write_text(
-        textwrap.dedent(
-            f"""\
-            name: {name}
-            spec:
-              type: stream
-              source:
-                address: nats+jetstream://localhost:4222?subject={name}.x{query}
-                options: {{source_table: {name.upper()}, run_in_loop: {str(run_in_loop).lower()}}}
-              sink:
-                address: dataos://lake?purpose=rw
-                options: {{dest_table: s.{name.replace("-", "_")}}}
-            """
-        )
-    )
-    return path
 
 
 def _bad(folder: Path) -> Path:
@@ -55,8 +34,8 @@ def _bad(folder: Path) -> Path:
 
 def test_every_manifest_becomes_an_asset_and_a_sensor(tmp_path):
     folder = tmp_path / "pipelines"
-    _write(folder, "alpha", query="&timeout=3")
-    _write(folder / "nested", "beta", run_in_loop=False)
+    write_pipeline_file(folder, "alpha", query="&timeout=3")
+    write_pipeline_file(folder / "nested", "beta", run_in_loop=False)
     (folder / "depots.yaml").write_text("depots: {lake: {root: /tmp/x}}\n")
 
     defs = build_nilus_definitions(folder)
@@ -72,7 +51,7 @@ def test_every_manifest_becomes_an_asset_and_a_sensor(tmp_path):
 
 
 def test_sensor_interval_can_be_set_in_spec_dagster(tmp_path):
-    path = _write(tmp_path, "gamma")
+    path = write_pipeline_file(tmp_path, "gamma")
     path.write_text(path.read_text() + "  dagster: {sensor_interval_seconds: 42}\n")
 
     sensor = build_pipeline_definitions(path).get_repository_def().get_sensor_def("gamma_sensor")
@@ -82,7 +61,7 @@ def test_sensor_interval_can_be_set_in_spec_dagster(tmp_path):
 
 def test_a_bad_manifest_is_skipped_and_logged_the_others_load(tmp_path, caplog):
     folder = tmp_path / "pipelines"
-    _write(folder, "alpha")
+    write_pipeline_file(folder, "alpha")
     bad = _bad(folder)
 
     with caplog.at_level(logging.WARNING, logger="nilus_dagster.dagster"):
@@ -97,7 +76,7 @@ def test_a_bad_manifest_is_skipped_and_logged_the_others_load(tmp_path, caplog):
 
 
 def test_spec_dagster_settings_dagster_refuses_are_skipped_too(tmp_path, caplog):
-    path = _write(tmp_path, "delta")
+    path = write_pipeline_file(tmp_path, "delta")
     path.write_text(path.read_text() + "  dagster: {partitions_start: 'not a date'}\n")
 
     with caplog.at_level(logging.WARNING, logger="nilus_dagster.dagster"):
@@ -108,7 +87,7 @@ def test_spec_dagster_settings_dagster_refuses_are_skipped_too(tmp_path, caplog)
 
 
 def test_on_invalid_fail_raises_with_every_problem(tmp_path):
-    _write(tmp_path, "alpha")
+    write_pipeline_file(tmp_path, "alpha")
     bad = _bad(tmp_path)
 
     with pytest.raises(ManifestError) as raised:
@@ -120,11 +99,12 @@ def test_on_invalid_fail_raises_with_every_problem(tmp_path):
 def test_resources_can_be_overridden_and_per_pipeline_defs_merge(tmp_path):
     nats = NatsResource(servers=["other:4222"])
     defs = build_nilus_definitions(
-        [_write(tmp_path, "alpha"), _write(tmp_path, "beta")], resources={"nats": nats}
+        [write_pipeline_file(tmp_path, "alpha"), write_pipeline_file(tmp_path, "beta")],
+        resources={"nats": nats},
     )
     merged = dg.Definitions.merge(
-        build_pipeline_definitions(_write(tmp_path / "a", "one")),
-        build_pipeline_definitions(_write(tmp_path / "b", "two")),
+        build_pipeline_definitions(write_pipeline_file(tmp_path / "a", "one")),
+        build_pipeline_definitions(write_pipeline_file(tmp_path / "b", "two")),
     )
 
     assert defs.resources["nats"] is nats
@@ -143,8 +123,8 @@ def test_root_definitions_module_loads_the_repo_pipelines(monkeypatch):
 
 def test_dagster_asset_list_cli_with_nilus_pipelines(tmp_path):
     folder = tmp_path / "pipelines"
-    _write(folder, "alpha")
-    _write(folder, "beta")
+    write_pipeline_file(folder, "alpha")
+    write_pipeline_file(folder, "beta")
     _bad(folder)
     env = {**os.environ, "NILUS_PIPELINES": str(folder)}
 
