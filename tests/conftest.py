@@ -18,6 +18,7 @@ from nilus_dagster.jetstream.local_server import (
     LocalNatsServer,
     find_nats_server_binary,
 )
+from nilus_dagster.manifest import Pipeline, parse_pipeline
 
 _counter = itertools.count()
 
@@ -263,6 +264,35 @@ def _isolated_lakehouse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.delenv("NILUS_DEPOTS", raising=False)
     monkeypatch.delenv("NILUS_PIPELINES", raising=False)
     monkeypatch.delenv("NILUS_NATS_SERVERS", raising=False)
+
+
+@pytest.fixture
+def stream_pipeline(
+    nats_server: LocalNatsServer,
+    publisher: Publisher,
+    stream_name: str,
+    write_manifest: Callable[..., Path],
+) -> Callable[..., tuple[str, Pipeline]]:
+    """Create the test's stream (``<stream_name>.>``) on the session server and a pipeline that
+    reads ``<stream_name>.<name>`` from it; returns the subject and the parsed pipeline.
+
+    ``query`` is appended to the address (``&batch_size=500``), ``sink_options`` are extra
+    lines under the sink's options, other keywords go to the stream's config (``max_age``).
+    """
+
+    def make(
+        name: str = "orders", *, query: str = "", sink_options: str = "", **stream_config: object
+    ) -> tuple[str, Pipeline]:
+        subject = f"{stream_name}.{name}"
+        publisher.create_stream(stream_name, [f"{stream_name}.>"], **stream_config)
+        path = write_manifest(
+            address=f"nats+jetstream://{nats_server.hostport}?subject={subject}{query}",
+            stream=stream_name,
+            extra_sink_options=sink_options,
+        )
+        return subject, parse_pipeline(path)
+
+    return make
 
 
 @pytest.fixture

@@ -12,30 +12,17 @@ from conftest import run_cli
 from deltalake import DeltaTable
 
 from nilus_dagster.engine import run_pipeline
-from nilus_dagster.manifest import parse_pipeline
 
 
 def _row(i: int, **extra: object) -> dict[str, object]:
     return {"id": i, "amount": i * 1.5, "tags": ["a", "b"], "meta": {"n": i}, **extra}
 
 
-@pytest.fixture
-def pipeline(nats_server, publisher, stream_name, write_manifest):  # type: ignore[no-untyped-def]
-    subject = f"{stream_name}.events"
-    publisher.create_stream(stream_name, [f"{stream_name}.>"])
-    return subject, parse_pipeline(
-        write_manifest(
-            address=f"nats+jetstream://{nats_server.hostport}?subject={subject}&batch_size=500",
-            stream=stream_name,
-        )
-    )
-
-
 @pytest.mark.parametrize("table_exists", [True, False])
 def test_type_changes_mid_batch_are_dead_letters_and_new_fields_are_columns(
-    publisher, pipeline, table_exists
+    publisher, stream_pipeline, table_exists
 ):
-    subject, pipe = pipeline
+    subject, pipe = stream_pipeline("events", query="&batch_size=500")
     published: list[int] = []
     if table_exists:
         published += publisher.publish(subject, [_row(i) for i in range(50)])
@@ -80,27 +67,22 @@ def test_type_changes_mid_batch_are_dead_letters_and_new_fields_are_columns(
     assert rows[seqs[0]]["coupon"] is None and rows[seqs[0]]["meta"]["extra"] is None
 
 
-def test_a_big_batch_missing_a_nested_column_does_not_abort_the_process(
-    nats_server, publisher, stream_name, write_manifest
-):
+def test_a_big_batch_missing_a_nested_column_does_not_abort_the_process(publisher, stream_pipeline):
     # Arrow reads a batch over 4 MB in several blocks, so its columns come in several chunks
     # while the nulls padding the table's missing nested column came in one: deltalake 1.6.6
     # then panicked on the sliced nested struct and aborted the whole process (SIGABRT).
     # In a subprocess, so that a regression fails this test rather than the test run.
-    subject = f"{stream_name}.big"
-    publisher.create_stream(stream_name, [f"{stream_name}.>"])
-    path = write_manifest(
-        address=f"nats+jetstream://{nats_server.hostport}?subject={subject}&batch_size=1000",
-        stream=stream_name,
-        extra_sink_options="commit_max_rows: 20000\ncommit_max_bytes: 100000000\n",
+    subject, pipeline = stream_pipeline(
+        "big",
+        query="&batch_size=1000",
+        sink_options="commit_max_rows: 20000\ncommit_max_bytes: 100000000\n",
     )
-    pipeline = parse_pipeline(path)
     first = publisher.publish(subject, [{"id": 0, "meta": {"x": {"y": 1}}}])
     run_pipeline(pipeline)
     pad = "p" * 900
     rest = publisher.publish(subject, [{"id": i, "pad": pad} for i in range(1, 12_001)])
 
-    done = run_cli("run", str(path), timeout=120)
+    done = run_cli("run", str(pipeline.path), timeout=120)
 
     assert done.returncode == 0, done.stderr[-2000:]
     result = check_exactly_once(pipeline.table_location().uri, first + rest, pipeline.app_id)

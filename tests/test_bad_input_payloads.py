@@ -150,20 +150,13 @@ def test_every_payload_is_a_row_or_a_dead_letter(big_server, write_manifest, pay
 
 @pytest.mark.parametrize("depth", [33, 400, 960, 1_999, 2_500, 25_000])
 def test_a_deeply_nested_object_is_a_dead_letter_not_a_failed_run(
-    nats_server, publisher, stream_name, write_manifest, depth
+    publisher, stream_pipeline, depth
 ):
     # 400..1999 levels once crashed the run with RecursionError (under the bracket count
     # that guards Arrow, over Python's recursion limit in the depth and shape helpers).
-    subject = f"{stream_name}.deep"
-    publisher.create_stream(stream_name, [f"{stream_name}.>"])
+    subject, pipeline = stream_pipeline("deep")
     # With a list that starts with a null, Arrow's read of the batch is invalid as well.
     seqs = publisher.publish(subject, [{"a": 0}, _nested(depth), {"a": 1, "b": [None, 1]}])
-    pipeline = parse_pipeline(
-        write_manifest(
-            address=f"nats+jetstream://{nats_server.hostport}?subject={subject}",
-            stream=stream_name,
-        )
-    )
 
     report = run_pipeline(pipeline)
 
@@ -172,21 +165,12 @@ def test_a_deeply_nested_object_is_a_dead_letter_not_a_failed_run(
     assert result.ok, str(result)
 
 
-def test_empty_objects_and_null_members_never_break_the_table(
-    nats_server, publisher, stream_name, write_manifest
-):
+def test_empty_objects_and_null_members_never_break_the_table(publisher, stream_pipeline):
     # Both once stopped the pipeline for good on valid payloads: struct<> failed every
     # commit ("Parquet does not support writing empty structs"), and a member first seen as
     # null (a void column) that later held an object committed, then left a log that no
     # reader could open ("whilst decoding field 'nullCount' ... expected { got 1").
-    subject = f"{stream_name}.empty"
-    publisher.create_stream(stream_name, [f"{stream_name}.>"])
-    pipeline = parse_pipeline(
-        write_manifest(
-            address=f"nats+jetstream://{nats_server.hostport}?subject={subject}",
-            stream=stream_name,
-        )
-    )
+    subject, pipeline = stream_pipeline("empty")
     first = publisher.publish(
         subject,
         [
@@ -218,13 +202,10 @@ def test_empty_objects_and_null_members_never_break_the_table(
     assert rows[later[1]]["s"] == {"b": None, "c": None}
 
 
-def test_lists_that_start_with_nulls_keep_every_element(
-    nats_server, publisher, stream_name, write_manifest
-):
+def test_lists_that_start_with_nulls_keep_every_element(publisher, stream_pipeline):
     # pyarrow 26's JSON reader collapses the leading nulls of a list whose element type it
     # learns after them; the invalid table once failed the run, and every re-run.
-    subject = f"{stream_name}.lists"
-    publisher.create_stream(stream_name, [f"{stream_name}.>"])
+    subject, pipeline = stream_pipeline("lists")
     payloads: list[bytes | dict[str, object]] = [
         {"a": [None, None]},
         {"a": [None, 1]},
@@ -234,12 +215,6 @@ def test_lists_that_start_with_nulls_keep_every_element(
         {"o": [None, {"b": True}]},
     ]
     seqs = publisher.publish(subject, payloads)
-    pipeline = parse_pipeline(
-        write_manifest(
-            address=f"nats+jetstream://{nats_server.hostport}?subject={subject}",
-            stream=stream_name,
-        )
-    )
 
     report = run_pipeline(pipeline)
 
@@ -252,18 +227,11 @@ def test_lists_that_start_with_nulls_keep_every_element(
 
 
 def test_a_payload_field_named_like_the_raw_data_column_is_checked_like_any_other(
-    nats_server, publisher, stream_name, write_manifest
+    publisher, stream_pipeline
 ):
     # conform let a JSON field "_nats_data" through unchecked (the raw format's column name):
     # once its type changed, every commit failed ("Unsupported CAST from Boolean to List").
-    subject = f"{stream_name}.data"
-    publisher.create_stream(stream_name, [f"{stream_name}.>"])
-    pipeline = parse_pipeline(
-        write_manifest(
-            address=f"nats+jetstream://{nats_server.hostport}?subject={subject}",
-            stream=stream_name,
-        )
-    )
+    subject, pipeline = stream_pipeline("data")
     first = publisher.publish(subject, [{"_nats_data": [1]}])
     run_pipeline(pipeline)
     later = publisher.publish(subject, [{"_nats_data": False}])

@@ -10,7 +10,6 @@ from conftest import start_cli_run
 from deltalake import DeltaTable
 
 from nilus_dagster.engine import run_pipeline
-from nilus_dagster.manifest import parse_pipeline
 
 
 def _commits(table: Path) -> int:
@@ -18,24 +17,18 @@ def _commits(table: Path) -> int:
     return len(list(log.glob("*.json"))) if log.exists() else 0
 
 
-def test_sigkill_at_random_points_loses_and_duplicates_nothing(
-    nats_server, publisher, stream_name, write_manifest
-):
-    subject = f"{stream_name}.orders"
-    publisher.create_stream(stream_name, [f"{stream_name}.>"])
-    published = publisher.publish_orders(subject, 40_000)
-    path = write_manifest(
-        address=f"nats+jetstream://{nats_server.hostport}?subject={subject}&batch_size=500",
-        stream=stream_name,
-        extra_sink_options="commit_max_rows: 500\ncheckpoint_every: 0\ncompact_every: 0\n",
+def test_sigkill_at_random_points_loses_and_duplicates_nothing(publisher, stream_pipeline):
+    subject, pipeline = stream_pipeline(
+        query="&batch_size=500",
+        sink_options="commit_max_rows: 500\ncheckpoint_every: 0\ncompact_every: 0\n",
     )
-    pipeline = parse_pipeline(path)
+    published = publisher.publish_orders(subject, 40_000)
     table = Path(pipeline.table_location().uri)
     rng = random.Random(7)
     positions = []
     for _ in range(5):
         before = _commits(table)
-        process = start_cli_run(path)
+        process = start_cli_run(pipeline.path)
         deadline = time.monotonic() + 30
         while _commits(table) <= before and time.monotonic() < deadline:
             if process.poll() is not None:

@@ -11,8 +11,6 @@ import pytest
 from checker import check_exactly_once, consumer_state, order_keys
 from conftest import order, start_cli_run
 
-from nilus_dagster.manifest import parse_pipeline
-
 
 def _payloads(start: int, count: int) -> list[bytes | dict[str, object]]:
     return [b"{broken %d" % i if i % 41 == 3 else order(i) for i in range(start, start + count)]
@@ -27,16 +25,11 @@ def _run(path: object) -> subprocess.Popen[str]:
 # through consumers of their own and only move the durable after their commits.
 @pytest.mark.parametrize("query", ["", "&durable=nilus_twice&ack_policy=all"])
 def test_two_processes_running_one_pipeline_write_every_sequence_once(
-    nats_server, publisher, stream_name, write_manifest, query
+    nats_server, publisher, stream_name, stream_pipeline, query
 ):
-    subject = f"{stream_name}.orders"
-    publisher.create_stream(stream_name, [f"{stream_name}.>"])
-    path = write_manifest(
-        address=f"nats+jetstream://{nats_server.hostport}?subject={subject}&batch_size=200{query}",
-        stream=stream_name,
-        extra_sink_options="commit_max_rows: 400\ncheckpoint_every: 0\n",
+    subject, pipeline = stream_pipeline(
+        query=f"&batch_size=200{query}", sink_options="commit_max_rows: 400\ncheckpoint_every: 0\n"
     )
-    pipeline = parse_pipeline(path)
     published: list[int] = []
     payloads: list[bytes | dict[str, object]] = []
     conflicts = 0
@@ -44,7 +37,7 @@ def test_two_processes_running_one_pipeline_write_every_sequence_once(
         batch = _payloads(round_ * 6_000, 6_000)
         published += publisher.publish(subject, batch)
         payloads += batch
-        runs = [_run(path) for _ in range(2)]
+        runs = [_run(pipeline.path) for _ in range(2)]
         outputs = [run.communicate(timeout=120) for run in runs]
         for run, (_, err) in zip(runs, outputs, strict=True):
             assert run.returncode == 0, err
@@ -64,7 +57,7 @@ def test_two_processes_running_one_pipeline_write_every_sequence_once(
     if query:
         # The two runs move the durable in turn, so the last move may be the slower run's;
         # whichever it was, the next run puts it where the table is.
-        last = _run(path)
+        last = _run(pipeline.path)
         _, err = last.communicate(timeout=60)
         assert last.returncode == 0, err
         state = consumer_state(nats_server.url, stream_name, "nilus_twice")

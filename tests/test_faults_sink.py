@@ -16,7 +16,6 @@ from conftest import order
 
 from nilus_dagster.engine import run_pipeline
 from nilus_dagster.errors import SinkError
-from nilus_dagster.manifest import parse_pipeline
 
 
 @pytest.fixture(params=["2m/1000", "1200k/333"])
@@ -52,21 +51,16 @@ def _incompressible(i: int) -> dict[str, object]:
 
 
 def test_full_filesystem_fails_the_run_cleanly_and_a_rerun_completes(
-    tiny_lakehouse, nats_server, publisher, stream_name, write_manifest
+    tiny_lakehouse, publisher, stream_pipeline
 ):
     folder, commit_rows = tiny_lakehouse
-    subject = f"{stream_name}.orders"
-    publisher.create_stream(stream_name, [f"{stream_name}.>"])
+    subject, pipeline = stream_pipeline(
+        query="&batch_size=250",
+        sink_options=f"commit_max_rows: {commit_rows}\ncheckpoint_every: 0\n",
+    )
     payloads = [b"poison %d" % i if i % 50 == 7 else _incompressible(i) for i in range(12_000)]
     published = publisher.publish(subject, payloads)
     poison = [s for i, s in enumerate(published) if i % 50 == 7]
-    pipeline = parse_pipeline(
-        write_manifest(
-            address=f"nats+jetstream://{nats_server.hostport}?subject={subject}&batch_size=250",
-            stream=stream_name,
-            extra_sink_options=f"commit_max_rows: {commit_rows}\ncheckpoint_every: 0\n",
-        )
-    )
 
     with pytest.raises(SinkError) as failed:
         run_pipeline(pipeline, drain=True)

@@ -15,17 +15,12 @@ from conftest import order, run_cli
 
 from nilus_dagster.engine import measure_lag, run_pipeline
 from nilus_dagster.errors import PositionError
-from nilus_dagster.manifest import parse_pipeline
 
 
-def _pipeline(write_manifest, server, stream, subject, sink_options=""):  # type: ignore[no-untyped-def]
-    return parse_pipeline(
-        write_manifest(
-            address=f"nats+jetstream://{server.hostport}?subject={subject}&batch_size=250",
-            stream=stream,
-            extra_sink_options=sink_options,
-        )
-    )
+def _recreate(publisher, stream: str) -> None:  # type: ignore[no-untyped-def]
+    """The stream deleted and created again, empty, with the same subjects."""
+    publisher.delete_stream(stream)
+    publisher.create_stream(stream, [f"{stream}.>"])
 
 
 def _first_seq(publisher, stream: str) -> int:  # type: ignore[no-untyped-def]
@@ -38,12 +33,10 @@ def _first_seq(publisher, stream: str) -> int:  # type: ignore[no-untyped-def]
 
 
 def test_max_age_expiry_past_the_position_is_a_gap_and_nothing_else_is_lost(
-    nats_server, publisher, stream_name, write_manifest
+    publisher, stream_name, stream_pipeline
 ):
-    subject = f"{stream_name}.orders"
-    publisher.create_stream(stream_name, [f"{stream_name}.>"], max_age=1.0)
+    subject, pipeline = stream_pipeline(query="&batch_size=250", max_age=1.0)
     ingested = publisher.publish_orders(subject, 20)
-    pipeline = _pipeline(write_manifest, nats_server, stream_name, subject)
     assert run_pipeline(pipeline).position == ingested[-1]
     expired = publisher.publish_orders(subject, 30, start=20)
     deadline = time.monotonic() + 15
@@ -64,13 +57,9 @@ def test_max_age_expiry_past_the_position_is_a_gap_and_nothing_else_is_lost(
     assert run_pipeline(pipeline).gap == 0
 
 
-def test_purge_past_a_partial_runs_position_is_one_gap(
-    nats_server, publisher, stream_name, write_manifest
-):
-    subject = f"{stream_name}.orders"
-    publisher.create_stream(stream_name, [f"{stream_name}.>"])
+def test_purge_past_a_partial_runs_position_is_one_gap(publisher, stream_name, stream_pipeline):
+    subject, pipeline = stream_pipeline(query="&batch_size=250")
     published = publisher.publish_orders(subject, 2_000)
-    pipeline = _pipeline(write_manifest, nats_server, stream_name, subject)
     first = run_pipeline(pipeline, max_messages=500)
     more = publisher.publish_orders(subject, 1_000, start=2_000)
     publisher.purge(stream_name, seq=1_501)  # removes 501..1500, never ingested
@@ -91,15 +80,12 @@ def test_purge_past_a_partial_runs_position_is_one_gap(
 
 
 def test_stream_recreated_with_fewer_messages_is_a_clear_error_from_the_cli(
-    nats_server, publisher, stream_name, write_manifest
+    publisher, stream_name, stream_pipeline
 ):
-    subject = f"{stream_name}.orders"
-    publisher.create_stream(stream_name, [f"{stream_name}.>"])
+    subject, pipeline = stream_pipeline(query="&batch_size=250")
     published = publisher.publish_orders(subject, 50)
-    pipeline = _pipeline(write_manifest, nats_server, stream_name, subject)
     run_pipeline(pipeline)
-    publisher.delete_stream(stream_name)
-    publisher.create_stream(stream_name, [f"{stream_name}.>"])
+    _recreate(publisher, stream_name)
     publisher.publish_orders(subject, 10, start=1_000)  # last_seq 10 < position 50
 
     done = run_cli("run", str(pipeline.path))
@@ -111,16 +97,11 @@ def test_stream_recreated_with_fewer_messages_is_a_clear_error_from_the_cli(
     assert check_exactly_once(pipeline.table_location().uri, published, pipeline.app_id).ok
 
 
-def test_stream_recreated_empty_is_a_clear_error(
-    nats_server, publisher, stream_name, write_manifest
-):
-    subject = f"{stream_name}.orders"
-    publisher.create_stream(stream_name, [f"{stream_name}.>"])
+def test_stream_recreated_empty_is_a_clear_error(publisher, stream_name, stream_pipeline):
+    subject, pipeline = stream_pipeline(query="&batch_size=250")
     published = publisher.publish_orders(subject, 5)
-    pipeline = _pipeline(write_manifest, nats_server, stream_name, subject)
     run_pipeline(pipeline)
-    publisher.delete_stream(stream_name)
-    publisher.create_stream(stream_name, [f"{stream_name}.>"])
+    _recreate(publisher, stream_name)
 
     with pytest.raises(PositionError, match="recreated"):
         run_pipeline(pipeline)
@@ -128,18 +109,13 @@ def test_stream_recreated_empty_is_a_clear_error(
 
 
 def test_stream_recreated_during_a_run_writes_nothing_of_the_new_stream(
-    nats_server, publisher, stream_name, write_manifest
+    publisher, stream_name, stream_pipeline
 ):
-    subject = f"{stream_name}.orders"
-    publisher.create_stream(stream_name, [f"{stream_name}.>"])
-    published = publisher.publish_orders(subject, 30_000)
-    pipeline = _pipeline(
-        write_manifest,
-        nats_server,
-        stream_name,
-        subject,
-        "commit_max_rows: 500\ncheckpoint_every: 0\ncompact_every: 0\n",
+    subject, pipeline = stream_pipeline(
+        query="&batch_size=250",
+        sink_options="commit_max_rows: 500\ncheckpoint_every: 0\ncompact_every: 0\n",
     )
+    published = publisher.publish_orders(subject, 30_000)
     table = Path(pipeline.table_location().uri)
     outcome: dict[str, object] = {}
 
@@ -154,8 +130,7 @@ def test_stream_recreated_during_a_run_writes_nothing_of_the_new_stream(
     deadline = time.monotonic() + 30
     while not (table / "_delta_log" / f"{3:020d}.json").exists() and time.monotonic() < deadline:
         time.sleep(0.001)
-    publisher.delete_stream(stream_name)
-    publisher.create_stream(stream_name, [f"{stream_name}.>"])
+    _recreate(publisher, stream_name)
     # The new stream's sequences run past where the run was: same numbers, other messages.
     publisher.publish(subject, [{"order_id": f"new-{i}"} for i in range(40_000)])
     thread.join(60)
