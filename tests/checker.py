@@ -187,6 +187,21 @@ def check_exactly_once(
     return result
 
 
+def check_orders(
+    table_uri: str, published: list[int], app_id: str, payloads: list[object]
+) -> CheckResult:
+    """:func:`check_exactly_once` for order payloads mixed with poison: every ``bytes`` payload
+    must be a dead letter, every order a row under its sequence with its ``order_id``."""
+    return check_exactly_once(
+        table_uri,
+        published,
+        app_id,
+        expect_dead=[s for s, p in zip(published, payloads, strict=True) if isinstance(p, bytes)],
+        keys=order_keys(published, payloads),
+        key_column="order_id",
+    )
+
+
 def consumer_state(url: str, stream: str, durable: str) -> dict[str, int]:
     """A durable consumer's server-side view: ``ack_floor``, ``delivered``, ``num_pending``,
     ``num_ack_pending`` (stream sequences / counts), read with nats-py directly."""
