@@ -9,6 +9,7 @@ from deltalake import DeltaTable
 
 import nilus_dagster.engine.run as engine_run
 from nilus_dagster.engine import run_pipeline, runtime_settings
+from nilus_dagster.engine.table import open_sink
 from nilus_dagster.manifest import parse_pipeline
 from nilus_dagster.messages import MessageBatch
 from nilus_dagster.sink import DeltaSink
@@ -87,7 +88,7 @@ def test_parts_decoded_ahead_commit_what_the_whole_chunk_commits(
             write_manifest(name=name, address=address, stream="S", dest_table=f"a.{name}")
         )
         settings = runtime_settings(pipeline)
-        sink = engine_run.open_sink(settings)
+        sink = open_sink(settings)
         sink.open()
         return engine_run._Committer(sink, settings, "2025-01-01T00:00:00+00:00")
 

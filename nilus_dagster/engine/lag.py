@@ -5,13 +5,13 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 
 from nilus_dagster.engine.report import LagReport
-from nilus_dagster.engine.run import STREAM_CREATED_KEY, check_stream_identity, open_sink
 from nilus_dagster.engine.settings import runtime_settings
+from nilus_dagster.engine.table import check_stream_identity, open_sink
 from nilus_dagster.errors import PositionError
 from nilus_dagster.jetstream import JetStreamSource
 from nilus_dagster.manifest.loader import Pipeline
 
-__all__ = ["STREAM_CREATED_KEY", "measure_lag", "measure_lag_async"]
+__all__ = ["measure_lag", "measure_lag_async"]
 
 
 async def measure_lag_async(

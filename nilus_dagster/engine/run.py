@@ -22,8 +22,8 @@ import pyarrow as pa
 from nilus_dagster.engine.backfill import replay_window
 from nilus_dagster.engine.report import RunReport
 from nilus_dagster.engine.settings import RuntimeSettings, runtime_settings
-from nilus_dagster.errors import PositionError
-from nilus_dagster.jetstream import JetStreamSource, StreamState
+from nilus_dagster.engine.table import check_stream_identity, open_sink
+from nilus_dagster.jetstream import JetStreamSource
 from nilus_dagster.manifest.loader import Pipeline
 from nilus_dagster.messages import MessageBatch
 from nilus_dagster.sink import STREAM_CREATED_KEY, Decoded, DeltaSink, PositionConflict
@@ -49,38 +49,6 @@ class Progress:
     @property
     def messages_per_second(self) -> float:
         return self.messages / self.elapsed_seconds if self.elapsed_seconds > 0 else 0.0
-
-
-def open_sink(settings: RuntimeSettings) -> DeltaSink:
-    """The pipeline's Delta sink (not opened yet)."""
-    options = settings.pipeline.manifest.sink.options
-    return DeltaSink(
-        settings.location,
-        app_id=settings.pipeline.app_id,
-        strategy=options.incremental_strategy,
-        primary_key=options.primary_key,
-        create_table=options.create_table,
-        compact_every=options.compact_every,
-        checkpoint_every=options.checkpoint_every,
-    )
-
-
-def check_stream_identity(
-    pipeline: Pipeline, stream: StreamState, position: int, stored_created: str | None
-) -> None:
-    """Refuse a stream that was deleted and recreated since the position was committed.
-
-    Raises:
-        PositionError: The position is past the stream's end, or its creation time changed.
-    """
-    created = datetime.fromisoformat(stored_created) if stored_created else None
-    problem = stream.recreated_since(position, created)
-    if problem:
-        raise PositionError(
-            f"{problem}; its sequences start over. To ingest the new stream, write to a new "
-            f"dest_table, or delete the table at "
-            f"{pipeline.table_location(fill_secrets=False).uri}"
-        )
 
 
 class _Committer:
