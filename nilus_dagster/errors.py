@@ -36,7 +36,17 @@ class PlaceholderError(NilusError):
 
 
 class SourceError(NilusError):
-    """The NATS JetStream source cannot be used as configured (auth, stream, subject, server)."""
+    """The NATS JetStream source cannot be used as configured (auth, stream, subject, server).
+
+    Attributes:
+        retryable: Whether the same step may succeed if tried again a little later (a server
+            restarting, a connection refused for a moment); a source that is recovering from a
+            lost connection keeps trying then, within its time budget.
+    """
+
+    def __init__(self, message: str, *, retryable: bool = False):
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class SinkError(NilusError):

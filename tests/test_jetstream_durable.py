@@ -267,7 +267,7 @@ def test_no_durable_means_nothing_to_align(
 
 
 async def _consumers(src: JetStreamSource) -> Any:
-    link = await src._ensure_link()
+    link = await src._session.ensure()
     listing = await link.api(f"$JS.API.CONSUMER.NAMES.{src.stream}")
     for name in listing.get("consumers") or []:
         yield name
@@ -284,8 +284,8 @@ def test_a_durable_made_by_another_run_meanwhile_is_replaced(
     async def go() -> None:
         async with source(any_nats_server, stream_name, options) as src:
             await src.align_durable(1)  # the other run's durable, at 1
-            link = await src._ensure_link()
-            await src._recreate_durable(link, seqs[4] + 1, exists=False)
+            link = await src._session.ensure()
+            await src._durable.recreate(link, seqs[4] + 1, exists=False)
 
     asyncio.run(go())
     assert at(any_nats_server, stream_name, seqs[4])

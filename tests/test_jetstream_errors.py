@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import nats
 import pytest
+from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 
 from nilus_dagster.errors import SourceError
 from nilus_dagster.jetstream import JetStreamSource
@@ -218,13 +219,13 @@ def test_a_dropped_consumer_setting_is_an_error(system_nats_server: LocalNatsSer
         finally:
             await nc.close()
 
-    info = asyncio.run(go())
-    asked = {
-        "name": "c1",
-        "ack_policy": "none",
-        "deliver_policy": "all",
-        "filter_subject": f"{stream}.a",
-    }
+    info = ConsumerInfo.from_response(asyncio.run(go()))
+    asked = ConsumerConfig(
+        name="c1",
+        ack_policy=AckPolicy.NONE,
+        deliver_policy=DeliverPolicy.ALL,
+        filter_subject=f"{stream}.a",
+    )
     with pytest.raises(SourceError) as caught:
         verify_created(asked, info, server="2.9.10")
     assert str(caught.value).startswith("nats-server 2.9.10 did not create consumer c1 as asked")

@@ -12,8 +12,8 @@ import pytest
 from conftest import Publisher
 
 from nilus_dagster.jetstream import BulkPuller, JetStreamSource, parse_ack_reply
+from nilus_dagster.jetstream.ack import ack_fields, ack_fields_each
 from nilus_dagster.jetstream.local_server import LocalNatsServer
-from nilus_dagster.jetstream.pull import _ack_fields, _ack_fields_each
 from nilus_dagster.manifest.address import parse_nats_address
 from nilus_dagster.messages import MessageBatch
 
@@ -349,12 +349,12 @@ def test_bulk_puller_drops_redeliveries(any_nats_server: LocalNatsServer, stream
     assert duplicates > 0
 
 
-def test_ack_fields_in_bulk_and_one_by_one_agree() -> None:
+def testack_fields_in_bulk_and_one_by_one_agree() -> None:
     v1 = [b"$JS.ACK.S.c.1.%d.%d.17000000%d.%d" % (i, i, i, 9 - i) for i in range(1, 4)]
     v2 = [b"$JS.ACK._.HASH.S.c.1.%d.%d.17000000%d.%d.tok" % (i, i, i, 9 - i) for i in range(4, 6)]
-    assert _ack_fields(v1, 9) == _ack_fields_each(v1)
-    assert _ack_fields(v2, 12) == _ack_fields_each(v2)
-    assert _ack_fields(v1 + v2, 9) is None  # mixed forms: read one by one
-    seqs, cseqs, times, pending = _ack_fields_each(v1 + v2)
+    assert ack_fields(v1, 9) == ack_fields_each(v1)
+    assert ack_fields(v2, 12) == ack_fields_each(v2)
+    assert ack_fields(v1 + v2, 9) is None  # mixed forms: read one by one
+    seqs, cseqs, times, pending = ack_fields_each(v1 + v2)
     assert (seqs, pending) == ([b"1", b"2", b"3", b"4", b"5"], [b"8", b"7", b"6", b"5", b"4"])
     assert cseqs == seqs and times[-1] == b"170000005"

@@ -4,7 +4,9 @@ No Dagster here: the engine drives :class:`JetStreamSource`; :class:`BulkPuller`
 loop on its own, for benchmarks.
 """
 
-from nilus_dagster.jetstream.pull import BulkPuller, PullInterrupted, parse_ack_reply
+from nilus_dagster.jetstream.ack import parse_ack_reply
+from nilus_dagster.jetstream.errors import PullInterrupted, TransportError
+from nilus_dagster.jetstream.pull import BulkPuller
 from nilus_dagster.jetstream.source import JetStreamSource
 from nilus_dagster.jetstream.state import StreamState
 
@@ -13,5 +15,6 @@ __all__ = [
     "JetStreamSource",
     "PullInterrupted",
     "StreamState",
+    "TransportError",
     "parse_ack_reply",
 ]

@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import socket
 import ssl
 from collections.abc import Callable, Sequence
@@ -21,77 +20,17 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from nilus_dagster.errors import SourceError
+from nilus_dagster.jetstream.errors import (
+    ConnectionLost,
+    JsApiError,
+    NoResponders,
+    PermissionViolation,
+    RequestTimeout,
+    parse_violation,
+)
 from nilus_dagster.manifest.address import NatsAddress, parse_nats_address
 from nilus_dagster.manifest.placeholders import placeholders_in
 from nilus_dagster.redaction import redact, register_secret
-
-_VIOLATION = re.compile(
-    r"permissions violation for (?P<kind>publish|subscription) to \"?(?P<subject>[^\"\s']+)",
-    re.IGNORECASE,
-)
-
-
-class JsApiError(Exception):
-    """The JetStream API answered with an error object."""
-
-    def __init__(self, subject: str, code: int, err_code: int, description: str):
-        super().__init__(f"{description} (code {code}, err_code {err_code})")
-        self.subject = subject
-        self.code = code
-        self.err_code = err_code
-        self.description = description
-
-
-class NoResponders(Exception):
-    """Nobody answers the subject (JetStream off, or no such consumer)."""
-
-    def __init__(self, subject: str):
-        super().__init__(f"no responders for {subject}")
-        self.subject = subject
-
-
-class RequestTimeout(Exception):
-    """No answer within the request timeout."""
-
-    def __init__(self, subject: str, timeout: float):
-        super().__init__(f"no answer to {subject} within {timeout:g}s")
-        self.subject = subject
-        self.timeout = timeout
-
-
-class ConnectionLost(Exception):
-    """The connection closed while a request was waiting."""
-
-
-class PermissionViolation(Exception):
-    """The server refused a publish or a subscription for lack of permission.
-
-    nats-py lower-cases the server's error text, so ``subject`` may be lower-cased; compare with
-    :meth:`about` and report the subject you sent.
-    """
-
-    def __init__(self, kind: str, subject: str):
-        super().__init__(f"permissions violation for {kind} to {subject}")
-        self.kind = kind  # "publish" or "subscribe"
-        self.subject = subject
-
-    def about(self, subject: str) -> bool:
-        """Whether this refusal is about ``subject``."""
-        return self.subject.lower() == subject.lower()
-
-    @property
-    def on_inbox(self) -> bool:
-        """A refused subscription to reply inboxes: every request's answer is lost."""
-        return self.kind == "subscribe" and self.subject.lower().startswith("_inbox.")
-
-
-def parse_violation(text: str) -> PermissionViolation | None:
-    """The permission violation a server error text reports, if it is one."""
-    match = _VIOLATION.search(text)
-    if not match:
-        return None
-    kind = "publish" if match.group("kind").lower() == "publish" else "subscribe"
-    return PermissionViolation(kind, match.group("subject"))
 
 
 def server_urls(address: NatsAddress, servers: Sequence[str] | None = None) -> list[str]:
@@ -166,10 +105,11 @@ def credential_names(address: NatsAddress) -> str:
 
 
 def _check_file(option: str, path: str) -> None:
+    # Retryable: a mounted secret that is being replaced is back a moment later.
     if not os.path.isfile(path):
-        raise SourceError(f"{option} file {path} does not exist (or is not a file)")
+        raise SourceError(f"{option} file {path} does not exist (or is not a file)", retryable=True)
     if not os.access(path, os.R_OK):
-        raise SourceError(f"{option} file {path} is not readable")
+        raise SourceError(f"{option} file {path} is not readable", retryable=True)
 
 
 def tls_context(address: NatsAddress) -> ssl.SSLContext | None:
@@ -186,7 +126,9 @@ def tls_context(address: NatsAddress) -> ssl.SSLContext | None:
         if address.tls_cert and address.tls_key:
             context.load_cert_chain(address.tls_cert, address.tls_key)
     except (ssl.SSLError, OSError) as exc:
-        raise SourceError(redact(f"cannot load the TLS files of the address: {exc}")) from None
+        raise SourceError(
+            redact(f"cannot load the TLS files of the address: {exc}"), retryable=True
+        ) from None
     return context
 
 
@@ -421,14 +363,34 @@ class Link:
 _DROPPED = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 
 
-def describe_connect_failure(
+def connect_failure(
     exc: BaseException, link: Link, address: NatsAddress, connect_timeout: float
-) -> str:
-    """Why a connection attempt failed, in words a person can act on (no secrets)."""
-    hosts = link.hosts
+) -> SourceError:
+    """Why a connection attempt failed, in words a person can act on (no secrets).
+
+    Refused credentials, TLS and a missing nkeys package are not retryable; a server that
+    cannot be reached is (it may be restarting).
+    """
     seen = [*link.errors, exc]
     # The distinct errors, first one first (nats-py reports the same one per attempt).
     shown = " | ".join(dict.fromkeys(f"{type(e).__name__}: {e}" for e in seen))
+    # nats-py raises some refusals as plain errors: their text is all there is to go on.
+    refused = _refusal_text(exc, seen, shown, link.hosts, address)
+    if refused is not None:
+        return SourceError(redact(refused))
+    return SourceError(
+        redact(_unreachable_text(exc, seen, shown, link.hosts, connect_timeout)), retryable=True
+    )
+
+
+def _refusal_text(
+    exc: BaseException,
+    seen: list[BaseException],
+    shown: str,
+    hosts: str,
+    address: NatsAddress,
+) -> str | None:
+    """What the server or the client refused (credentials, TLS), or ``None``."""
     texts = shown.lower()
     uses_tls = address.tls or bool(address.tls_ca or address.tls_cert)
     if isinstance(exc, nats.errors.AuthorizationError) or "authorization violation" in texts:
@@ -459,6 +421,18 @@ def describe_connect_failure(
             "handshake): the server may want a client certificate, or refuse the one given: "
             "check tls_cert and tls_key"
         )
+    return None
+
+
+def _unreachable_text(
+    exc: BaseException,
+    seen: list[BaseException],
+    shown: str,
+    hosts: str,
+    connect_timeout: float,
+) -> str:
+    """Why the server could not be reached."""
+    texts = shown.lower()
     if any(isinstance(e, socket.gaierror) for e in seen):
         return f"cannot reach NATS at {hosts}: the host name does not resolve; check the address"
     if any(isinstance(e, ConnectionRefusedError) for e in seen) or "refused" in texts:
@@ -478,17 +452,6 @@ def describe_connect_failure(
     return f"cannot connect to NATS at {hosts}: {shown}"
 
 
-def is_auth_failure(message: str) -> bool:
-    """Whether a connect failure message is about credentials (retrying will not help)."""
-    lowered = message.lower()
-    return (
-        "authorization violation" in lowered
-        or "credentials were refused" in lowered
-        or lowered.startswith("tls with nats")
-        or "nkeys" in lowered
-    )
-
-
 async def connect(
     address: NatsAddress,
     urls: Sequence[str],
@@ -503,6 +466,5 @@ async def connect(
     try:
         await link.open(options, connect_timeout=connect_timeout, name=name)
     except (Exception, asyncio.TimeoutError) as exc:
-        message = describe_connect_failure(exc, link, address, connect_timeout)
-        raise SourceError(redact(message)) from None
+        raise connect_failure(exc, link, address, connect_timeout) from None
     return link

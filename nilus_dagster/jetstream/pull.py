@@ -22,74 +22,18 @@ from typing import Any
 from nats.aio.client import Client
 from nats.aio.subscription import Subscription
 
+from nilus_dagster.jetstream.ack import ack_fields, ack_fields_each
+from nilus_dagster.jetstream.admin import API_PREFIX, next_subject
+from nilus_dagster.jetstream.errors import PullInterrupted
 from nilus_dagster.jetstream.inbox import ColumnInbox
 from nilus_dagster.jetstream.inbox import install as install_inbox
 from nilus_dagster.jetstream.inbox import uninstall as uninstall_inbox
 from nilus_dagster.messages import MessageBatch
 
-API_PREFIX = "$JS.API"
-
 # A pull keeps this many messages in flight (spread over several requests) unless told otherwise:
 # enough that the server never waits for the next request, small enough to bound memory.
 DEFAULT_IN_FLIGHT_MESSAGES = 4096
 MAX_REQUESTS_IN_FLIGHT = 32
-
-
-class PullInterrupted(Exception):
-    """The pull cannot continue on this consumer; the caller recreates it (or reconnects)."""
-
-    def __init__(self, reason: str, *, connection_lost: bool = False, fatal: bool = False):
-        super().__init__(reason)
-        self.reason = reason
-        self.connection_lost = connection_lost
-        self.fatal = fatal
-
-
-@dataclass(frozen=True)
-class AckMetadata:
-    """What a ``$JS.ACK`` reply subject says about one delivered message."""
-
-    stream: str
-    consumer: str
-    delivered: int
-    stream_seq: int
-    consumer_seq: int
-    timestamp_ns: int
-    pending: int
-    domain: str | None = None
-
-
-def parse_ack_reply(reply: str) -> AckMetadata:
-    """Parse a ``$JS.ACK`` reply subject, v1 or v2 (with domain and account hash).
-
-    v1: ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<tm>.<pending>``;
-    v2: ``$JS.ACK.<domain>.<acchash>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<tm>.<pending>``
-    optionally followed by a random token.
-
-    Raises:
-        ValueError: ``reply`` is not a JetStream ack subject.
-    """
-    tokens = reply.split(".")
-    n = len(tokens)
-    if n < 9 or tokens[0] != "$JS" or tokens[1] != "ACK" or n == 10 or n > 12:
-        raise ValueError(f"not a JetStream ack subject: {reply!r}")
-    at = _stream_seq_token(n)
-    return AckMetadata(
-        domain=None if n == 9 or tokens[2] == "_" else tokens[2],
-        stream=tokens[at - 3],
-        consumer=tokens[at - 2],
-        delivered=int(tokens[at - 1]),
-        stream_seq=int(tokens[at]),
-        consumer_seq=int(tokens[at + 1]),
-        timestamp_ns=int(tokens[at + 2]),
-        pending=int(tokens[at + 3]),
-    )
-
-
-def _stream_seq_token(width: int) -> int:
-    """Where the stream sequence is in an ack subject of ``width`` tokens (v1: 9; v2: 11, or
-    12 with a trailing random token); consumer sequence, timestamp and pending follow it."""
-    return 5 if width == 9 else 7
 
 
 @dataclass
@@ -108,32 +52,6 @@ _WAKE = object()
 """Put in the subscription's queue to wake a waiting :meth:`BulkPuller.next_batch`."""
 
 _MAX_SUBJECT_NAMES = 10_000  # decoded subjects remembered (a wildcard can match many)
-
-
-def _ack_fields(replies: list[bytes], width: int) -> list[list[bytes]] | None:
-    """Stream sequence, consumer sequence, timestamp and pending tokens of every reply subject.
-
-    One join and one split for the whole list instead of a split per reply (a tenth of the
-    pull's time went to those splits). ``None`` when the replies do not all have ``width``
-    tokens and the ``$JS.ACK`` prefix; the caller then splits them one by one.
-    """
-    count = len(replies)
-    flat = b".".join(replies).split(b".")
-    if (
-        len(flat) != count * width
-        or flat[0::width].count(b"$JS") != count
-        or flat[1::width].count(b"ACK") != count
-    ):
-        return None
-    start = _stream_seq_token(width)
-    return [flat[i::width] for i in range(start, start + 4)]
-
-
-def _ack_fields_each(replies: list[bytes]) -> list[list[bytes]]:
-    """:func:`_ack_fields` one reply at a time, whatever form each has."""
-    tokens = [r.split(b".") for r in replies]
-    starts = [_stream_seq_token(len(t)) for t in tokens]
-    return [[t[at + i] for t, at in zip(tokens, starts, strict=True)] for i in range(4)]
 
 
 class BulkPuller:
@@ -194,7 +112,7 @@ class BulkPuller:
             # (The server refuses a heartbeat longer than half the expiry.)
             idle_heartbeat = min(5.0, expires * 0.45) if expires >= 1 else 0.0
         self.idle_heartbeat = idle_heartbeat
-        self._next_subject = f"{api_prefix}.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self._next_subject = next_subject(stream, consumer, api_prefix)
         self._last_seq = after_seq
         self._next_cseq = next_consumer_seq
         self._cols = _Columns()
@@ -319,11 +237,11 @@ class BulkPuller:
         self._credit -= count
         self.delivered += count
         self._last_activity = time.monotonic()
-        # One consumer's replies all have the same form (see _stream_seq_token).
+        # One consumer's replies all have the same form (see ack.stream_seq_token).
         width = replies[0].count(b".") + 1
-        fields = _ack_fields(replies, width)
+        fields = ack_fields(replies, width)
         if fields is None:
-            fields = _ack_fields_each(replies)
+            fields = ack_fields_each(replies)
         seq_tokens, cseq_tokens, time_tokens, pending_tokens = fields
         first_cseq = int(cseq_tokens[0])
         last_cseq = int(cseq_tokens[-1])

@@ -1,65 +1,52 @@
-"""The JetStream source of a pipeline: connection, consumers, fast pull, stream state and lag.
+"""The JetStream source of a pipeline: its messages in stream order, recovered after failures.
 
 The engine drives it; everything position-related is decided by the engine from the Delta table,
 so this class only guarantees that what it yields is in stream order, starts where asked and
-never repeats a sequence.
+never repeats a sequence. It delegates the rest: the connection to :mod:`.session`, the durable
+consumer to :mod:`.durable`, questions about the stream to :mod:`.probes`, the API calls to
+:mod:`.admin`, and the wording of failures to :mod:`.diagnostics`.
 """
 
 import asyncio
-import contextlib
 import logging
 import time
 from bisect import bisect_right
-from collections.abc import AsyncIterator, Sequence
-from datetime import datetime, timezone
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from datetime import datetime
 from types import TracebackType
-from typing import Any
+from typing import TypeVar
+
+from nats.js.api import ConsumerInfo
 
 from nilus_dagster.errors import PositionError, SourceError
-from nilus_dagster.jetstream.connection import (
-    ConnectionLost,
-    JsApiError,
-    Link,
-    NoResponders,
-    PermissionViolation,
-    RequestTimeout,
-    connect,
-    hosts_text,
-    is_auth_failure,
-    server_urls,
-)
+from nilus_dagster.jetstream import admin
+from nilus_dagster.jetstream.connection import Link, hosts_text, server_urls
 from nilus_dagster.jetstream.consumers import (
+    DEFAULT_INACTIVE_THRESHOLD_SECONDS,
     ConsumerSpec,
-    create_subject,
-    durable_config,
-    misalignment,
     new_ephemeral_name,
-    next_sequence,
-    position_only,
-    probe_config,
+    next_delivery,
+    pending,
     reader_config,
-    resettable,
     verify_created,
 )
-from nilus_dagster.jetstream.pull import API_PREFIX, BulkPuller, PullInterrupted, parse_ack_reply
-from nilus_dagster.jetstream.state import StreamState, format_time, parse_time, subject_in
+from nilus_dagster.jetstream.diagnostics import Diagnostics
+from nilus_dagster.jetstream.durable import DurableMirror, server_version_text
+from nilus_dagster.jetstream.errors import (
+    PermissionViolation,
+    TransportError,
+)
+from nilus_dagster.jetstream.probes import Probes
+from nilus_dagster.jetstream.pull import BulkPuller
+from nilus_dagster.jetstream.session import Session
+from nilus_dagster.jetstream.state import StreamState, subject_in
 from nilus_dagster.manifest.address import NatsAddress
 from nilus_dagster.messages import MessageBatch
 from nilus_dagster.redaction import redact
 
 logger = logging.getLogger(__name__)
 
-# JetStream API error codes we act on.
-ERR_STREAM_NOT_FOUND = 10059
-ERR_CONSUMER_NOT_FOUND = 10014
-ERR_CONSUMER_START_CHANGED = 10012  # a durable of that name exists with another start
-ERR_NO_MESSAGE = 10037
-ERR_JS_NOT_ENABLED_ACCOUNT = 10039
-ERR_JS_NOT_ENABLED = 10076
-ERR_FILTER_NOT_IN_STREAM = 10093
-
-# Errors worth retrying while recovering from a lost connection or a restarting server.
-_TRANSIENT = (ConnectionLost, RequestTimeout, NoResponders, PullInterrupted)
+T = TypeVar("T")
 
 
 class _Recovery:
@@ -129,7 +116,7 @@ class JetStreamSource:
         connect_timeout: float = 5.0,
         reconnect_time_wait: float = 0.5,
         max_reconnect_seconds: float = 30.0,
-        inactive_threshold: float = 60.0,
+        inactive_threshold: float = DEFAULT_INACTIVE_THRESHOLD_SECONDS,
         client_name: str = "nilus-dagster",
     ):
         if not stream or any(c in stream for c in " .*>"):
@@ -152,11 +139,22 @@ class JetStreamSource:
             ack_policy=address.ack_policy if address.durable else "none",
             inactive_threshold=inactive_threshold,
         )
-        self._link: Link | None = None
+        self.diagnostics = Diagnostics(stream, address.subject, hosts_text(self.urls))
+        self._durable = (
+            DurableMirror(self.spec, self.diagnostics, self._delete_timeout)
+            if self.spec.durable is not None
+            else None
+        )
+        self._session = Session(
+            address,
+            self.urls,
+            self.diagnostics,
+            connect_timeout=connect_timeout,
+            client_name=client_name,
+        )
+        self._probes = Probes(stream, address.subject, self.diagnostics, self._delete_timeout)
         self._ephemerals: set[str] = set()
         self._pullers: set[BulkPuller] = set()
-        self.realign_reasons: list[str] = []
-        self.reconnects = 0
         self._checked = False
         # Creation time of the stream as first seen: every consumer must be made on that stream.
         self._created: datetime | None = None
@@ -164,13 +162,7 @@ class JetStreamSource:
     # -- context -------------------------------------------------------------------------------
 
     async def __aenter__(self) -> "JetStreamSource":
-        self._link = await self._connect()
-        try:
-            await self._check_jetstream(self._link)
-        except BaseException:
-            await self._link.close()
-            self._link = None
-            raise
+        await self._session.open()
         return self
 
     async def __aexit__(
@@ -182,14 +174,17 @@ class JetStreamSource:
         for puller in list(self._pullers):
             await puller.stop()
         self._pullers.clear()
-        link = self._link
+        link = self._session.link
         if link is not None and link.is_open:
             for name in list(self._ephemerals):
                 await self._delete_consumer(link, name)
         self._ephemerals.clear()
-        if link is not None:
-            await link.close()
-        self._link = None
+        await self._session.close()
+
+    @property
+    def realign_reasons(self) -> list[str]:
+        """Why the durable consumer had to be moved this session (empty: it was in place)."""
+        return self._durable.realign_reasons if self._durable is not None else []
 
     @property
     def realigned(self) -> bool:
@@ -197,203 +192,24 @@ class JetStreamSource:
         return bool(self.realign_reasons)
 
     @property
+    def reconnects(self) -> int:
+        """How often the connection was made again this session."""
+        return self._session.reconnects
+
+    @property
     def hosts(self) -> str:
         """``host:port`` of each server, credentials dropped: for messages and logs."""
-        return hosts_text(self.urls)
+        return self.diagnostics.hosts
 
-    # -- connection ----------------------------------------------------------------------------
+    @property
+    def _delete_timeout(self) -> float:
+        return min(2.0, self.connect_timeout)
 
-    async def _connect(self) -> Link:
-        return await connect(
-            self.address,
-            self.urls,
-            connect_timeout=self.connect_timeout,
-            request_timeout=self.connect_timeout,
-            name=self.client_name,
-        )
+    # -- calls -------------------------------------------------------------------------------
 
-    async def _check_jetstream(self, link: Link) -> None:
-        try:
-            await link.api(f"{API_PREFIX}.INFO")
-        except NoResponders:
-            raise SourceError(self._js_disabled_text()) from None
-        except JsApiError as exc:
-            if exc.err_code in (ERR_JS_NOT_ENABLED_ACCOUNT, ERR_JS_NOT_ENABLED):
-                raise SourceError(self._js_disabled_text(account=True)) from None
-            raise self._error(exc, "read the JetStream account") from None
-        except PermissionViolation as exc:
-            # Users scoped to one stream may not read account info; the stream calls will tell.
-            if exc.kind == "subscribe":
-                raise self._error(exc, "reach JetStream") from None
-        except (RequestTimeout, ConnectionLost) as exc:
-            raise self._error(exc, "reach JetStream") from None
-
-    def _js_disabled_text(self, account: bool = False) -> str:
-        if account:
-            return (
-                f"JetStream is not enabled for this account at {self.hosts}: enable JetStream "
-                "for the account in the server's accounts configuration"
-            )
-        return (
-            f"JetStream is not enabled at {self.hosts} (nothing answers the JetStream API): "
-            "start nats-server with -js, or add a jetstream {} block to its configuration"
-        )
-
-    async def _ensure_link(self) -> Link:
-        """The open connection; reconnects (one attempt) if it was lost."""
-        link = self._link
-        if link is not None and link.is_open:
-            return link
-        if link is not None:
-            await link.close()
-        self._link = None
-        try:
-            self._link = await self._connect()
-        except SourceError as exc:
-            if is_auth_failure(str(exc)):
-                raise
-            raise ConnectionLost(str(exc)) from None
-        self.reconnects += 1
-        logger.info("reconnected to NATS at %s", self.hosts)
-        return self._link
-
-    async def _drop_link_if_dead(self, link: Link) -> None:
-        """Close a connection that no longer answers a PING, so the next attempt reconnects.
-
-        nats-py notices a half-open connection (a server gone without a TCP reset) only after
-        minutes of unanswered pings; a pull that stopped hearing from the server checks now.
-        """
-        if not link.is_open:
-            return
-        try:
-            await asyncio.wait_for(link.nc.flush(), min(2.0, self.connect_timeout))
-        except Exception:  # any failure means the same: this connection is of no use
-            logger.info("the connection to NATS at %s does not answer; reconnecting", self.hosts)
-            await link.close(timeout=0.5)
-
-    # -- errors --------------------------------------------------------------------------------
-
-    def _error(self, exc: BaseException, doing: str) -> SourceError:
-        """Turn a low-level failure into a :class:`SourceError` that says what to do."""
-        return SourceError(redact(self._error_text(exc, doing)))
-
-    def _error_text(self, exc: BaseException, doing: str) -> str:
-        stream, subject = self.stream, self.subject
-        if isinstance(exc, SourceError):
-            return str(exc)
-        if isinstance(exc, PermissionViolation):
-            return self._permission_text(exc)
-        if isinstance(exc, JsApiError):
-            if exc.err_code == ERR_STREAM_NOT_FOUND:
-                return self._missing_stream_text()
-            if exc.err_code in (ERR_JS_NOT_ENABLED_ACCOUNT, ERR_JS_NOT_ENABLED):
-                return self._js_disabled_text(account=exc.err_code == ERR_JS_NOT_ENABLED_ACCOUNT)
-            if exc.err_code == ERR_FILTER_NOT_IN_STREAM:
-                return f"subject {subject} is not bound to stream {stream}: {exc.description}"
-            return f"JetStream refused to {doing} on stream {stream}: {exc.description}"
-        if isinstance(exc, NoResponders):
-            return (
-                f"no responders available for stream {stream} at {self.hosts} while trying to "
-                f"{doing}: JetStream is not answering there"
-            )
-        if isinstance(exc, RequestTimeout):
-            return (
-                f"no answer from JetStream at {self.hosts} within {exc.timeout:g}s while trying "
-                f"to {doing} (stream {stream}): is the server overloaded or stuck?"
-            )
-        if isinstance(exc, ConnectionLost):
-            # Its text already says which server and why (closed, refused, no answer...).
-            return str(exc)
-        if isinstance(exc, PullInterrupted):
-            return f"the pull from stream {stream} stopped: {exc.reason}"
-        return f"could not {doing} on stream {stream} at {self.hosts}: {exc}"
-
-    def _permission_text(self, violation: PermissionViolation) -> str:
-        what = violation.subject
-        if violation.kind == "subscribe":
-            if violation.on_inbox:
-                return (
-                    "permissions violation: the NATS user may not subscribe to reply inboxes, "
-                    "where JetStream answers and pulled messages arrive: allow subscribe on "
-                    "_INBOX.>"
-                )
-            return (
-                f"permissions violation: the NATS user may not subscribe to the subject {what}: "
-                f"allow subscribe on {what} (and JetStream API access on stream {self.stream})"
-            )
-        if what.startswith(f"{API_PREFIX}."):
-            return (
-                f"permissions violation: the NATS user may not use the JetStream API on stream "
-                f"{self.stream} (publish to {what} was refused): allow publish on "
-                f"$JS.API.STREAM.INFO.{self.stream}, $JS.API.CONSUMER.*.{self.stream}.> and "
-                f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.> (or $JS.API.>), and subscribe on "
-                f"the subject {self.subject}"
-            )
-        if what.startswith("$JS.ACK"):
-            return (
-                f"permissions violation: the NATS user may not acknowledge messages ({what}): "
-                f"allow publish on $JS.ACK.{self.stream}.>"
-            )
-        return f"permissions violation: the NATS user may not publish to {what}"
-
-    def _missing_stream_text(self) -> str:
-        return (
-            f"no responders available for stream {self.stream}: the stream named in "
-            f"source_table ({self.stream}) does not exist on NATS at {self.hosts}: create it "
-            f"(e.g. nats stream add {self.stream} --subjects '{self.subject}') or fix "
-            f"source_table{self._stream_list_suffix}"
-        )
-
-    _stream_list_suffix = ""
-
-    async def _note_streams(self, link: Link) -> None:
-        # Listing the streams that do exist makes a typo in source_table obvious.
-        try:
-            answer = await link.api(f"{API_PREFIX}.STREAM.NAMES", {"offset": 0})
-        except Exception:  # a best-effort hint only
-            return
-        names = sorted(answer.get("streams") or [])
-        if names:
-            shown = ", ".join(names[:20]) + (" ..." if len(names) > 20 else "")
-            self._stream_list_suffix = f"; streams there: {shown}"
-        else:
-            self._stream_list_suffix = "; the server has no streams"
-
-    async def _api(self, subject: str, body: dict[str, Any] | None, doing: str) -> dict[str, Any]:
-        """An API call on the current connection, failures translated to SourceError."""
-        link = await self._ensure_link_or_fail(doing)
-        return await self._call(link, subject, body, doing)
-
-    async def _call(
-        self, link: Link, subject: str, body: dict[str, Any] | None, doing: str
-    ) -> dict[str, Any]:
-        """An API call on ``link``, failures translated to SourceError."""
-        try:
-            return await link.api(subject, body)
-        except JsApiError as exc:
-            if exc.err_code == ERR_STREAM_NOT_FOUND:
-                await self._note_streams(link)
-            raise self._error(exc, doing) from None
-        except NoResponders as exc:
-            raise await self._no_responders_error(link, exc, doing) from None
-        except (PermissionViolation, RequestTimeout, ConnectionLost) as exc:
-            raise self._error(exc, doing) from None
-
-    async def _ensure_link_or_fail(self, doing: str) -> Link:
-        try:
-            return await self._ensure_link()
-        except ConnectionLost as exc:
-            raise SourceError(redact(str(exc))) from None
-
-    async def _no_responders_error(self, link: Link, exc: NoResponders, doing: str) -> SourceError:
-        # Nobody answers: either JetStream is off, or (older servers) the stream is missing.
-        try:
-            await link.api(f"{API_PREFIX}.INFO")
-        except NoResponders:
-            return SourceError(redact(self._js_disabled_text()))
-        except Exception:  # fall through to the stream explanation
-            pass
-        return self._error(exc, doing)
+    async def _call(self, link: Link, call: Awaitable[T], doing: str) -> T:
+        """An API call on ``link``, failures translated to :class:`SourceError`."""
+        return await self.diagnostics.call(link, call, doing)
 
     # -- stream state --------------------------------------------------------------------------
 
@@ -403,10 +219,8 @@ class JetStreamSource:
         Raises:
             SourceError: The stream does not exist, JetStream is off, permission is missing...
         """
-        info = await self._api(
-            f"{API_PREFIX}.STREAM.INFO.{self.stream}", None, "read the stream info"
-        )
-        state = StreamState.from_info(info)
+        link = await self._session.ensure_or_fail("read the stream info")
+        state = await self._call(link, admin.stream_info(link, self.stream), "read the stream info")
         if self._created is None:
             self._created = state.created
         return state
@@ -452,108 +266,44 @@ class JetStreamSource:
                     f"add {self.subject} to the stream's subjects"
                 )
             )
-        link = await self._ensure_link_or_fail("check the subject")
+        link = await self._session.ensure_or_fail("check the subject")
         try:
             await link.check_subscribe(self.subject)
-        except (PermissionViolation, RequestTimeout) as exc:
-            raise self._error(exc, "subscribe to the subject") from None
+        except TransportError as exc:
+            raise self.diagnostics.error(exc, "subscribe to the subject") from None
         self._checked = True
 
     async def pending_after(self, position: int) -> int:
         """Messages on the subject with a sequence above ``position`` (exact, filters included)."""
-        info = await self._probe(
-            probe_config(self.subject, new_ephemeral_name("nilus_lag"), start_seq=position + 1),
-            "count the pending messages",
-        )
-        return int(info.get("num_pending", 0) or 0)
+        link = await self._session.ensure_or_fail("count the pending messages")
+        return await self._probes.pending_after(link, position)
 
     async def last_message_time(self) -> datetime | None:
         """When the newest message on the subject was stored, or ``None`` if there is none."""
-        doing = "read the newest message on the subject"
-        link = await self._ensure_link_or_fail(doing)
-        try:
-            answer = await link.api(
-                f"{API_PREFIX}.STREAM.MSG.GET.{self.stream}", {"last_by_subj": self.subject}
-            )
-            return parse_time(str(answer["message"]["time"]))
-        except JsApiError as exc:
-            if exc.err_code == ERR_NO_MESSAGE:
-                return None
-            if exc.err_code == ERR_STREAM_NOT_FOUND:
-                raise self._error(exc, doing) from None
-        except PermissionViolation as exc:
-            if exc.kind == "subscribe":
-                raise self._error(exc, doing) from None
-        except (NoResponders, RequestTimeout, ConnectionLost) as exc:
-            raise self._error(exc, doing) from None
-        # Direct reads refused: a consumer that delivers only the last message tells as well.
-        return await self._last_time_by_consumer(doing)
+        link = await self._session.ensure_or_fail("read the newest message on the subject")
+        return await self._probes.last_message_time(link)
 
-    async def _last_time_by_consumer(self, doing: str) -> datetime | None:
-        name = new_ephemeral_name("nilus_last")
-        link = await self._ensure_link_or_fail(doing)
-        info = await self._create_consumer(link, probe_config(self.subject, name, last=True), doing)
-        try:
-            if not int(info.get("num_pending", 0) or 0):
-                return None
-            msg = await link.request(
-                f"{API_PREFIX}.CONSUMER.MSG.NEXT.{self.stream}.{name}",
-                b'{"batch":1,"no_wait":true}',
-            )
-            if not msg.reply:
-                return None
-            meta = parse_ack_reply(msg.reply)
-            return parse_time_ns(meta.timestamp_ns)
-        except (PermissionViolation, NoResponders, RequestTimeout, ConnectionLost) as exc:
-            raise self._error(exc, doing) from None
-        finally:
-            await self._delete_consumer(link, name)
-
-    async def _probe(self, config: dict[str, Any], doing: str) -> dict[str, Any]:
-        """Create a throwaway consumer, return its info, delete it."""
-        link = await self._ensure_link_or_fail(doing)
-        info = await self._create_consumer(link, config, doing)
-        await self._delete_consumer(link, config["name"])
-        return info
-
-    async def _create_consumer(
-        self, link: Link, config: dict[str, Any], doing: str
-    ) -> dict[str, Any]:
-        subject = create_subject(self.stream, config["name"], self.subject)
-        body = {"stream_name": self.stream, "config": config}
-        return await self._call(link, subject, body, doing)
+    async def _seq_for_time(self, start_time: datetime) -> int:
+        """The first stream sequence stored at or after ``start_time``."""
+        link = await self._session.ensure_or_fail("find the first message after start_time")
+        return await self._probes.seq_for_time(link, start_time)
 
     async def _delete_consumer(self, link: Link, name: str) -> None:
         # Best effort: an ephemeral we fail to delete goes away after inactive_threshold.
         self._ephemerals.discard(name)
-        if not link.is_open:
-            return
-        with contextlib.suppress(Exception):
-            await link.api(
-                f"{API_PREFIX}.CONSUMER.DELETE.{self.stream}.{name}",
-                None,
-                timeout=min(2.0, self.connect_timeout),
-            )
-
-    async def _seq_for_time(self, start_time: datetime) -> int:
-        """The first stream sequence stored at or after ``start_time``."""
-        info = await self._probe(
-            probe_config(
-                self.subject, new_ephemeral_name("nilus_time"), start_time=format_time(start_time)
-            ),
-            "find the first message after start_time",
-        )
-        return next_sequence(info)
+        await self._probes.delete(link, name)
 
     # -- consumers -----------------------------------------------------------------------------
 
-    async def _open_reader(self, link: Link, start_seq: int) -> tuple[str, dict[str, Any]]:
+    async def _open_reader(self, link: Link, start_seq: int) -> tuple[str, ConsumerInfo]:
         """A consumer of this run's own, ready to deliver from ``start_seq``: (name, info)."""
         name = new_ephemeral_name()
         config = reader_config(self.spec, name, start_seq)
-        info = await self._create_consumer(link, config, "create the consumer")
+        info = await self._call(
+            link, admin.create_consumer(link, self.stream, config), "create the consumer"
+        )
         self._ephemerals.add(name)
-        verify_created(config, info, server=self._version(link))
+        verify_created(config, info, server=server_version_text(link))
         return name, info
 
     async def align_durable(self, start_seq: int, *, start_time: datetime | None = None) -> None:
@@ -566,12 +316,13 @@ class JetStreamSource:
         Raises:
             SourceError: The durable cannot be read, created or moved (permissions, stream).
         """
-        if self.spec.durable is None:
+        durable = self._durable
+        if durable is None:
             return
         if start_time is not None:
             start_seq = await self._seq_for_time(start_time)
-        link = await self._ensure_link_or_fail(f"align durable consumer {self.spec.durable}")
-        await self._align_durable(link, start_seq)
+        link = await self._session.ensure_or_fail(f"align durable consumer {durable.name}")
+        await durable.align(link, start_seq)
 
     async def mark_committed(self, seq: int) -> None:
         """Move the durable consumer to just after ``seq``, now in the table; nothing without
@@ -580,17 +331,18 @@ class JetStreamSource:
         A failure is logged, not raised: the data is committed, the table holds the position,
         and the next run realigns the durable.
         """
-        name = self.spec.durable
-        link = self._link
-        if name is None:
+        durable = self._durable
+        link = self._session.link
+        if durable is None:
             return
+        name = durable.name
         if link is None or not link.is_open:
             logger.warning(
                 "could not move durable consumer %s past sequence %d: not connected", name, seq
             )
             return
         try:
-            await self._move_durable(link, seq + 1)
+            await durable.move(link, seq + 1)
         except Exception as exc:  # the data is committed; only the mirror is behind
             logger.warning(
                 "could not move durable consumer %s past sequence %d: %s",
@@ -598,136 +350,6 @@ class JetStreamSource:
                 seq,
                 redact(str(exc)),
             )
-
-    def _version(self, link: Link) -> str:
-        return ".".join(map(str, link.server_version))
-
-    async def _align_durable(self, link: Link, start_seq: int) -> None:
-        name = self.spec.durable
-        assert name is not None
-        doing = f"read durable consumer {name}"
-        try:
-            info: dict[str, Any] | None = await link.api(
-                f"{API_PREFIX}.CONSUMER.INFO.{self.stream}.{name}"
-            )
-        except JsApiError as exc:
-            if exc.err_code != ERR_CONSUMER_NOT_FOUND:
-                if exc.err_code == ERR_STREAM_NOT_FOUND:
-                    await self._note_streams(link)
-                raise self._error(exc, doing) from None
-            info = None
-        except NoResponders as exc:
-            raise await self._no_responders_error(link, exc, doing) from None
-        except (PermissionViolation, RequestTimeout, ConnectionLost) as exc:
-            raise self._error(exc, doing) from None
-
-        if info is not None:
-            reason = misalignment(info, self.spec, start_seq)
-            if (
-                reason is not None
-                and position_only(reason)
-                and await self._nothing_between(link, info, start_seq)
-            ):
-                reason = None
-            if reason is None:
-                return
-            self.realign_reasons.append(reason)
-            logger.warning(
-                "durable consumer %s on stream %s realigned to sequence %d: %s",
-                name,
-                self.stream,
-                start_seq,
-                reason,
-            )
-            await self._move_durable(link, start_seq, info)
-            return
-        await self._recreate_durable(link, start_seq, exists=False)
-
-    async def _move_durable(
-        self, link: Link, start_seq: int, info: dict[str, Any] | None = None
-    ) -> None:
-        """Put the existing durable at ``start_seq``: reset in place where the server (2.14+)
-        and its settings (``info``, when known) allow, else delete and recreate it."""
-        if (info is None or resettable(info, self.spec)) and await self._reset_durable(
-            link, start_seq
-        ):
-            return
-        if info is None and link.server_version >= (2, 14, 0):
-            # (A realignment logged its reason already.)
-            logger.warning(
-                "durable consumer %s could not be reset to sequence %d in place (were its "
-                "settings changed?); recreating it",
-                self.spec.durable,
-                start_seq,
-            )
-        await self._recreate_durable(link, start_seq)
-
-    async def _recreate_durable(self, link: Link, start_seq: int, *, exists: bool = True) -> None:
-        """Delete the durable (when it exists) and create it at ``start_seq``."""
-        name = self.spec.durable
-        assert name is not None
-        config = durable_config(self.spec, start_seq)
-        subject = create_subject(self.stream, name, self.subject)
-        for attempt in (1, 2):
-            if exists or attempt == 2:
-                await self._delete_durable(link)
-            try:
-                created = await link.api(subject, {"stream_name": self.stream, "config": config})
-            except JsApiError as exc:
-                if exc.err_code == ERR_CONSUMER_START_CHANGED and attempt == 1:
-                    # Another run made it between our delete and create (on 2.9 every run
-                    # moves the durable this way after each commit): replace it once more.
-                    continue
-                raise self._error(exc, f"create durable consumer {name}") from None
-            except (PermissionViolation, NoResponders, RequestTimeout, ConnectionLost) as exc:
-                raise self._error(exc, f"create durable consumer {name}") from None
-            verify_created(config, created, server=self._version(link))
-            return
-
-    async def _delete_durable(self, link: Link) -> None:
-        doing = f"delete durable consumer {self.spec.durable} to realign it"
-        try:
-            await link.api(f"{API_PREFIX}.CONSUMER.DELETE.{self.stream}.{self.spec.durable}")
-        except JsApiError as exc:
-            if exc.err_code != ERR_CONSUMER_NOT_FOUND:
-                raise self._error(exc, doing) from None
-        except (PermissionViolation, NoResponders, RequestTimeout, ConnectionLost) as exc:
-            raise self._error(exc, doing) from None
-
-    async def _nothing_between(self, link: Link, info: dict[str, Any], start_seq: int) -> bool:
-        """Whether no message of the subject lies between ``start_seq`` and the durable's next
-        sequence, so that reading from either gives the same messages.
-
-        The durable's pending count covers the subject from its next sequence on; a probe
-        counts it from ``start_seq`` on. Equal counts: only other subjects (or nothing) lie in
-        between, which happens when a filtered consumer moved past them (2.9 does).
-        """
-        probe = probe_config(self.subject, new_ephemeral_name("nilus_align"), start_seq=start_seq)
-        try:
-            counted = await link.api(
-                create_subject(self.stream, probe["name"], self.subject),
-                {"stream_name": self.stream, "config": probe},
-            )
-        except (JsApiError, NoResponders, RequestTimeout, PermissionViolation, ConnectionLost):
-            return False
-        finally:
-            await self._delete_consumer(link, probe["name"])
-        return int(counted.get("num_pending", -1)) == int(info.get("num_pending", -2))
-
-    async def _reset_durable(self, link: Link, start_seq: int) -> dict[str, Any] | None:
-        """Move the durable in place (nats-server 2.14+): its info, or ``None`` if not possible."""
-        if link.server_version < (2, 14, 0):
-            return None
-        try:
-            after = await link.api(
-                f"{API_PREFIX}.CONSUMER.RESET.{self.stream}.{self.spec.durable}",
-                {"seq": max(1, start_seq)},
-            )
-        except (JsApiError, NoResponders, RequestTimeout, PermissionViolation):
-            return None
-        if misalignment(after, self.spec, start_seq) is not None:
-            return None
-        return after
 
     # -- pulling -------------------------------------------------------------------------------
 
@@ -806,14 +428,13 @@ class JetStreamSource:
                     return
                 try:
                     if puller is None:
-                        link = await self._ensure_link()
+                        link = await self._session.ensure()
                         consumer, info = await self._open_reader(link, last + 1)
                         # After the consumer exists: a stream recreated later deletes it,
                         # and the recovery that follows comes back here.
                         await self._check_same_stream(last)
-                        if not int(info.get("num_pending", 0) or 0):
+                        if not pending(info):
                             return
-                        delivered = info.get("delivered") or {}
                         puller = BulkPuller(
                             link.nc,
                             self.stream,
@@ -821,21 +442,21 @@ class JetStreamSource:
                             batch_size=self.address.batch_size,
                             expires=self.address.timeout,
                             after_seq=last,
-                            next_consumer_seq=int(delivered.get("consumer_seq", 0) or 0) + 1,
+                            next_consumer_seq=next_delivery(info),
                         )
                         link.listen(on_link_event)
                         self._pullers.add(puller)
                         await puller.start()
                     batch = await puller.next_batch(wanted)
-                except _TRANSIENT as exc:
+                except TransportError as exc:
                     if refused:
-                        raise self._error(refused[0], "pull messages") from None
-                    if isinstance(exc, PullInterrupted) and exc.fatal:
-                        raise self._error(exc, "pull messages") from None
-                    recovery.failed(self._error_text(exc, "pull messages"), last)
+                        raise self.diagnostics.error(refused[0], "pull messages") from None
+                    if not exc.retryable:
+                        raise self.diagnostics.error(exc, "pull messages") from None
+                    recovery.failed(self.diagnostics.error_text(exc, "pull messages"), last)
                     await drop_puller()
                     if link is not None and not getattr(exc, "connection_lost", False):
-                        await self._drop_link_if_dead(link)
+                        await self._session.drop_if_dead(link)
                     if recovery.exhausted:
                         raise SourceError(
                             redact(
@@ -848,12 +469,12 @@ class JetStreamSource:
                     continue
                 except SourceError as exc:
                     # A restarting server may answer "JetStream unavailable" for a moment.
-                    if recovery.since is None or not _looks_transient(str(exc)):
+                    if recovery.since is None or not exc.retryable:
                         raise
                     recovery.failed(str(exc), last)
                     await drop_puller()
                     if link is not None:
-                        await self._drop_link_if_dead(link)
+                        await self._session.drop_if_dead(link)
                     if recovery.exhausted:
                         raise
                     await asyncio.sleep(self.reconnect_time_wait)
@@ -874,23 +495,3 @@ class JetStreamSource:
                     return
         finally:
             await drop_puller()
-
-
-def parse_time_ns(ns: int) -> datetime:
-    """Nanoseconds since the epoch as an aware UTC datetime."""
-    return datetime.fromtimestamp(ns / 1e9, tz=timezone.utc)
-
-
-def _looks_transient(text: str) -> bool:
-    lowered = text.lower()
-    return any(
-        word in lowered
-        for word in (
-            "temporarily unavailable",
-            "not answering",
-            "no answer",
-            "lost the connection",
-            "cannot reach",
-            "not enabled",
-        )
-    )

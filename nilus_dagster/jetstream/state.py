@@ -87,6 +87,11 @@ def parse_time(text: str) -> datetime:
     return moment.astimezone(timezone.utc)
 
 
+def parse_time_ns(ns: int) -> datetime:
+    """Nanoseconds since the epoch as an aware UTC datetime."""
+    return datetime.fromtimestamp(ns / 1e9, tz=timezone.utc)
+
+
 def format_time(moment: datetime) -> str:
     """An aware datetime as RFC 3339 UTC, for consumer configs."""
     if moment.tzinfo is None:
