@@ -4,6 +4,7 @@ from datetime import datetime, timezone
 
 import pytest
 
+from nilus_dagster.jetstream.connection import server_urls
 from nilus_dagster.manifest.address import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_PORT,
@@ -30,7 +31,7 @@ def test_defaults_are_the_page_defaults() -> None:
     assert address.format == "json"
     assert address.auth_mode == "none"
     assert address.placeholders() == []
-    assert address.server_urls() == ["nats://localhost:4222"]
+    assert server_urls(address) == ["nats://localhost:4222"]
 
 
 @pytest.mark.parametrize(
@@ -73,7 +74,7 @@ def test_every_option_parses() -> None:
         "c.pem",
         "k.pem",
     )
-    assert address.server_urls() == ["tls://h:1"]
+    assert server_urls(address) == ["tls://h:1"]
 
 
 def test_start_sequence_and_naive_start_time() -> None:

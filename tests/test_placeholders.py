@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from nilus_dagster.errors import PlaceholderError
+from nilus_dagster.jetstream.connection import server_urls
 from nilus_dagster.manifest import Pipeline, parse_pipeline
 from nilus_dagster.manifest.placeholders import fill, placeholders_in
 from nilus_dagster.redaction import redact
@@ -99,7 +100,7 @@ def test_values_with_uri_characters_work(tmp_path: Path, awkward: str) -> None:
 
     assert (resolved.user, resolved.password) == ("bob@corp", password)
     assert resolved.servers == ("nats.prod:4222",)
-    assert resolved.server_urls() == ["nats://nats.prod:4222"]
+    assert server_urls(resolved) == ["nats://nats.prod:4222"]
     assert (resolved.subject, resolved.durable) == ("s", "d")
     assert with_token.token == token
     assert password not in repr(resolved)

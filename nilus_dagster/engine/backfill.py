@@ -11,6 +11,7 @@ from nilus_dagster.errors import PositionError
 from nilus_dagster.jetstream import JetStreamSource, StreamState
 from nilus_dagster.messages import MessageBatch
 from nilus_dagster.sink import STREAM_CREATED_KEY, DeltaSink
+from nilus_dagster.times import as_utc
 
 
 async def replay_window(
@@ -32,7 +33,7 @@ async def replay_window(
         PositionError: The window is older than the stream's retention.
     """
     pipeline = settings.pipeline
-    start, end = (_utc(w) for w in window)
+    start, end = (as_utc(w) for w in window)
     position = sink.position
     if stream.first_seq > 1 and stream.messages:
         oldest = await _first_message_time(src, stream.first_seq)
@@ -104,13 +105,6 @@ async def replay_window(
         commits=1,
         duration_seconds=duration,
     )
-
-
-def _utc(moment: datetime) -> datetime:
-    # Dagster's partition windows are UTC already; a naive time is taken as UTC too.
-    if moment.tzinfo is None:
-        return moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc)
 
 
 async def _first_message_time(src: JetStreamSource, first_seq: int) -> datetime | None:

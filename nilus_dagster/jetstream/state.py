@@ -4,6 +4,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from nilus_dagster.times import as_utc
+
 
 @dataclass(frozen=True)
 class StreamState:
@@ -94,9 +96,7 @@ def parse_time_ns(ns: int) -> datetime:
 
 def format_time(moment: datetime) -> str:
     """An aware datetime as RFC 3339 UTC, for consumer configs."""
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return as_utc(moment).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def subjects_overlap(a: str, b: str) -> bool:

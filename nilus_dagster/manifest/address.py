@@ -139,11 +139,6 @@ class NatsAddress:
             register_secret(secret)
         return resolved
 
-    def server_urls(self) -> list[str]:
-        """``nats://`` or ``tls://`` URLs of the servers, without credentials."""
-        scheme = "tls" if self.tls or self.tls_ca or self.tls_cert else "nats"
-        return [f"{scheme}://{server}" for server in self.servers]
-
     def redacted(self) -> str:
         """The address as written, safe to show: secrets masked, placeholders kept."""
         from nilus_dagster.redaction import redact

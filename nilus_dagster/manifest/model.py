@@ -22,6 +22,8 @@ from nilus_dagster.manifest.address import (
 )
 
 IncrementalStrategy = Literal["append", "replace", "merge"]
+DEFAULT_COMPACT_EVERY = 100
+DEFAULT_CHECKPOINT_EVERY = 10
 
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9_\-]{0,62}[a-z0-9])?$")
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
@@ -70,10 +72,14 @@ class SinkOptions(_Strict):
         default=64 * 1024 * 1024, description="Payload bytes per Delta commit at most."
     )
     compact_every: int = Field(
-        default=100, ge=0, description="Compact small files every N commits (0: never)."
+        default=DEFAULT_COMPACT_EVERY,
+        ge=0,
+        description="Compact small files every N commits (0: never).",
     )
     checkpoint_every: int = Field(
-        default=10, ge=0, description="Write a Delta checkpoint every N commits (0: never)."
+        default=DEFAULT_CHECKPOINT_EVERY,
+        ge=0,
+        description="Write a Delta checkpoint every N commits (0: never).",
     )
 
     @field_validator("dest_table")

@@ -12,12 +12,12 @@ import io
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pj
 
+from nilus_dagster.manifest.address import PayloadFormat
 from nilus_dagster.messages import MessageBatch
 from nilus_dagster.sink.conform import split_conflicts
 from nilus_dagster.sink.schema import (
@@ -31,8 +31,6 @@ from nilus_dagster.sink.schema import (
     metadata_arrays,
     nesting_depth,
 )
-
-PayloadFormat = Literal["json", "raw"]
 
 MAX_NESTING = 32
 """Deepest struct/list nesting a row may have; Delta rejects table schemas much deeper."""

@@ -22,18 +22,23 @@ from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundErr
 
 from nilus_dagster.errors import SinkError
 from nilus_dagster.manifest.depots import DEAD_LETTER_SUFFIX, TableLocation
+from nilus_dagster.manifest.model import (
+    DEFAULT_CHECKPOINT_EVERY,
+    DEFAULT_COMPACT_EVERY,
+    IncrementalStrategy,
+)
 from nilus_dagster.messages import MessageBatch
 from nilus_dagster.redaction import redact
 from nilus_dagster.sink.conform import conform
 from nilus_dagster.sink.decode import BatchDecoder, Decoded, PayloadFormat, decode
 from nilus_dagster.sink.schema import METADATA_COLUMNS, METADATA_SCHEMA, TIMESTAMP_TYPE
+from nilus_dagster.times import as_utc
 
 logger = logging.getLogger("nilus_dagster.sink")
 
 STREAM_CREATED_KEY = "nilus.stream_created"
 """Commit metadata key holding the creation time of the stream the position belongs to."""
 
-Strategy = Literal["append", "merge", "replace"]
 
 _HISTORY_SCAN = 20  # recent commits searched first for the stream's creation time
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -102,11 +107,11 @@ class DeltaSink:
         location: TableLocation,
         *,
         app_id: str,
-        strategy: Strategy = "append",
+        strategy: IncrementalStrategy = "append",
         primary_key: Sequence[str] | None = None,
         create_table: bool = True,
-        compact_every: int = 100,
-        checkpoint_every: int = 10,
+        compact_every: int = DEFAULT_COMPACT_EVERY,
+        checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
     ):
         if strategy not in ("append", "merge", "replace"):
             raise SinkError(f"incremental_strategy must be append, merge or replace: {strategy!r}")
@@ -115,7 +120,7 @@ class DeltaSink:
         self.location = location
         self.dead_letter_location = location.sibling(DEAD_LETTER_SUFFIX)
         self.app_id = app_id
-        self.strategy: Strategy = strategy
+        self.strategy: IncrementalStrategy = strategy
         self.primary_key = tuple(primary_key or ())
         self.create_table = create_table
         self.compact_every = compact_every
@@ -341,7 +346,7 @@ class DeltaSink:
             SinkError: The write failed.
         """
         self._require_open()
-        start, end = _utc(start), _utc(end)
+        start, end = as_utc(start), as_utc(end)
         if end <= start:
             raise SinkError(f"empty window {start.isoformat()}..{end.isoformat()}")
         metadata = self._metadata(commit_metadata)
@@ -674,12 +679,6 @@ def _created_in(history: Sequence[Mapping[str, object]]) -> str | None:
 
 def _quote(name: str) -> str:
     return "`" + name.replace("`", "``") + "`"
-
-
-def _utc(moment: datetime) -> datetime:
-    if moment.tzinfo is None:
-        return moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc)
 
 
 def _iso(moment: datetime) -> str:
