@@ -115,13 +115,13 @@ def _lag(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from nilus_dagster.demo import run_demo
 
+    # Options left out take run_demo's defaults, which are defined there only.
+    given = {"rate": args.rate, "seconds": args.seconds, "store_dir": args.store}
     return run_demo(
         port=args.port,
-        rate=args.rate,
-        seconds=args.seconds,
         keep_running=args.keep_running,
         reset=args.reset,
-        store_dir=args.store,
+        **{name: value for name, value in given.items() if value is not None},
     )
 
 
@@ -161,8 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--port", type=int, default=None, help="server port (default 4333 when free, else any)"
     )
-    demo.add_argument("--rate", type=int, default=400, help="orders published per second")
-    demo.add_argument("--seconds", type=float, default=2.0, help="how long to publish first")
+    demo.add_argument("--rate", type=int, help="orders published per second")
+    demo.add_argument("--seconds", type=float, help="how long to publish first")
     demo.add_argument(
         "--keep-running",
         action="store_true",
@@ -171,9 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--reset", action="store_true", help="start over: delete the demo stream and its table"
     )
-    demo.add_argument(
-        "--store", default=".nilus_demo", help="the demo server's JetStream store (kept)"
-    )
+    demo.add_argument("--store", help="the demo server's JetStream store (kept)")
     demo.set_defaults(handler=_demo)
     return parser
 

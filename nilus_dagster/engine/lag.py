@@ -9,6 +9,7 @@ from nilus_dagster.engine.settings import runtime_settings
 from nilus_dagster.engine.table import check_stream_identity, open_sink
 from nilus_dagster.errors import PositionError
 from nilus_dagster.jetstream import JetStreamSource
+from nilus_dagster.jetstream.connection import DEFAULT_CONNECT_TIMEOUT_SECONDS
 from nilus_dagster.manifest.loader import Pipeline
 
 __all__ = ["measure_lag", "measure_lag_async"]
@@ -19,7 +20,7 @@ async def measure_lag_async(
     *,
     env: Mapping[str, str] | None = None,
     servers: Sequence[str] | None = None,
-    connect_timeout: float = 5.0,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_SECONDS,
 ) -> LagReport:
     """Compare the stream with the table's committed position.
 

@@ -32,6 +32,9 @@ from nilus_dagster.manifest.address import NatsAddress, parse_nats_address
 from nilus_dagster.manifest.placeholders import placeholders_in
 from nilus_dagster.redaction import redact, register_secret
 
+DEFAULT_CONNECT_TIMEOUT_SECONDS = 5.0
+"""Seconds for one connection attempt (and one API request) unless told otherwise."""
+
 
 def server_urls(address: NatsAddress, servers: Sequence[str] | None = None) -> list[str]:
     """``nats://``/``tls://`` URLs for ``servers`` (a deployment override) or the address's.

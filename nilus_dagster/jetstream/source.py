@@ -20,7 +20,12 @@ from nats.js.api import ConsumerInfo
 
 from nilus_dagster.errors import PositionError, SourceError
 from nilus_dagster.jetstream import admin
-from nilus_dagster.jetstream.connection import Link, hosts_text, server_urls
+from nilus_dagster.jetstream.connection import (
+    DEFAULT_CONNECT_TIMEOUT_SECONDS,
+    Link,
+    hosts_text,
+    server_urls,
+)
 from nilus_dagster.jetstream.consumers import (
     DEFAULT_INACTIVE_THRESHOLD_SECONDS,
     ConsumerSpec,
@@ -113,7 +118,7 @@ class JetStreamSource:
         stream: str,
         *,
         servers: Sequence[str] | None = None,
-        connect_timeout: float = 5.0,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_SECONDS,
         reconnect_time_wait: float = 0.5,
         max_reconnect_seconds: float = 30.0,
         inactive_threshold: float = DEFAULT_INACTIVE_THRESHOLD_SECONDS,
