@@ -216,7 +216,7 @@ class Bench:
 
     # -- one path, one run ----------------------------------------------------------------
 
-    def _child(self, name: str, params: dict[str, Any], env: dict[str, str]) -> ProcessResult:
+    def run_child(self, name: str, params: dict[str, Any], env: dict[str, str]) -> ProcessResult:
         argv = [self.python, "-m", "benchmarks.paths", name, json.dumps(params)]
         return run_process(argv, env=env, cwd=REPO, timeout=self.args.timeout)
 
@@ -233,16 +233,16 @@ class Bench:
         inner: dict[str, Any] = {}
         common = {"url": self.url, "stream": stream, "subject": subject, "count": expected}
         if key == "ceiling":
-            proc = self._child("ceiling", {**common, "pull": self.args.ceiling_pull}, env)
+            proc = self.run_child("ceiling", {**common, "pull": self.args.ceiling_pull}, env)
         elif key == "source":
-            proc = self._child("source", {"manifest": str(self.manifests[data])}, env)
+            proc = self.run_child("source", {"manifest": str(self.manifests[data])}, env)
         elif key == "baseline":
             uri = str(lakehouse / "baseline" / "orders")
             params = {**common, "pull": self.args.batch_size, "table_uri": uri}
-            proc = self._child("baseline", params, env)
+            proc = self.run_child("baseline", params, env)
         elif key == "engine":
             uri = self.table_uri(data, lakehouse)
-            proc = self._child("engine", {"manifest": str(self.manifests[data])}, env)
+            proc = self.run_child("engine", {"manifest": str(self.manifests[data])}, env)
         elif key in ("cli", "cli-large"):
             uri = self.table_uri(data, lakehouse)
             argv = [str(BIN / "nilus-dagster"), "run", str(self.manifests[data]), "--drain"]
@@ -414,7 +414,7 @@ class Bench:
         holder: dict[str, ProcessResult] = {}
         loop = threading.Thread(
             target=lambda: holder.setdefault(
-                "proc", self._child("engine_loop", params, self.env(lakehouse))
+                "proc", self.run_child("engine_loop", params, self.env(lakehouse))
             )
         )
         loop.start()
@@ -589,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
             profile = args.out / "engine-profile.pstats"
             args.out.mkdir(parents=True, exist_ok=True)
             env = bench.env(work / "lake-profile")
-            proc = bench._child(
+            proc = bench.run_child(
                 "engine_profile",
                 {"manifest": str(bench.manifests["main"]), "profile": str(profile)},
                 env,

@@ -41,7 +41,8 @@ async def ceiling(p: Params) -> Params:
     # Unbounded: the loop below drains the queue itself, so nats-py's pending accounting
     # (decremented only by next_msg) must not call it a slow consumer.
     sub = await nc.subscribe(inbox, pending_msgs_limit=0, pending_bytes_limit=0)
-    queue = sub._pending_queue  # bulk drain: get_nowait() until empty, no per-message await
+    # Bulk drain: get_nowait() until empty, no per-message await (nats-py private queue).
+    queue = sub._pending_queue  # noqa: SLF001 - the ceiling loop is what a bulk drain can do
     request = f"$JS.API.CONSUMER.MSG.NEXT.{p['stream']}.{info.name}"
     batch = int(p["pull"])
     body = json.dumps({"batch": batch, "expires": 5_000_000_000}).encode()

@@ -75,7 +75,7 @@ class ColumnInbox:
         self.woken = False
         return taken
 
-    def _add_headers(self, index: int, headers: dict[str, str] | None) -> None:
+    def add_headers(self, index: int, headers: dict[str, str] | None) -> None:
         if self.headers is None:
             if headers is None:
                 return
@@ -145,7 +145,7 @@ class FastParser(nats_parser.Parser):
                     if inbox is None:
                         headers = data[start : start + header_size] if header_size else None
                         payload = data[start + header_size : end]
-                        await nc._process_msg(sid, subject, reply, payload, headers)
+                        await nc._process_msg(sid, subject, reply, payload, headers)  # noqa: SLF001 - nats-py parser API, checked by install()
                         if self.buf is not own:
                             return
                         continue
@@ -154,10 +154,10 @@ class FastParser(nats_parser.Parser):
                     if header_size:
                         # Rare on a pull inbox (status messages, messages published with
                         # headers): parsed by nats-py, so they read as they always did.
-                        parsed = await nc._process_headers(data[start : start + header_size])
+                        parsed = await nc._process_headers(data[start : start + header_size])  # noqa: SLF001 - nats-py parser API, checked by install()
                         if self.buf is not own:
                             return
-                        inbox._add_headers(len(inbox.replies), parsed)
+                        inbox.add_headers(len(inbox.replies), parsed)
                     elif inbox.headers is not None:
                         inbox.headers.append(None)
                     inbox.subjects.append(subject)
@@ -228,17 +228,17 @@ class FastParser(nats_parser.Parser):
             return eol + 2
         err = _ERR_RE.match(data, pos)
         if err:
-            await nc._process_err((err.group(1) or b"").decode().lower())
+            await nc._process_err((err.group(1) or b"").decode().lower())  # noqa: SLF001 - nats-py parser API, checked by install()
             return err.end()
         if _PING_RE.match(data, pos):
-            await nc._process_ping()
+            await nc._process_ping()  # noqa: SLF001 - nats-py parser API, checked by install()
             return eol + 2
         if _PONG_RE.match(data, pos):
-            await nc._process_pong()
+            await nc._process_pong()  # noqa: SLF001 - nats-py parser API, checked by install()
             return eol + 2
         info = _INFO_RE.match(data, pos)
         if info:
-            await nc._process_info(json.loads(info.group(1).decode()))
+            await nc._process_info(json.loads(info.group(1).decode()))  # noqa: SLF001 - nats-py parser API, checked by install()
             return info.end()
         raise ProtocolError("nats: unknown protocol")
 
@@ -290,13 +290,18 @@ def _bulk_frames(
     return end, inbox, frames, payload_bytes
 
 
+def _parser_of(nc: Client) -> object:
+    """nats-py's protocol parser of ``nc`` (private: :func:`install` checks what it is)."""
+    return nc._ps if hasattr(nc, "_ps") else None  # noqa: SLF001 - nats-py's parser, checked
+
+
 def install(nc: Client, sid: int, inbox: ColumnInbox) -> None:
     """Route the frames of subscription ``sid`` on ``nc`` into ``inbox``.
 
     Raises:
         RuntimeError: This nats-py's parser is not the one this was written against.
     """
-    parser = getattr(nc, "_ps", None)
+    parser = _parser_of(nc)
     needed = ("buf", "state", "needed", "header_needed", "msg_arg", "nc")
     handlers = ("_process_msg", "_process_headers", "_process_err", "_process_ping")
     handlers += ("_process_pong", "_process_info")
@@ -316,7 +321,7 @@ def install(nc: Client, sid: int, inbox: ColumnInbox) -> None:
 
 def uninstall(nc: Client, sid: int) -> None:
     """Stop routing subscription ``sid``; its later frames go through nats-py as usual."""
-    parser = getattr(nc, "_ps", None)
+    parser = _parser_of(nc)
     inboxes = getattr(parser, "__dict__", {}).get("inboxes")
     if inboxes:
         inboxes.pop(sid, None)

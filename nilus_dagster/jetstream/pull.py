@@ -54,6 +54,14 @@ _WAKE = object()
 _MAX_SUBJECT_NAMES = 10_000  # decoded subjects remembered (a wildcard can match many)
 
 
+def _queue_and_sid(sub: Subscription) -> tuple[object, object]:
+    """nats-py's private queue of a callback-less subscription, and its sid (``None`` when this
+    nats-py has neither: :meth:`BulkPuller.start` refuses to go on then)."""
+    queue = sub._pending_queue if hasattr(sub, "_pending_queue") else None  # noqa: SLF001 - nats-py private, checked in start()
+    sid = sub._id if hasattr(sub, "_id") else None  # noqa: SLF001 - see above
+    return queue, sid
+
+
 class BulkPuller:
     """Pulls from one JetStream pull consumer with several pull requests in flight.
 
@@ -142,8 +150,7 @@ class BulkPuller:
         # The inbox's frames are read off the wire into columns (see inbox.py) instead of
         # becoming one Msg each; the subscription's queue (a subscription without a callback
         # keeps its messages there) only carries a wake-up token per burst.
-        queue = getattr(self._sub, "_pending_queue", None)
-        sid = getattr(self._sub, "_id", None)
+        queue, sid = _queue_and_sid(self._sub)
         if not isinstance(queue, asyncio.Queue) or not isinstance(sid, int):
             await self.stop()
             raise RuntimeError(
@@ -162,7 +169,7 @@ class BulkPuller:
         """Unsubscribe: the server drops the requests still waiting once nobody listens."""
         sub, self._sub = self._sub, None
         if sub is not None:
-            uninstall_inbox(self.nc, sub._id)
+            uninstall_inbox(self.nc, sub._id)  # noqa: SLF001 - nats-py's sid, checked in start()
         if sub is not None and not self.nc.is_closed:
             # The connection may be going away; there is nothing to undo then.
             with contextlib.suppress(Exception):
