@@ -32,14 +32,17 @@ class MessageBatch:
 
     @property
     def nbytes(self) -> int:
+        """Payload bytes in the batch."""
         return sum(map(len, self.payloads))
 
     @property
     def first_seq(self) -> int:
+        """The batch's first stream sequence."""
         return self.sequences[0]
 
     @property
     def last_seq(self) -> int:
+        """The batch's last stream sequence."""
         return self.sequences[-1]
 
     def extend(self, other: "MessageBatch") -> None:

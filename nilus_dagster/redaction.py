@@ -112,6 +112,7 @@ class RedactingFilter(logging.Filter):
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
+        """Redact ``record`` in place; always keep it."""
         _redact_record(record)
         return True
 

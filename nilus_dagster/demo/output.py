@@ -1,5 +1,8 @@
-"""What the demo prints and prepares: the table's newest rows, a run's summary and the
-commands that show the same pipeline in ``dagster dev``."""
+"""What the demo prints and prepares.
+
+The table's newest rows, a run's summary and the commands that show the same pipeline in
+``dagster dev``.
+"""
 
 import contextlib
 import os

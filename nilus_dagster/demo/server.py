@@ -1,5 +1,7 @@
-"""The demo's nats-server (started here, or a ``--keep-running`` one found), its stream and
-the order publisher."""
+"""The demo's nats-server, its stream and the order publisher.
+
+The server is one started here, or a ``--keep-running`` one found on the same store.
+"""
 
 import asyncio
 import contextlib
@@ -33,9 +35,11 @@ class DemoServer:
 
     @property
     def started_here(self) -> bool:
+        """Whether this demo started the server (and stops it at the end)."""
         return self.server is not None
 
     def stop(self, marker: Path) -> None:
+        """Stop the server if this demo started it, and remove its ``marker`` file."""
         if self.server is not None:
             self.server.stop(remove_store=False)
             with contextlib.suppress(FileNotFoundError):
@@ -43,6 +47,7 @@ class DemoServer:
 
 
 def marker_path(store: Path) -> Path:
+    """Where a ``--keep-running`` demo records its server for the next one."""
     return store / "server.json"
 
 

@@ -35,6 +35,7 @@ class LagReport:
 
     @property
     def pending(self) -> bool:
+        """Whether messages wait on the subject past the committed position."""
         return self.sequence_lag > 0
 
 
@@ -75,6 +76,7 @@ class RunReport:
 
     @property
     def messages_per_second(self) -> float:
+        """Messages a second over the run."""
         return self.messages / self.duration_seconds if self.duration_seconds > 0 else 0.0
 
     def metadata(self) -> dict[str, Any]:

@@ -48,6 +48,7 @@ class Progress:
 
     @property
     def messages_per_second(self) -> float:
+        """Messages a second so far."""
         return self.messages / self.elapsed_seconds if self.elapsed_seconds > 0 else 0.0
 
 

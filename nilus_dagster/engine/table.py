@@ -1,5 +1,7 @@
-"""The pipeline's table as a run and a lag check both see it: its sink, and whether the
-committed position still belongs to the stream that is there now."""
+"""The pipeline's table as a run and a lag check both see it.
+
+Its sink, and whether the committed position still belongs to the stream that is there now.
+"""
 
 from datetime import datetime
 

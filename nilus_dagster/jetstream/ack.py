@@ -50,8 +50,11 @@ def parse_ack_reply(reply: str) -> AckMetadata:
 
 
 def stream_seq_token(width: int) -> int:
-    """Where the stream sequence is in an ack subject of ``width`` tokens (v1: 9; v2: 11, or
-    12 with a trailing random token); consumer sequence, timestamp and pending follow it."""
+    """Where the stream sequence is in an ack subject of ``width`` tokens.
+
+    v1 has 9 tokens; v2 has 11, or 12 with a trailing random token. The consumer sequence,
+    timestamp and pending count follow the stream sequence.
+    """
     return 5 if width == 9 else 7
 
 

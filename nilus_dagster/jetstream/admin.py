@@ -29,8 +29,10 @@ def next_subject(stream: str, consumer: str, prefix: str = API_PREFIX) -> str:
 
 
 def create_subject(stream: str, name: str, filter_subject: str, prefix: str = API_PREFIX) -> str:
-    """The create API subject (with the filter in it when it is a literal subject: permissions
-    can then be scoped to it)."""
+    """The create API subject.
+
+    The filter is part of it when it is a literal subject, so permissions can be scoped to it.
+    """
     if "*" in filter_subject or ">" in filter_subject:
         return f"{prefix}.CONSUMER.CREATE.{stream}.{name}"
     return f"{prefix}.CONSUMER.CREATE.{stream}.{name}.{filter_subject}"

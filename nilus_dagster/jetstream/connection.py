@@ -216,14 +216,17 @@ class Link:
         self._listeners.add(listener)
 
     def unlisten(self, listener: Callable[[str, BaseException | None], None]) -> None:
+        """Stop calling ``listener``."""
         self._listeners.discard(listener)
 
     @property
     def is_open(self) -> bool:
+        """Whether the connection is up (not closed, by us or by nats-py)."""
         return not self.nc.is_closed and not self.closed.is_set()
 
     @property
     def server_version(self) -> tuple[int, int, int]:
+        """The connected server's version, ``(major, minor, patch)``."""
         version = self.nc.connected_server_version
         return (version.major, version.minor, version.patch)
 
@@ -253,8 +256,10 @@ class Link:
             raise
 
     async def close(self, timeout: float = 2.0) -> None:
-        """Close the connection; bounded, since nats-py can wait forever for a socket whose TLS
-        handshake failed to finish closing."""
+        """Close the connection, within ``timeout``.
+
+        Bounded: nats-py can wait forever for a socket whose TLS handshake failed to close.
+        """
         with contextlib.suppress(Exception, asyncio.TimeoutError):
             await asyncio.wait_for(self.nc.close(), timeout)
 

@@ -202,8 +202,7 @@ def next_delivery(info: ConsumerInfo) -> int:
 
 
 def misalignment(info: ConsumerInfo, spec: ConsumerSpec, start_seq: int) -> Misalignment | None:
-    """Why an existing durable cannot be used as is to read from ``start_seq``; ``None`` if it
-    can."""
+    """Why an existing durable cannot be used as is to read from ``start_seq`` (or ``None``)."""
     config = info.config
     if config.deliver_subject:
         return Misalignment(f"it is a push consumer (deliver_subject {config.deliver_subject})")

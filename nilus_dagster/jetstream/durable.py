@@ -105,8 +105,11 @@ class DurableMirror:
         await self.move(link, start_seq, info)
 
     async def move(self, link: Link, start_seq: int, info: ConsumerInfo | None = None) -> None:
-        """Put the existing durable at ``start_seq``: reset in place where the server (2.14+)
-        and its settings (``info``, when known) allow, else delete and recreate it."""
+        """Put the existing durable at ``start_seq``.
+
+        Reset in place where the server (2.14+) and its settings (``info``, when known) allow,
+        else deleted and created again.
+        """
         if (info is None or resettable(info, self.spec)) and await self._reset(link, start_seq):
             return
         if info is None and link.server_version >= RESET_API_VERSION:
@@ -150,9 +153,9 @@ class DurableMirror:
             raise self.diagnostics.error(exc, doing) from None
 
     async def _nothing_between(self, link: Link, info: ConsumerInfo, start_seq: int) -> bool:
-        """Whether no message of the subject lies between ``start_seq`` and the durable's next
-        sequence, so that reading from either gives the same messages.
+        """Whether reading from ``start_seq`` or from the durable's next sequence is the same.
 
+        That is, whether no message of the subject lies between the two.
         The durable's pending count covers the subject from its next sequence on; a probe
         counts it from ``start_seq`` on. Equal counts: only other subjects (or nothing) lie in
         between, which happens when a filtered consumer moved past them (2.9 does).

@@ -76,6 +76,7 @@ class ColumnInbox:
         return taken
 
     def add_headers(self, index: int, headers: dict[str, str] | None) -> None:
+        """Record the headers of frame ``index`` (the column is made on the first ones)."""
         if self.headers is None:
             if headers is None:
                 return
@@ -94,6 +95,7 @@ class FastParser(nats_parser.Parser):
     inboxes: dict[int, ColumnInbox]
 
     async def parse(self, data: bytes = b"") -> None:
+        """Parse ``data`` like nats-py does, reading registered inboxes' frames into columns."""
         inboxes = self.__dict__.get("inboxes")
         if not inboxes:
             await nats_parser.Parser.parse(self, data)
@@ -246,10 +248,10 @@ class FastParser(nats_parser.Parser):
 def _bulk_frames(
     data: bytes, pos: int, inboxes: dict[int, ColumnInbox]
 ) -> tuple[int, ColumnInbox, int, int] | None:
-    """Read every complete frame from ``pos`` on at once, if all are plain MSGs of one inbox.
+    r"""Read every complete frame from ``pos`` on at once, if all are plain MSGs of one inbox.
 
     A busy pull inbox receives nothing else, so a read from the socket is usually a run of
-    ``MSG <subject> <sid> <reply> <size>\\r\\n<payload>\\r\\n`` frames and a partial one. Split at
+    ``MSG <subject> <sid> <reply> <size>\r\n<payload>\r\n`` frames and a partial one. Split at
     every CRLF, those are alternately control lines and payloads, and all the work is a few
     calls over whole lists (no Python statement per message). The split is only trusted when
     every control line is a 5-token MSG of the same registered sid and every payload has

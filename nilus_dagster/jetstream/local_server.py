@@ -75,10 +75,12 @@ class LocalNatsServer:
 
     @property
     def url(self) -> str:
+        """``nats://`` URL of the server."""
         return f"nats://127.0.0.1:{self.port}"
 
     @property
     def hostport(self) -> str:
+        """``host:port`` of the server."""
         return f"127.0.0.1:{self.port}"
 
     def _config_file(self) -> Path:
@@ -149,6 +151,7 @@ class LocalNatsServer:
             self.process.send_signal(signal.SIGSTOP)
 
     def resume(self) -> None:
+        """SIGCONT the server after :meth:`pause`."""
         if self.process:
             self.process.send_signal(signal.SIGCONT)
 

@@ -55,8 +55,10 @@ _MAX_SUBJECT_NAMES = 10_000  # decoded subjects remembered (a wildcard can match
 
 
 def _queue_and_sid(sub: Subscription) -> tuple[object, object]:
-    """nats-py's private queue of a callback-less subscription, and its sid (``None`` when this
-    nats-py has neither: :meth:`BulkPuller.start` refuses to go on then)."""
+    """nats-py's private queue of a callback-less subscription, and its sid.
+
+    ``None`` for what this nats-py lacks: :meth:`BulkPuller.start` refuses to go on then.
+    """
     queue = sub._pending_queue if hasattr(sub, "_pending_queue") else None  # noqa: SLF001 - nats-py private, checked in start()
     sid = sub._id if hasattr(sub, "_id") else None  # noqa: SLF001 - see above
     return queue, sid

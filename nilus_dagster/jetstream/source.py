@@ -312,8 +312,10 @@ class JetStreamSource:
         return name, info
 
     async def align_durable(self, start_seq: int, *, start_time: datetime | None = None) -> None:
-        """Move the address's durable consumer to ``start_seq`` (or ``start_time``) if it is
-        elsewhere, and create it if it does not exist; nothing without a durable.
+        """Move the address's durable consumer to ``start_seq`` (or ``start_time``).
+
+        It is moved if it is elsewhere and created if it does not exist; without a durable in
+        the address, nothing happens.
 
         A durable that had to move is recorded in :attr:`realigned` and
         :attr:`realign_reasons`. Call it once at the start of a run, with the table's position.
@@ -330,8 +332,9 @@ class JetStreamSource:
         await durable.align(link, start_seq)
 
     async def mark_committed(self, seq: int) -> None:
-        """Move the durable consumer to just after ``seq``, now in the table; nothing without
-        a durable.
+        """Move the durable consumer to just after ``seq``, now in the table.
+
+        Nothing happens without a durable in the address.
 
         A failure is logged, not raised: the data is committed, the table holds the position,
         and the next run realigns the durable.

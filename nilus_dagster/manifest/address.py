@@ -435,6 +435,7 @@ class SinkAddress:
 
     @property
     def is_depot(self) -> bool:
+        """Whether the address names a depot (``dataos://``)."""
         return self.depot is not None
 
 

@@ -44,6 +44,7 @@ class TableLocation:
 
     @property
     def is_local(self) -> bool:
+        """Whether the table is on the local file system."""
         scheme = self.uri.partition("://")[0].lower() if "://" in self.uri else "file"
         return scheme == "file"
 
@@ -54,6 +55,8 @@ class TableLocation:
 
 @dataclass(frozen=True)
 class Depot:
+    """A named storage root (from the depots file) that ``dataos://`` addresses refer to."""
+
     name: str
     root: str
     storage_options: Mapping[str, str] = field(default_factory=dict)

@@ -80,6 +80,7 @@ class Pipeline:
 
     @property
     def name(self) -> str:
+        """The pipeline's name."""
         return self.manifest.name
 
     @property
@@ -89,10 +90,12 @@ class Pipeline:
 
     @property
     def stream(self) -> str:
+        """The source stream (``source_table``)."""
         return self.manifest.source.options.source_table
 
     @property
     def subject(self) -> str:
+        """The subject the pipeline reads."""
         return self.manifest.source.address.subject
 
     def environment(self, env: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -121,10 +121,12 @@ class SinkOptions(_Strict):
 
     @property
     def schema_name(self) -> str:
+        """The schema part of ``dest_table``."""
         return self.dest_table.split(".")[0]
 
     @property
     def table_name(self) -> str:
+        """The table part of ``dest_table``."""
         return self.dest_table.split(".")[1]
 
 
@@ -159,26 +161,36 @@ class Sink(_Strict):
 
 
 class Secret(_Strict):
+    """``spec.use.projection.secrets[]``: a secret the pipeline may read."""
+
     id: str
     contextAlias: str | None = None  # the manifest's own spelling
 
 
 class EnvVarProjection(_Strict):
+    """One environment variable projected from secrets (a ``template``) or a ``value``."""
+
     key: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     template: str | None = None
     value: str | None = None
 
 
 class Projections(_Strict):
+    """``spec.use.projection.projections``."""
+
     envVars: tuple[EnvVarProjection, ...] = ()
 
 
 class Projection(_Strict):
+    """``spec.use.projection``: secrets and the variables made from them."""
+
     secrets: tuple[Secret, ...] = ()
     projections: Projections = Projections()
 
 
 class Use(_Strict):
+    """``spec.use``."""
+
     projection: Projection = Projection()
 
 
@@ -195,6 +207,8 @@ class DagsterSettings(_Strict):
 
 
 class Spec(_Strict):
+    """``spec``: a stream pipeline's source, sink and Dagster settings."""
+
     type: str
     compute: str | None = None
     use: Use = Use()
@@ -235,8 +249,10 @@ class PipelineManifest(_Strict):
 
     @property
     def source(self) -> Source:
+        """``spec.source``."""
         return self.spec.source
 
     @property
     def sink(self) -> Sink:
+        """``spec.sink``."""
         return self.spec.sink
