@@ -116,6 +116,16 @@ def test_wrong_password_fails_fast_naming_the_variables(
     assert_clean(message, wrong, PASSWORD)
 
 
+def test_a_refused_password_is_not_retryable(nats_server_factory: ServerFactory) -> None:
+    """A source recovering from a lost connection gives up at once on this, not after its
+    reconnect budget: the decision is SourceError.retryable, not the message's wording."""
+    server = nats_server_factory(USERS)
+    with pytest.raises(SourceError) as caught:
+        read_all(address(f"nats+jetstream://alice:wrong@{server.hostport}?subject={SUBJECT}"))
+    assert str(caught.value).startswith("authorization violation")
+    assert not caught.value.retryable
+
+
 def test_literal_wrong_password_is_not_printed(nats_server_factory: ServerFactory) -> None:
     server = nats_server_factory(USERS)
     addr = address(f"nats+jetstream://alice:Lit3ral-Secret@{server.hostport}?subject={SUBJECT}")
