@@ -26,6 +26,8 @@ def test_component_from_attributes_builds_assets_sensors_and_resources(tmp_path)
     assert {k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()} == {
         "alpha",
         "beta",
+        "nats/ALPHA",
+        "nats/BETA",
     }
     assert {s.name for s in repo.sensor_defs} == {"alpha_sensor", "beta_sensor"}
     nats = defs.resources["nats"]
