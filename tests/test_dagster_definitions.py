@@ -13,6 +13,7 @@ from conftest import write_pipeline_file
 
 from nilus_dagster.dagster import (
     NatsResource,
+    NilusResourceKeys,
     build_nilus_definitions,
     build_pipeline_definitions,
     default_resources,
@@ -154,3 +155,39 @@ def test_dagster_asset_list_cli_with_nilus_pipelines(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["alpha", "beta"]  # the streams are external
     assert "broken.yaml: spec.sink: is required" in result.stderr
+
+
+def test_two_deployments_merge_into_a_project_without_conflicts(tmp_path):
+    # Two pipelines reading one stream, from two builder calls with their own resource keys.
+    eu = write_pipeline_file(tmp_path / "eu", "orders-eu")
+    us = write_pipeline_file(tmp_path / "us", "orders-us")
+    us.write_text(us.read_text().replace("ORDERS-US", "ORDERS-EU"))
+    host_io = dg.FilesystemIOManager(base_dir=str(tmp_path / "storage"))
+
+    @dg.asset
+    def unrelated() -> int:
+        return 1
+
+    merged = dg.Definitions.merge(
+        dg.Definitions(
+            assets=[unrelated],
+            resources={"io_manager": host_io},
+            executor=dg.multiprocess_executor,
+        ),
+        build_nilus_definitions(eu),
+        build_nilus_definitions(
+            us,
+            resources={"nats_us": NatsResource(servers=["us:4222"])},
+            resource_keys=NilusResourceKeys(nats="nats_us", sink="sink_us", io_manager="io_us"),
+        ),
+    )
+    repo = merged.get_repository_def()
+
+    stream = dg.AssetKey(["nats", "ORDERS-EU"])
+    assert repo.asset_graph.get(dg.AssetKey("orders-eu")).parent_keys == {stream}
+    assert repo.asset_graph.get(dg.AssetKey("orders-us")).parent_keys == {stream}
+    assert merged.resources["io_manager"] is host_io
+    assert merged.resources["nats_us"].servers == ["us:4222"]
+    assert repo.get_job("orders_us_job").executor_def.name == "in_process"
+    assert merged.resolve_implicit_global_asset_job_def().executor_def.name == "multiprocess"
+    assert repo.get_sensor_def("orders_us_sensor").required_resource_keys == {"nats_us", "sink_us"}
