@@ -3,7 +3,7 @@
 import asyncio
 import logging
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from nilus_dagster.engine.report import RunReport
 from nilus_dagster.engine.settings import RuntimeSettings
@@ -109,6 +109,9 @@ async def replay_window(
     )
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
 def _utc(moment: datetime) -> datetime:
     # Dagster's partition windows are UTC already; a naive time is taken as UTC too.
     if moment.tzinfo is None:
@@ -118,5 +121,7 @@ def _utc(moment: datetime) -> datetime:
 
 async def _first_message_time(src: JetStreamSource, first_seq: int) -> datetime | None:
     async for batch in src.messages(first_seq, max_messages=1):
-        return datetime.fromtimestamp(batch.timestamps_ns[0] / 1e9, tz=timezone.utc)
+        # Floored to the microsecond exactly (the table's precision): a float division can
+        # land a hair after the message's own timestamp and leave it out of the window.
+        return _EPOCH + timedelta(microseconds=batch.timestamps_ns[0] // 1000)
     return None
