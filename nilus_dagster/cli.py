@@ -40,6 +40,7 @@ def _validate(args: argparse.Namespace) -> int:
                 + (f"; needs {', '.join(needs)} at run time" if needs else "")
             )
         )
+        _warn_partitions_start(pipeline)
     problems = list(dict.fromkeys(problems))  # one bad depots file is named once
     for problem in problems:
         print(redact(str(problem)), file=sys.stderr)
@@ -50,6 +51,26 @@ def _validate(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def _warn_partitions_start(pipeline: "Pipeline") -> None:
+    """Warn when a pipeline's partitions have no start.
+
+    A warning, not an error: manifests written for Nilus itself have no ``spec.dagster`` and
+    must keep loading; without a start their partitions only begin too early.
+    """
+    settings = pipeline.manifest.spec.dagster
+    if settings.partitions == "none" or settings.partitions_start:
+        return
+    if pipeline.manifest.source.address.start_time is not None:
+        return
+    print(
+        f"warn {pipeline.path}: spec.dagster.partitions_start: not set, so Dagster shows "
+        f"{settings.partitions} partitions from 2020-01-01 on, all missing before the stream "
+        "began; add partitions_start: YYYY-MM-DD (the day the stream starts) under "
+        "spec.dagster, or a start_time in the address",
+        file=sys.stderr,
+    )
 
 
 def _load_one(path: str) -> "Pipeline":

@@ -6,7 +6,12 @@ import dagster as dg
 import pytest
 from deltalake import DeltaTable
 
-from nilus_dagster.dagster import DeltaSinkResource, NatsResource, build_nilus_asset
+from nilus_dagster.dagster import (
+    DeltaSinkResource,
+    NatsResource,
+    NilusTableIOManager,
+    build_nilus_asset,
+)
 from nilus_dagster.manifest import parse_pipeline
 
 RUN_METADATA_KEYS = {
@@ -25,7 +30,11 @@ RUN_METADATA_KEYS = {
     "nilus/duration_seconds": dg.FloatMetadataValue,
     "nilus/table_uri": dg.PathMetadataValue,
 }
-RESOURCES = {"nats": NatsResource(), "nilus_sink": DeltaSinkResource()}
+RESOURCES = {
+    "nats": NatsResource(),
+    "nilus_sink": DeltaSinkResource(),
+    "nilus_io_manager": NilusTableIOManager(),
+}
 NOW = datetime.now(timezone.utc)
 TODAY, YESTERDAY, TWO_DAYS_AGO = (f"{(NOW - timedelta(days=d)).date()}" for d in range(3))
 
@@ -155,23 +164,34 @@ def test_materializing_todays_partition_ingests_what_is_pending_first(
     assert metadata["nats/sequence_lag"].value == 0
 
 
-def test_a_window_older_than_the_streams_retention_fails_with_that_message(
+def test_windows_older_than_the_streams_retention_are_skipped_with_a_warning(
     nats_server, publisher, stream_name, write_manifest
 ):
     publisher.create_stream(stream_name, [f"{stream_name}.>"], max_msgs=10)
     subject = f"{stream_name}.orders"
-    publisher.publish_orders(subject, 30)
+    publisher.publish_orders(subject, 10)
     asset = build_nilus_asset(_pipeline(write_manifest, nats_server, stream_name, subject))
+    backfill = {
+        "dagster/asset_partition_range_start": TWO_DAYS_AGO,
+        "dagster/asset_partition_range_end": TODAY,
+    }
 
     with dg.instance_for_test() as instance:
-        _materialize(asset, instance)
-        result = _materialize(asset, instance, partition_key=TODAY, raise_on_error=False)
+        uri = _materialization(_materialize(asset, instance), asset.key).metadata
+        uri = uri["nilus/table_uri"].value
+        publisher.publish_orders(subject, 20, start=10)  # the stream keeps only 21..30
+        _materialize(asset, instance, raise_on_error=False)  # a gap: 11..20 are lost
+        # Today's window holds 1..10, which the stream no longer has: the replay keeps them.
+        today = _materialize(asset, instance, partition_key=TODAY)
+        whole = _materialize(asset, instance, tags=backfill)
+        warnings = [e.message for e in instance.all_logs(today.run_id) if e.level >= 30]
 
-    assert not result.success
-    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
-    message = failure.step_failure_data.error.message
-    assert "retention" in message
-    assert "Choose windows that start after" in message
+    assert today.success and whole.success
+    assert _seqs(uri) == list(range(1, 11)) + list(range(21, 31))
+    metadata = _materialization(today, asset.key).metadata
+    assert metadata["dagster/partition_row_count"].value == 10
+    assert "dagster/partition_row_count" not in _materialization(whole, asset.key).metadata
+    assert any("older messages were removed by retention" in w for w in warnings)
 
 
 def test_checks_fail_on_lag_gap_and_warn_on_dead_letters(
@@ -254,6 +274,7 @@ def test_resources_reach_the_engine(
             resources={
                 "nats": NatsResource(servers=[nats_server.hostport]),
                 "nilus_sink": DeltaSinkResource(lakehouse=str(lake)),
+                "nilus_io_manager": NilusTableIOManager(),
             },
         )
 

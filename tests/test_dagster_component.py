@@ -26,6 +26,8 @@ def test_component_from_attributes_builds_assets_sensors_and_resources(tmp_path)
     assert {k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()} == {
         "alpha",
         "beta",
+        "nats/ALPHA",
+        "nats/BETA",
     }
     assert {s.name for s in repo.sensor_defs} == {"alpha_sensor", "beta_sensor"}
     nats = defs.resources["nats"]
@@ -60,3 +62,24 @@ def test_component_in_a_defs_folder_resolves_paths_next_to_defs_yaml():
             # The table location shown reflects the component's depots file.
             table_uri = asset.specs_by_key[asset.key].metadata["nilus/table_uri"].value
             assert table_uri == str((defs_path / "lakehouse" / "s" / "gamma").resolve())
+
+
+def test_component_translation_and_resource_keys(tmp_path):
+    write_pipeline_file(tmp_path / "pipelines", "alpha")
+
+    component = NilusPipelinesComponent.from_attributes_dict(
+        attributes={
+            "pipelines": [str(tmp_path / "pipelines")],
+            "translation": {"group_name": "ingest", "key_prefix": "{{ stream | lower }}"},
+            "nats": {"servers": ["n1:4222"]},
+            "resource_keys": {"nats": "nats_eu"},
+        }
+    )
+    defs = dg.build_defs_for_component(component)
+
+    asset = defs.resolve_assets_def(dg.AssetKey(["alpha", "alpha"]))
+    spec = asset.specs_by_key[asset.key]
+    assert spec.group_name == "ingest"
+    assert spec.kinds == {"nats", "deltalake"}
+    assert defs.resources["nats_eu"].servers == ["n1:4222"]
+    assert "nats" not in defs.resources

@@ -13,6 +13,7 @@ from conftest import write_pipeline_file
 
 from nilus_dagster.dagster import (
     NatsResource,
+    NilusResourceKeys,
     build_nilus_definitions,
     build_pipeline_definitions,
     default_resources,
@@ -41,13 +42,27 @@ def test_every_manifest_becomes_an_asset_and_a_sensor(tmp_path):
     defs = build_nilus_definitions(folder)
     repo = defs.get_repository_def()
 
-    assert {k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()} == {"alpha", "beta"}
+    # Each pipeline's stream is its upstream external asset.
+    assert {k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()} == {
+        "alpha",
+        "beta",
+        "nats/ALPHA",
+        "nats/BETA",
+    }
+    assert repo.asset_graph.get(dg.AssetKey("alpha")).parent_keys == {
+        dg.AssetKey(["nats", "ALPHA"])
+    }
     alpha, beta = repo.get_sensor_def("alpha_sensor"), repo.get_sensor_def("beta_sensor")
     assert alpha.default_status == dg.DefaultSensorStatus.RUNNING
     assert beta.default_status == dg.DefaultSensorStatus.STOPPED
     assert alpha.minimum_interval_seconds == 3
     assert beta.minimum_interval_seconds == 10  # the address's default timeout
-    assert set(defs.resources) == {"nats", "nilus_sink"}
+    assert set(defs.resources) == {"nats", "nilus_sink", "nilus_io_manager"}
+    # Nothing for the whole code location: each pipeline's runs go through its own job.
+    assert defs.executor is None
+    job = repo.get_job("alpha_job")
+    assert job.executor_def.name == "in_process"
+    assert alpha.job_name == "alpha_job"
 
 
 def test_sensor_interval_can_be_set_in_spec_dagster(tmp_path):
@@ -68,7 +83,7 @@ def test_a_bad_manifest_is_skipped_and_logged_the_others_load(tmp_path, caplog):
         defs = build_nilus_definitions(folder)
 
     keys = defs.get_repository_def().asset_graph.get_all_asset_keys()
-    assert keys == {dg.AssetKey("alpha")}
+    assert keys == {dg.AssetKey("alpha"), dg.AssetKey(["nats", "ALPHA"])}
     assert f"{bad}: spec.sink: is required" in caplog.text
     assert "spec.source.address.batch_size" in caplog.text
     assert "nilus-dagster validate" in caplog.text
@@ -109,7 +124,7 @@ def test_resources_can_be_overridden_and_per_pipeline_defs_merge(tmp_path):
 
     assert defs.resources["nats"] is nats
     assert defs.resources["nilus_sink"] is default_resources()["nilus_sink"]
-    assert len(merged.get_repository_def().asset_graph.get_all_asset_keys()) == 2
+    assert len(merged.get_repository_def().asset_graph.get_all_asset_keys()) == 4  # + 2 streams
 
 
 def test_root_definitions_module_loads_the_repo_pipelines(monkeypatch):
@@ -118,7 +133,7 @@ def test_root_definitions_module_loads_the_repo_pipelines(monkeypatch):
 
     keys = {k.to_user_string() for k in defs.get_repository_def().asset_graph.get_all_asset_keys()}
     shipped = {p.stem for p in (REPO / "pipelines").glob("*.yaml") if p.stem != "depots.example"}
-    assert keys == shipped
+    assert {key for key in keys if not key.startswith("nats/")} == shipped
 
 
 def test_dagster_asset_list_cli_with_nilus_pipelines(tmp_path):
@@ -138,5 +153,41 @@ def test_dagster_asset_list_cli_with_nilus_pipelines(tmp_path):
     )
 
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["alpha", "beta"]
+    assert result.stdout.split() == ["alpha", "beta"]  # the streams are external
     assert "broken.yaml: spec.sink: is required" in result.stderr
+
+
+def test_two_deployments_merge_into_a_project_without_conflicts(tmp_path):
+    # Two pipelines reading one stream, from two builder calls with their own resource keys.
+    eu = write_pipeline_file(tmp_path / "eu", "orders-eu")
+    us = write_pipeline_file(tmp_path / "us", "orders-us")
+    us.write_text(us.read_text().replace("ORDERS-US", "ORDERS-EU"))
+    host_io = dg.FilesystemIOManager(base_dir=str(tmp_path / "storage"))
+
+    @dg.asset
+    def unrelated() -> int:
+        return 1
+
+    merged = dg.Definitions.merge(
+        dg.Definitions(
+            assets=[unrelated],
+            resources={"io_manager": host_io},
+            executor=dg.multiprocess_executor,
+        ),
+        build_nilus_definitions(eu),
+        build_nilus_definitions(
+            us,
+            resources={"nats_us": NatsResource(servers=["us:4222"])},
+            resource_keys=NilusResourceKeys(nats="nats_us", sink="sink_us", io_manager="io_us"),
+        ),
+    )
+    repo = merged.get_repository_def()
+
+    stream = dg.AssetKey(["nats", "ORDERS-EU"])
+    assert repo.asset_graph.get(dg.AssetKey("orders-eu")).parent_keys == {stream}
+    assert repo.asset_graph.get(dg.AssetKey("orders-us")).parent_keys == {stream}
+    assert merged.resources["io_manager"] is host_io
+    assert merged.resources["nats_us"].servers == ["us:4222"]
+    assert repo.get_job("orders_us_job").executor_def.name == "in_process"
+    assert merged.resolve_implicit_global_asset_job_def().executor_def.name == "multiprocess"
+    assert repo.get_sensor_def("orders_us_sensor").required_resource_keys == {"nats_us", "sink_us"}

@@ -3,8 +3,14 @@
 from datetime import datetime, timezone
 
 import dagster as dg
+from conftest import write_pipeline_file
 
-from nilus_dagster.dagster.partitions import run_mode, sensor_partition_range
+from nilus_dagster.dagster.partitions import (
+    build_partitions_def,
+    run_mode,
+    sensor_partition_range,
+)
+from nilus_dagster.manifest import parse_pipeline
 
 DAILY = dg.DailyPartitionsDefinition(start_date="2025-01-01", end_offset=1, timezone="UTC")
 HOURLY = dg.HourlyPartitionsDefinition(start_date="2025-01-01-00:00", end_offset=1)
@@ -52,3 +58,22 @@ def test_run_mode_defaults_and_tags():
     assert run_mode({"nilus/mode": "append"}, partitioned=True) == "append"
     assert run_mode({"nilus/mode": "window"}, partitioned=True) == "window"
     assert run_mode({"nilus/mode": "bogus"}, partitioned=True) == "window"
+
+
+def test_partitions_start_at_the_setting_else_the_address_start_time(tmp_path):
+    def first_key(query: str = "", dagster: str = "") -> str | None:
+        path = write_pipeline_file(tmp_path, "p", query=query)
+        if dagster:
+            path.write_text(path.read_text() + f"  dagster: {dagster}\n")
+        partitions = build_partitions_def(parse_pipeline(path))
+        return partitions.get_first_partition_key() if partitions else None
+
+    assert first_key(dagster="{partitions_start: '2026-02-03'}") == "2026-02-03"
+    # No setting: the day the pipeline starts reading (nothing in the stream before it counts).
+    assert first_key(query="&start_time=2026-04-05T22:30:00%2B02:00") == "2026-04-05"
+    hourly = "{partitions: hourly}"
+    assert first_key(query="&start_time=2026-04-05T22:30:00Z", dagster=hourly) == (
+        "2026-04-05-22:00"
+    )
+    # Neither: the fallback, which `nilus-dagster validate` warns about.
+    assert first_key() == "2020-01-01"

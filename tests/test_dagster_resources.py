@@ -5,7 +5,8 @@ import textwrap
 import dagster as dg
 import pytest
 
-from nilus_dagster.dagster import DeltaSinkResource, NatsResource, engine_call
+from nilus_dagster.dagster import DeltaSinkResource, NatsResource
+from nilus_dagster.dagster.resources import engine_call
 from nilus_dagster.errors import SourceError
 from nilus_dagster.manifest import parse_pipeline
 from nilus_dagster.redaction import redact

@@ -43,8 +43,9 @@ def test_spec_carries_key_group_description_tags_and_kinds(tmp_path):
     assert spec.key == dg.AssetKey(["orders-flow"])
     assert spec.group_name == "nilus"
     assert spec.description.startswith("Orders into the lake.")
-    assert "`ORDERS`" in spec.description and "`analytics.orders`" in spec.description
-    assert spec.kinds == {"nats", "delta"}
+    assert "`ORDERS`" in spec.description and "`lake.analytics.orders`" in spec.description
+    assert spec.kinds == {"nats", "deltalake"}
+    assert [dep.asset_key for dep in spec.deps] == [dg.AssetKey(["nats", "ORDERS"])]
     assert spec.tags["nilus-stream"] == ""
     assert spec.tags["Demo_Tag"] == ""  # not a valid tag key as written: made one
 
@@ -111,7 +112,11 @@ def test_static_metadata_is_redacted_and_points_at_the_manifest(tmp_path, monkey
         assert metadata["nilus/table_uri"] == dg.MetadataValue.path(
             str(tmp_path / "lakehouse" / "lake" / "analytics" / "orders")
         )
-        assert metadata["dagster/table_name"] == dg.MetadataValue.text("analytics.orders")
+        # Fully qualified: the depot, then schema.table.
+        assert metadata["dagster/table_name"] == dg.MetadataValue.text("lake.analytics.orders")
+        assert metadata["dagster/uri"] == dg.MetadataValue.text(
+            str(tmp_path / "lakehouse" / "lake" / "analytics" / "orders")
+        )
         references = metadata["dagster/code_references"].code_references
         assert references[0].file_path == str((tmp_path / "orders-flow.yaml").resolve())
         assert SECRET not in repr(metadata)

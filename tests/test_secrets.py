@@ -25,10 +25,9 @@ import pytest
 from conftest import run_cli
 
 from nilus_dagster.dagster import (
-    DeltaSinkResource,
-    NatsResource,
     build_nilus_asset,
     build_pipeline_definitions,
+    default_resources,
 )
 from nilus_dagster.jetstream.local_server import LocalNatsServer
 from nilus_dagster.manifest import parse_pipeline
@@ -127,8 +126,7 @@ def _materialize(
     asset: dg.AssetsDefinition, instance: dg.DagsterInstance, **kwargs: object
 ) -> dg.ExecuteInProcessResult:
     """The asset materialized on the test instance with the package's resources."""
-    resources = {"nats": NatsResource(), "nilus_sink": DeltaSinkResource()}
-    return dg.materialize([asset], instance=instance, resources=resources, **kwargs)
+    return dg.materialize([asset], instance=instance, resources=default_resources(), **kwargs)
 
 
 def _files(root: Path, skip: set[Path]) -> Iterator[tuple[Path, bytes]]:

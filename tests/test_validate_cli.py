@@ -26,6 +26,8 @@ spec:
     options:
       dest_table: analytics.{name_}
       incremental_strategy: append
+  dagster:
+    partitions_start: "2026-01-01"
 """
 
 
@@ -44,7 +46,8 @@ def test_shipped_pipelines_validate() -> None:
     result = run_cli("validate", "pipelines", cwd=REPO)
 
     assert result.returncode == 0, result.stderr
-    assert result.stderr == ""
+    # The Nilus page's samples say nothing about Dagster partitions: warnings only.
+    assert all(line.startswith("warn pipelines/") for line in result.stderr.splitlines())
     lines = result.stdout.splitlines()
     assert all(line.startswith("ok  pipelines/") for line in lines)
     by_file = {line.split(":")[0].removeprefix("ok  "): line for line in lines}
@@ -60,6 +63,23 @@ def test_shipped_pipelines_validate() -> None:
         "needs NATS_USERNAME, NATS_PASSWORD at run time"
     )
     assert "needs" not in by_file["pipelines/orders-local.yaml"]
+
+
+def test_a_partitioned_pipeline_without_a_start_is_a_warning(tmp_path: Path) -> None:
+    def without_start(text: str) -> str:
+        return text.replace('  dagster:\n    partitions_start: "2026-01-01"\n', "")
+
+    bare = write(tmp_path, "bare.yaml", without_start(manifest("bare")))
+    timed = "nats+jetstream://localhost:4222?subject=orders.created&start_time=2026-05-01T08:00:00Z"
+    write(tmp_path, "timed.yaml", without_start(manifest("timed", address=timed)))
+    write(tmp_path, "dated.yaml", manifest("dated"))
+
+    result = run_cli("validate", str(tmp_path))
+
+    assert result.returncode == 0
+    [warning] = result.stderr.splitlines()
+    assert warning.startswith(f"warn {bare}: spec.dagster.partitions_start: not set")
+    assert "add partitions_start: YYYY-MM-DD" in warning
 
 
 def test_problems_exit_1_with_file_field_message_lines(tmp_path: Path) -> None:

@@ -1,19 +1,22 @@
-"""The Dagster layer: manifests -> assets, checks, sensors, resources and a component.
+"""The Dagster layer: what a project composes with.
 
-Thin by design: every NATS and Delta operation goes through :mod:`nilus_dagster.engine`.
+``build_nilus_definitions`` (or the ``NilusPipelinesComponent`` in a ``dg`` project) turns
+manifests into assets, checks, jobs and sensors; ``build_nilus_asset`` and
+``DagsterNilusTranslator`` are for building them one by one or changing how they look; the
+resources and the IO manager configure where they run and hand tables to downstream assets.
+Everything else in this package is internal. Thin by design: every NATS and table operation
+goes through :mod:`nilus_dagster.engine`.
 """
 
 from nilus_dagster.dagster.assets import NilusRunConfig, build_nilus_asset
-from nilus_dagster.dagster.checks import build_check_specs, check_results
 from nilus_dagster.dagster.component import NilusPipelinesComponent
 from nilus_dagster.dagster.definitions import (
     build_nilus_definitions,
     build_pipeline_definitions,
     default_resources,
 )
-from nilus_dagster.dagster.partitions import build_partitions_def, sensor_partition_range
-from nilus_dagster.dagster.resources import DeltaSinkResource, NatsResource, engine_call
-from nilus_dagster.dagster.sensor import build_nilus_sensor
+from nilus_dagster.dagster.io_manager import NilusTableIOManager
+from nilus_dagster.dagster.resources import DeltaSinkResource, NatsResource, NilusResourceKeys
 from nilus_dagster.dagster.translator import DagsterNilusTranslator
 
 __all__ = [
@@ -21,15 +24,11 @@ __all__ = [
     "DeltaSinkResource",
     "NatsResource",
     "NilusPipelinesComponent",
+    "NilusResourceKeys",
     "NilusRunConfig",
-    "build_check_specs",
+    "NilusTableIOManager",
     "build_nilus_asset",
     "build_nilus_definitions",
-    "build_nilus_sensor",
-    "build_partitions_def",
     "build_pipeline_definitions",
-    "check_results",
     "default_resources",
-    "engine_call",
-    "sensor_partition_range",
 ]

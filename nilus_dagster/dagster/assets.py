@@ -11,6 +11,7 @@ from pydantic import Field
 from nilus_dagster.dagster.checks import build_check_specs, check_results
 from nilus_dagster.dagster.constants import (
     META_COLUMN_SCHEMA,
+    META_PARTITION_ROW_COUNT,
     MODE_WINDOW,
     PIPELINE_TAG,
 )
@@ -20,6 +21,7 @@ from nilus_dagster.dagster.resources import (
     DeltaSinkResource,
     EngineCall,
     NatsResource,
+    NilusResourceKeys,
     engine_call,
 )
 from nilus_dagster.dagster.translator import DagsterNilusTranslator
@@ -47,15 +49,20 @@ class NilusRunConfig(dg.Config):
 
 
 def build_nilus_asset(
-    pipeline: Pipeline, *, translator: DagsterNilusTranslator | None = None
+    pipeline: Pipeline,
+    *,
+    translator: DagsterNilusTranslator | None = None,
+    resource_keys: NilusResourceKeys | None = None,
 ) -> dg.AssetsDefinition:
     """Build the asset of one pipeline.
 
     The asset needs the ``nats`` (:class:`NatsResource`) and ``nilus_sink``
-    (:class:`DeltaSinkResource`) resources. A run without a partition, or launched by the
-    pipeline's sensor, ingests what is pending; a run for a partition (range) replaces exactly
-    those windows' rows (see :mod:`nilus_dagster.dagster.partitions`). Each materialization
-    carries the run metadata and the three check results.
+    (:class:`DeltaSinkResource`) resources, and downstream assets load its table through the
+    ``nilus_io_manager`` (:class:`NilusTableIOManager`); ``resource_keys`` renames them. A run
+    without a partition, or launched by the pipeline's sensor, ingests what is pending; a run
+    for a partition (range) replaces exactly those windows' rows (see
+    :mod:`nilus_dagster.dagster.partitions`). Each materialization carries the run metadata and
+    the three check results.
 
     One run per pipeline at a time: the sensor never requests a run while one is queued or
     running, and the asset is in the concurrency pool ``nilus/<name>``, which Dagster enforces
@@ -67,13 +74,15 @@ def build_nilus_asset(
     Args:
         pipeline: The validated manifest.
         translator: How the pipeline appears in Dagster.
+        resource_keys: The keys of the resources and the IO manager.
 
     Returns:
         The asset, partitioned per ``spec.dagster.partitions`` with a single-run backfill
         policy, in the concurrency pool ``nilus/<name>``.
     """
     translator = translator or DagsterNilusTranslator()
-    spec = translator.get_asset_spec(pipeline)
+    keys = resource_keys or NilusResourceKeys()
+    spec = translator.get_asset_spec(pipeline).with_io_manager_key(keys.io_manager)
     key = spec.key
 
     @dg.multi_asset(
@@ -83,15 +92,14 @@ def build_nilus_asset(
         backfill_policy=dg.BackfillPolicy.single_run() if spec.partitions_def else None,
         pool=translator.get_pool(pipeline),
         op_tags={PIPELINE_TAG: pipeline.name},
+        required_resource_keys={keys.nats, keys.sink},
     )
-    # The parameter names are the resource keys (constants.NATS_RESOURCE_KEY, SINK_RESOURCE_KEY).
     async def _ingest(
-        context: dg.AssetExecutionContext,
-        config: NilusRunConfig,
-        nats: NatsResource,
-        nilus_sink: DeltaSinkResource,
+        context: dg.AssetExecutionContext, config: NilusRunConfig
     ) -> dg.MaterializeResult:
-        return await materialize_pipeline(context, pipeline, key, config, nats, nilus_sink)
+        nats = getattr(context.resources, keys.nats)
+        sink = getattr(context.resources, keys.sink)
+        return await materialize_pipeline(context, pipeline, key, config, nats, sink)
 
     return _ingest
 
@@ -154,14 +162,23 @@ async def materialize_pipeline(
             description=f"{pipeline.name}: {redact(exc)}",
             allow_retries=not isinstance(exc, _PERMANENT),
         ) from None
-    return await materialize_result(pipeline, key, report, call)
+    extra: dict[str, dg.MetadataValue] = {}
+    if window is not None and len(context.partition_keys) == 1:
+        # A window run's rows are exactly its partition's. (A range run records one
+        # materialization per partition with the same metadata, so a count would be wrong.)
+        extra[META_PARTITION_ROW_COUNT] = dg.MetadataValue.int(report.rows_written)
+    return await materialize_result(pipeline, key, report, call, extra)
 
 
 async def materialize_result(
-    pipeline: Pipeline, key: dg.AssetKey, report: RunReport, call: EngineCall
+    pipeline: Pipeline,
+    key: dg.AssetKey,
+    report: RunReport,
+    call: EngineCall,
+    extra_metadata: dict[str, dg.MetadataValue] | None = None,
 ) -> dg.MaterializeResult:
     """The materialization: run metadata, the column schema, and the check results."""
-    metadata = run_metadata(report)
+    metadata = {**run_metadata(report), **(extra_metadata or {})}
     schema = await asyncio.to_thread(_schema_after_run, call)
     if schema is not None:
         metadata[META_COLUMN_SCHEMA] = dg.MetadataValue.table_schema(schema)

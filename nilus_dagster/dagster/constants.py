@@ -1,7 +1,4 @@
-"""Names shared by the asset, the sensor and the checks: run tags, metadata keys, resource keys."""
-
-NATS_RESOURCE_KEY = "nats"
-SINK_RESOURCE_KEY = "nilus_sink"
+"""Names shared by the asset, the sensor and the checks: run tags and metadata keys."""
 
 PIPELINE_TAG = "nilus/pipeline"
 """Run tag naming the pipeline; the sensor looks for runs in flight by it."""
@@ -24,6 +21,7 @@ META_POSITION = "nilus/position"
 META_STREAM = "nats/stream"
 META_SUBJECT = "nats/subject"
 META_COLUMN_SCHEMA = "dagster/column_schema"
+META_PARTITION_ROW_COUNT = "dagster/partition_row_count"
 
 CHECK_SEQUENCE_LAG = "sequence_lag_within_bound"
 CHECK_NO_GAP = "no_gap"
@@ -31,3 +29,5 @@ CHECK_DEAD_LETTERS = "dead_letters"
 
 DEFAULT_GROUP = "nilus"
 DEFAULT_PARTITIONS_START = "2020-01-01"
+"""The first partition of a pipeline that says neither ``spec.dagster.partitions_start`` nor a
+``start_time`` (``nilus-dagster validate`` warns about it)."""

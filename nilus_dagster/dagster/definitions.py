@@ -18,9 +18,9 @@ from typing import Any, Literal
 import dagster as dg
 
 from nilus_dagster.dagster.assets import build_nilus_asset
-from nilus_dagster.dagster.constants import NATS_RESOURCE_KEY, SINK_RESOURCE_KEY
-from nilus_dagster.dagster.resources import DeltaSinkResource, NatsResource
-from nilus_dagster.dagster.sensor import build_nilus_sensor
+from nilus_dagster.dagster.io_manager import NilusTableIOManager
+from nilus_dagster.dagster.resources import DeltaSinkResource, NatsResource, NilusResourceKeys
+from nilus_dagster.dagster.sensor import build_nilus_sensor, build_pipeline_job
 from nilus_dagster.dagster.translator import DagsterNilusTranslator
 from nilus_dagster.errors import ManifestError, Problem
 from nilus_dagster.manifest.depots import DEPOTS_ENV, LAKEHOUSE_ENV
@@ -34,15 +34,33 @@ SKIPPED_METADATA_KEY = "nilus/skipped_manifests"
 
 # Shared default instances: Definitions.merge accepts one resource key from several Definitions
 # only when it is the very same object.
-_DEFAULT_RESOURCES: dict[str, Any] = {
-    NATS_RESOURCE_KEY: NatsResource(),
-    SINK_RESOURCE_KEY: DeltaSinkResource(),
-}
+_DEFAULT_NATS = NatsResource()
+_DEFAULT_SINK = DeltaSinkResource()
+_DEFAULT_IO_MANAGER = NilusTableIOManager(sink=_DEFAULT_SINK)
 
 
-def default_resources() -> dict[str, Any]:
-    """The ``nats`` and ``nilus_sink`` resources with default settings (manifests as written)."""
-    return dict(_DEFAULT_RESOURCES)
+def default_resources(resource_keys: NilusResourceKeys | None = None) -> dict[str, Any]:
+    """The NATS and sink resources and the table IO manager with default settings (manifests
+    as written), under ``resource_keys`` (``nats``, ``nilus_sink``, ``nilus_io_manager``)."""
+    keys = resource_keys or NilusResourceKeys()
+    return {
+        keys.nats: _DEFAULT_NATS,
+        keys.sink: _DEFAULT_SINK,
+        keys.io_manager: _DEFAULT_IO_MANAGER,
+    }
+
+
+def _resources(keys: NilusResourceKeys, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    resources = {**default_resources(keys), **(overrides or {})}
+    sink = resources[keys.sink]
+    if (
+        keys.io_manager not in (overrides or {})
+        and sink is not _DEFAULT_SINK
+        and isinstance(sink, DeltaSinkResource)
+    ):
+        # Downstream assets read the tables where the pipelines write them.
+        resources[keys.io_manager] = NilusTableIOManager(sink=sink)
+    return resources
 
 
 def build_pipeline_definitions(
@@ -50,13 +68,15 @@ def build_pipeline_definitions(
     *,
     translator: DagsterNilusTranslator | None = None,
     resources: Mapping[str, Any] | None = None,
+    resource_keys: NilusResourceKeys | None = None,
 ) -> dg.Definitions:
-    """The asset (with its checks) and the sensor of one pipeline.
+    """The asset (with its checks), the stream it reads, its job and its sensor.
 
     Args:
         pipeline: A validated pipeline, or the path of its manifest.
         translator: How the pipeline appears in Dagster.
-        resources: ``nats`` / ``nilus_sink`` resources; the shared defaults when omitted.
+        resources: Resources by key, over the shared defaults.
+        resource_keys: The keys of the NATS and sink resources and of the table IO manager.
 
     Raises:
         ManifestError: The manifest (given as a path) does not validate.
@@ -65,12 +85,16 @@ def build_pipeline_definitions(
         from nilus_dagster.manifest.loader import parse_pipeline
 
         pipeline = parse_pipeline(pipeline)
-    asset = build_nilus_asset(pipeline, translator=translator)
-    sensor = build_nilus_sensor(pipeline, asset, translator=translator)
+    translator = translator or DagsterNilusTranslator()
+    keys = resource_keys or NilusResourceKeys()
+    asset = build_nilus_asset(pipeline, translator=translator, resource_keys=keys)
+    job = build_pipeline_job(pipeline, asset, translator=translator)
+    sensor = build_nilus_sensor(pipeline, asset, translator=translator, resource_keys=keys, job=job)
     return dg.Definitions(
-        assets=[asset],
+        assets=[translator.get_stream_asset_spec(pipeline), asset],
+        jobs=[job],
         sensors=[sensor],
-        resources={**default_resources(), **(resources or {})},
+        resources=_resources(keys, resources),
     )
 
 
@@ -79,15 +103,24 @@ def build_nilus_definitions(
     *,
     translator: DagsterNilusTranslator | None = None,
     resources: Mapping[str, Any] | None = None,
+    resource_keys: NilusResourceKeys | None = None,
     on_invalid: OnInvalid = "skip",
 ) -> dg.Definitions:
-    """Every pipeline under ``targets``: assets, checks, sensors and the two resources.
+    """Every pipeline under ``targets``: assets, checks, streams, jobs, sensors and resources.
+
+    What it returns sets nothing for the whole code location (no executor, no ``io_manager``),
+    so it merges into a project's own ``Definitions`` or ``dg`` defs folder without changing
+    how that project's other assets run. The pipelines' runs go through their own jobs, which
+    run in process.
 
     Args:
         targets: Folders (searched recursively), files or globs; default ``NILUS_PIPELINES``
             (os.pathsep-separated), else ``pipelines/``. Depots files are ignored.
         translator: How pipelines appear in Dagster.
-        resources: Overrides of the ``nats`` and ``nilus_sink`` resources.
+        resources: Resources by key, over the defaults (``nats``, ``nilus_sink``,
+            ``nilus_io_manager``).
+        resource_keys: Other keys for those three, e.g. for two NATS deployments in one
+            code location.
         on_invalid: ``skip`` (default): leave bad manifests out and log every problem;
             ``fail``: raise, so the code location fails to load with the problems.
 
@@ -108,9 +141,10 @@ def build_nilus_definitions(
         target_list = [targets]
     else:
         target_list = list(targets)
-    resources = {**default_resources(), **(resources or {})}
+    keys = resource_keys or NilusResourceKeys()
+    resources = _resources(keys, resources)
     translator = translator or DagsterNilusTranslator(
-        display_env=_display_env(resources.get(SINK_RESOURCE_KEY))
+        display_env=display_env(resources.get(keys.sink))
     )
 
     pipelines, problems = collect_pipelines(target_list)
@@ -118,7 +152,9 @@ def build_nilus_definitions(
     for pipeline in pipelines:
         try:
             per_pipeline.append(
-                build_pipeline_definitions(pipeline, translator=translator, resources=resources)
+                build_pipeline_definitions(
+                    pipeline, translator=translator, resources=resources, resource_keys=keys
+                )
             )
         except (dg.DagsterError, ValueError) as exc:
             # e.g. spec.dagster.partitions_start that Dagster cannot use.
@@ -140,18 +176,29 @@ def build_nilus_definitions(
         )
     merged = dg.Definitions.merge(*per_pipeline) if per_pipeline else dg.Definitions()
     return dg.Definitions(
-        assets=merged.assets,
+        assets=_unique_streams(merged.assets or []),
+        jobs=merged.jobs,
         sensors=merged.sensors,
         resources=resources,
         metadata=metadata or None,
-        # A run is one async step: a step subprocess would only add ~2 s to every run. Only the
-        # code location's own Definitions set it, so composing the per-pipeline ones into a
-        # project with an executor of its own never conflicts.
-        executor=dg.in_process_executor,
     )
 
 
-def _display_env(sink: object) -> dict[str, str] | None:
+def _unique_streams(assets: Iterable[Any]) -> list[Any]:
+    """The assets with each stream's external spec once (pipelines reading one stream each
+    declare it; a translator may describe it differently per pipeline)."""
+    seen: set[dg.AssetKey] = set()
+    unique = []
+    for asset in assets:
+        if isinstance(asset, dg.AssetSpec):
+            if asset.key in seen:
+                continue
+            seen.add(asset.key)
+        unique.append(asset)
+    return unique
+
+
+def display_env(sink: object) -> dict[str, str] | None:
     """The load-time environment that shows where tables live under the sink resource."""
     if not isinstance(sink, DeltaSinkResource):
         return None

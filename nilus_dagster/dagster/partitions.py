@@ -28,20 +28,42 @@ from nilus_dagster.dagster.constants import (
 from nilus_dagster.manifest.loader import Pipeline
 
 
+def partitions_start(pipeline: Pipeline) -> tuple[str, str | None]:
+    """The first partition's date (``YYYY-MM-DD``, or ``YYYY-MM-DD-HH:00`` for hourly) and
+    where it comes from: ``spec.dagster.partitions_start``, else the address's ``start_time``
+    (the stream holds nothing the pipeline reads before it), else ``None``, meaning the
+    fallback ``DEFAULT_PARTITIONS_START``, which ``nilus-dagster validate`` warns about.
+    """
+    settings = pipeline.manifest.spec.dagster
+    hourly = settings.partitions == "hourly"
+    if settings.partitions_start:
+        start = settings.partitions_start
+        source: str | None = "spec.dagster.partitions_start"
+    elif pipeline.manifest.source.address.start_time is not None:
+        moment = pipeline.manifest.source.address.start_time.astimezone(timezone.utc)
+        return (moment.strftime("%Y-%m-%d-%H:00") if hourly else moment.strftime("%Y-%m-%d")), (
+            "spec.source.address.start_time"
+        )
+    else:
+        start, source = DEFAULT_PARTITIONS_START, None
+    return (f"{start}-00:00" if hourly and len(start) == 10 else start), source
+
+
 def build_partitions_def(pipeline: Pipeline) -> dg.TimeWindowPartitionsDefinition | None:
     """The pipeline's partitions (``spec.dagster.partitions``); ``None`` when ``none``.
+
+    They start at :func:`partitions_start`, so a new pipeline shows no missing partitions
+    from before its stream.
 
     Raises:
         DagsterInvalidDefinitionError: ``spec.dagster.partitions_start`` is not a date.
     """
     settings = pipeline.manifest.spec.dagster
-    start = settings.partitions_start or DEFAULT_PARTITIONS_START
     if settings.partitions == "none":
         return None
+    start, _ = partitions_start(pipeline)
     if settings.partitions == "hourly":
-        return dg.HourlyPartitionsDefinition(
-            start_date=f"{start}-00:00", end_offset=1, timezone="UTC"
-        )
+        return dg.HourlyPartitionsDefinition(start_date=start, end_offset=1, timezone="UTC")
     return dg.DailyPartitionsDefinition(start_date=start, end_offset=1, timezone="UTC")
 
 

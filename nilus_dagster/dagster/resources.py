@@ -118,6 +118,25 @@ class DeltaSinkResource(dg.ConfigurableResource):
 
 
 @dataclass(frozen=True)
+class NilusResourceKeys:
+    """The resource keys the pipelines' assets and sensors use.
+
+    Change them to run two NATS deployments in one code location, or when a project already
+    has resources under these names.
+
+    Args:
+        nats: The :class:`NatsResource`.
+        sink: The :class:`DeltaSinkResource`.
+        io_manager: The :class:`~nilus_dagster.dagster.io_manager.NilusTableIOManager` that
+            loads the tables into downstream assets.
+    """
+
+    nats: str = "nats"
+    sink: str = "nilus_sink"
+    io_manager: str = "nilus_io_manager"
+
+
+@dataclass(frozen=True)
 class DeployedPipeline(Pipeline):
     """A pipeline with the deployment's storage options added to its table location."""
 

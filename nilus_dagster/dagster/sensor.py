@@ -12,6 +12,9 @@ import math
 from datetime import datetime, timezone
 
 import dagster as dg
+from dagster._core.definitions.unresolved_asset_job_definition import (
+    UnresolvedAssetJobDefinition,
+)
 
 from nilus_dagster.dagster.constants import (
     MODE_APPEND,
@@ -23,7 +26,12 @@ from nilus_dagster.dagster.constants import (
 )
 from nilus_dagster.dagster.metadata import lag_metadata
 from nilus_dagster.dagster.partitions import sensor_partition_range
-from nilus_dagster.dagster.resources import DeltaSinkResource, NatsResource, engine_call
+from nilus_dagster.dagster.resources import (
+    DeltaSinkResource,
+    NatsResource,
+    NilusResourceKeys,
+    engine_call,
+)
 from nilus_dagster.dagster.translator import DagsterNilusTranslator
 from nilus_dagster.engine import LagReport, measure_lag_async
 from nilus_dagster.errors import NilusError
@@ -42,6 +50,29 @@ IN_FLIGHT_STATUSES = [
 _IN_FLIGHT_SCAN = 200
 
 
+def build_pipeline_job(
+    pipeline: Pipeline,
+    asset: dg.AssetsDefinition,
+    *,
+    translator: DagsterNilusTranslator | None = None,
+) -> UnresolvedAssetJobDefinition:
+    """The job the pipeline's sensor launches: its asset and checks, in process.
+
+    A run is one async step, so a step subprocess would only add about 2 s to every run. The
+    executor is the job's own: the code location's default executor, and with it every other
+    asset of a project the pipelines are merged into, is left as it is.
+    """
+    translator = translator or DagsterNilusTranslator()
+    return dg.define_asset_job(
+        name=translator.get_job_name(pipeline),
+        selection=dg.AssetSelection.assets(asset.key),
+        executor_def=dg.in_process_executor,
+        partitions_def=asset.partitions_def,
+        tags={PIPELINE_TAG: pipeline.name},
+        description=f"Ingests {pipeline.subject} into the table of {asset.key.to_user_string()}.",
+    )
+
+
 def sensor_interval_seconds(pipeline: Pipeline) -> int:
     """``spec.dagster.sensor_interval_seconds``, else the address ``timeout`` (rounded up)."""
     settings = pipeline.manifest.spec.dagster
@@ -55,13 +86,24 @@ def build_nilus_sensor(
     asset: dg.AssetsDefinition,
     *,
     translator: DagsterNilusTranslator | None = None,
+    resource_keys: NilusResourceKeys | None = None,
+    job: UnresolvedAssetJobDefinition | None = None,
 ) -> dg.SensorDefinition:
     """Build the sensor that keeps ``asset`` fresh.
 
     Starts RUNNING when the manifest says ``run_in_loop: true``, STOPPED otherwise. It uses the
     same ``nats`` and ``nilus_sink`` resources as the asset.
+
+    Args:
+        pipeline: The validated manifest.
+        asset: The pipeline's asset (:func:`build_nilus_asset`).
+        translator: How the pipeline appears in Dagster.
+        resource_keys: The keys of the NATS and sink resources.
+        job: The job its runs go to (:func:`build_pipeline_job`, which carries the executor);
+            without one, runs target the asset under the code location's default executor.
     """
     translator = translator or DagsterNilusTranslator()
+    keys = resource_keys or NilusResourceKeys()
     key = asset.key
     partitions_def = asset.partitions_def
     run_in_loop = pipeline.manifest.source.options.run_in_loop
@@ -72,17 +114,19 @@ def build_nilus_sensor(
         default_status=(
             dg.DefaultSensorStatus.RUNNING if run_in_loop else dg.DefaultSensorStatus.STOPPED
         ),
-        asset_selection=[key],
+        job=job,
+        asset_selection=None if job is not None else [key],
+        required_resource_keys={keys.nats, keys.sink},
         description=(
             f"Requests a run of {key.to_user_string()} when messages on {pipeline.subject} are "
             "not yet in the table and no run of it is in flight; records the lag every tick."
         ),
         tags={PIPELINE_TAG: pipeline.name},
     )
-    def _sensor(
-        context: dg.SensorEvaluationContext, nats: NatsResource, nilus_sink: DeltaSinkResource
-    ) -> dg.SensorResult:
-        return evaluate_tick(context, pipeline, key, partitions_def, nats, nilus_sink)
+    def _sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+        nats = getattr(context.resources, keys.nats)
+        sink = getattr(context.resources, keys.sink)
+        return evaluate_tick(context, pipeline, key, partitions_def, nats, sink)
 
     return _sensor
 

@@ -22,6 +22,7 @@ from nilus_dagster.dagster.constants import (
 )
 from nilus_dagster.dagster.metadata import column_schema
 from nilus_dagster.dagster.partitions import build_partitions_def
+from nilus_dagster.dagster.readers import sink_kind
 from nilus_dagster.errors import NilusError
 from nilus_dagster.manifest.loader import Pipeline
 from nilus_dagster.redaction import redact
@@ -79,6 +80,23 @@ class DagsterNilusTranslator:
             kinds=self.get_kinds(pipeline),
             metadata=self.get_metadata(pipeline),
             partitions_def=self.get_partitions_def(pipeline),
+            deps=[self.get_stream_asset_key(pipeline)],
+        )
+
+    def get_stream_asset_key(self, pipeline: Pipeline) -> dg.AssetKey:
+        """The key of the JetStream stream the pipeline reads (an upstream external asset,
+        shared by every pipeline that reads the stream)."""
+        return dg.AssetKey(["nats", pipeline.stream])
+
+    def get_stream_asset_spec(self, pipeline: Pipeline) -> dg.AssetSpec:
+        """The external asset standing for the stream: only what every pipeline reading it
+        shares (the name), so that specs built for several pipelines are equal and merge."""
+        return dg.AssetSpec(
+            key=self.get_stream_asset_key(pipeline),
+            description=f"NATS JetStream stream `{pipeline.stream}` (read by Nilus pipelines).",
+            group_name=DEFAULT_GROUP,
+            kinds={"nats"},
+            metadata={META_STREAM: dg.MetadataValue.text(pipeline.stream)},
         )
 
     def get_asset_key(self, pipeline: Pipeline) -> dg.AssetKey:
@@ -90,8 +108,8 @@ class DagsterNilusTranslator:
     def get_description(self, pipeline: Pipeline) -> str:
         manifest = pipeline.manifest
         flow = (
-            f"NATS JetStream stream `{pipeline.stream}`, subject `{pipeline.subject}` -> Delta "
-            f"table `{manifest.sink.options.dest_table}` "
+            f"NATS JetStream stream `{pipeline.stream}`, subject `{pipeline.subject}` -> "
+            f"{sink_kind(pipeline).label} table `{self.get_table_name(pipeline)}` "
             f"({manifest.sink.options.incremental_strategy})."
         )
         return f"{manifest.description.strip()}\n\n{flow}" if manifest.description else flow
@@ -101,7 +119,19 @@ class DagsterNilusTranslator:
         return {_tag_key(tag): "" for tag in pipeline.manifest.tags if tag.strip()}
 
     def get_kinds(self, pipeline: Pipeline) -> set[str]:
-        return {"nats", "delta"}
+        """``nats`` and the sink's kind, under the names the Dagster UI has icons for."""
+        return {"nats", self.get_sink_kind(pipeline)}
+
+    def get_sink_kind(self, pipeline: Pipeline) -> str:
+        """The Dagster kind of the pipeline's table store (``deltalake`` for Delta tables)."""
+        return sink_kind(pipeline).dagster_kind
+
+    def get_table_name(self, pipeline: Pipeline) -> str:
+        """The fully qualified table name: ``<depot>.<schema>.<table>`` for a depot address,
+        ``<schema>.<table>`` otherwise."""
+        sink = pipeline.manifest.sink
+        depot = sink.address.depot if sink.address.is_depot else None
+        return f"{depot}.{sink.options.dest_table}" if depot else sink.options.dest_table
 
     def get_partitions_def(self, pipeline: Pipeline) -> dg.TimeWindowPartitionsDefinition | None:
         return build_partitions_def(pipeline)
@@ -117,7 +147,7 @@ class DagsterNilusTranslator:
             META_STREAM: dg.MetadataValue.text(pipeline.stream),
             META_SUBJECT: dg.MetadataValue.text(pipeline.subject),
             META_SINK_ADDRESS: dg.MetadataValue.text(redact(manifest.sink.address.raw)),
-            "dagster/table_name": dg.MetadataValue.text(manifest.sink.options.dest_table),
+            "dagster/table_name": dg.MetadataValue.text(self.get_table_name(pipeline)),
             META_STRATEGY: dg.MetadataValue.text(manifest.sink.options.incremental_strategy),
             META_MANIFEST: dg.MetadataValue.path(str(path)),
             "dagster/code_references": _code_reference(path),
@@ -128,6 +158,7 @@ class DagsterNilusTranslator:
             # A depot missing from the depots file: the run reports it; the asset still loads.
             return metadata
         metadata[META_TABLE_URI] = dg.MetadataValue.path(redact(location.uri))
+        metadata["dagster/uri"] = dg.MetadataValue.text(redact(location.uri))
         if location.is_local:
             schema = column_schema(location)
             if schema is not None:
@@ -140,6 +171,9 @@ class DagsterNilusTranslator:
 
     def get_op_name(self, pipeline: Pipeline) -> str:
         return dagster_name(f"nilus_{pipeline.name}")
+
+    def get_job_name(self, pipeline: Pipeline) -> str:
+        return dagster_name(f"{pipeline.name}_job")
 
     def get_sensor_name(self, pipeline: Pipeline) -> str:
         return dagster_name(f"{pipeline.name}_sensor")

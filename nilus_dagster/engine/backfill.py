@@ -3,11 +3,10 @@
 import asyncio
 import logging
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from nilus_dagster.engine.report import RunReport
 from nilus_dagster.engine.settings import RuntimeSettings
-from nilus_dagster.errors import PositionError
 from nilus_dagster.jetstream import JetStreamSource, StreamState
 from nilus_dagster.messages import MessageBatch
 from nilus_dagster.sink import STREAM_CREATED_KEY, DeltaSink
@@ -25,12 +24,10 @@ async def replay_window(
 ) -> RunReport:
     """Replay ``[start, end)`` up to the committed position and replace exactly those rows.
 
-    The position does not move, so running it twice changes nothing. A window that starts
-    before the oldest message the stream still holds is refused: replaying it would delete rows
-    that can no longer be brought back.
-
-    Raises:
-        PositionError: The window is older than the stream's retention.
+    The position does not move, so running it twice changes nothing. The part of the window
+    older than the oldest message the stream still holds is skipped with a warning, and its
+    rows are kept: replaying it would delete rows that can no longer be brought back. So a
+    backfill of "all partitions" never fails because retention dropped the old ones.
     """
     pipeline = settings.pipeline
     start, end = (as_utc(w) for w in window)
@@ -38,14 +35,19 @@ async def replay_window(
     if stream.first_seq > 1 and stream.messages:
         oldest = await _first_message_time(src, stream.first_seq)
         if oldest is not None and start < oldest:
-            raise PositionError(
-                f"cannot backfill {start.isoformat()}..{end.isoformat()}: stream {stream.name} "
-                f"now starts at sequence {stream.first_seq} ({oldest.isoformat()}); older "
-                "messages were removed by retention, so replaying this window would lose rows. "
-                "Choose windows that start after the stream's oldest message"
+            log.warning(
+                "%s: skipping %s..%s of the window: stream %s now starts at sequence %d (%s); "
+                "older messages were removed by retention, so their rows are kept as they are",
+                pipeline.name,
+                start.isoformat(),
+                min(oldest, end).isoformat(),
+                stream.name,
+                stream.first_seq,
+                oldest.isoformat(),
             )
+            start = min(oldest, end)
     collected = MessageBatch()
-    if position:
+    if position and start < end:
         end_ns = end.timestamp() * 1e9
         async for batch in src.messages(1, stop_at_seq=position, start_time=start):
             keep = [
@@ -67,24 +69,25 @@ async def replay_window(
     # The window's dead letters were recorded when those messages were first ingested (the
     # dead-letter table is a log of what failed, under its own position); a replay counts them
     # but does not record them again.
-    result = await asyncio.to_thread(
-        sink.replace_window,
-        rows,
-        None,
-        start=start,
-        end=end,
-        commit_metadata={
-            STREAM_CREATED_KEY: stream.created.isoformat(),
-            "nilus.pipeline": pipeline.name,
-            "nilus.window": f"{start.isoformat()}/{end.isoformat()}",
-        },
-    )
+    rows_written = 0
+    if start < end:  # else the whole window is older than the stream's retention
+        result = await asyncio.to_thread(
+            sink.replace_window,
+            rows,
+            None,
+            start=start,
+            end=end,
+            commit_metadata={
+                STREAM_CREATED_KEY: stream.created.isoformat(),
+                "nilus.pipeline": pipeline.name,
+                "nilus.window": f"{start.isoformat()}/{end.isoformat()}",
+            },
+        )
+        rows_written = result.rows_written
     final = await src.stream_state()
     newest_ts = await asyncio.to_thread(sink.newest_timestamp)
     duration = time.monotonic() - started
-    log.info(
-        "%s: replaced window %s..%s with %d rows", pipeline.name, start, end, result.rows_written
-    )
+    log.info("%s: replaced window %s..%s with %d rows", pipeline.name, start, end, rows_written)
     return RunReport(
         pipeline=pipeline.name,
         stream=pipeline.stream,
@@ -98,7 +101,7 @@ async def replay_window(
         lag_seconds=(datetime.now(timezone.utc) - newest_ts).total_seconds() if newest_ts else None,
         gap=0,
         row_count=await asyncio.to_thread(sink.row_count),
-        rows_written=result.rows_written,
+        rows_written=rows_written,
         dead_letters=dead_count,
         messages=len(collected),
         bytes=collected.nbytes,
@@ -107,7 +110,12 @@ async def replay_window(
     )
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
 async def _first_message_time(src: JetStreamSource, first_seq: int) -> datetime | None:
     async for batch in src.messages(first_seq, max_messages=1):
-        return datetime.fromtimestamp(batch.timestamps_ns[0] / 1e9, tz=timezone.utc)
+        # Floored to the microsecond exactly (the table's precision): a float division can
+        # land a hair after the message's own timestamp and leave it out of the window.
+        return _EPOCH + timedelta(microseconds=batch.timestamps_ns[0] // 1000)
     return None

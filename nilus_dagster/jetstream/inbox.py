@@ -12,33 +12,98 @@ subscriptions, PING/PONG, INFO, -ERR and reconnects are untouched: the transport
 WebSocket) and authentication sit below the parser and do not change either.
 
 This reaches into nats-py's private parser API (``Client._ps``, ``Parser.buf/state/needed``,
-``Client._process_*``); :func:`install` checks that what it relies on is there and refuses
-otherwise, so an incompatible nats-py fails loudly instead of losing messages.
+``Client._process_*``, ``Subscription._id/_pending_queue``). What it relies on is checked when
+this module is imported (:data:`FAST_PATH_PROBLEM`); where a nats-py release no longer has it,
+:func:`subscribe_columns` takes the public path instead (a subscription callback that fills the
+same columns from ``Msg`` objects: slower, never wrong) and says so once in a warning. A nats-py
+release can make ingestion slower, never break it. ``NILUS_NATS_PUBLIC_PARSER=1`` chooses the
+public path on purpose.
 """
 
+import asyncio
+import functools
 import json
+import logging
+import os
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from nats.aio.client import Client
+from nats.aio.subscription import Subscription
 from nats.errors import ProtocolError
-from nats.protocol import parser as nats_parser
 
-_CONTROL = nats_parser.AWAITING_CONTROL_LINE
-_PAYLOAD = nats_parser.AWAITING_MSG_PAYLOAD
+try:
+    from nats.protocol import parser as nats_parser
+except ImportError:  # a nats-py without that module: the public path only
+    nats_parser = None  # type: ignore[assignment]
+
+PUBLIC_PARSER_ENV = "NILUS_NATS_PUBLIC_PARSER"
+logger = logging.getLogger("nilus_dagster.jetstream")
+
+_MODULE_NAMES = (
+    "Parser",
+    "AWAITING_CONTROL_LINE",
+    "AWAITING_MSG_PAYLOAD",
+    "OK_RE",
+    "ERR_RE",
+    "PING_RE",
+    "PONG_RE",
+    "INFO_RE",
+)
+_PARSER_STATE = ("buf", "state", "needed", "header_needed", "msg_arg", "nc")
+_CLIENT_HANDLERS = (
+    "_process_msg",
+    "_process_headers",
+    "_process_err",
+    "_process_ping",
+    "_process_pong",
+    "_process_info",
+)
 
 
-def _unanchored(pattern: "re.Pattern[bytes]") -> "re.Pattern[bytes]":
+def fast_path_problem() -> str | None:
+    """What this nats-py lacks for the fast path, or ``None`` when it has all of it."""
+    if os.environ.get(PUBLIC_PARSER_ENV, "").strip().lower() in ("1", "true", "yes"):
+        return f"{PUBLIC_PARSER_ENV} is set"
+    if nats_parser is None:
+        return "nats.protocol.parser is missing"
+    missing = [f"nats.protocol.parser.{n}" for n in _MODULE_NAMES if not hasattr(nats_parser, n)]
+    if not missing:
+        try:
+            probe = nats_parser.Parser()
+        except Exception as exc:  # a changed constructor
+            return f"nats.protocol.parser.Parser() fails ({type(exc).__name__})"
+        missing += [f"Parser.{a}" for a in _PARSER_STATE if not hasattr(probe, a)]
+        if not isinstance(getattr(probe, "msg_arg", None), dict):
+            missing.append("Parser.msg_arg (a dict)")
+        if not asyncio.iscoroutinefunction(getattr(nats_parser.Parser, "parse", None)):
+            missing.append("async Parser.parse")
+    missing += [f"Client.{h}" for h in _CLIENT_HANDLERS if not callable(getattr(Client, h, None))]
+    return f"this nats-py lacks {', '.join(missing)}" if missing else None
+
+
+FAST_PATH_PROBLEM = fast_path_problem()
+"""Why the fast path is off (checked at import), or ``None``."""
+
+_ParserBase: Any = nats_parser.Parser if FAST_PATH_PROBLEM is None else object
+_CONTROL = getattr(nats_parser, "AWAITING_CONTROL_LINE", None)
+_PAYLOAD = getattr(nats_parser, "AWAITING_MSG_PAYLOAD", None)
+
+
+def _unanchored(pattern: "re.Pattern[bytes] | None") -> "re.Pattern[bytes]":
     # nats-py's control-line patterns start with \A, which only matches at the very start of
     # the buffer; without it, match(data, pos) anchors at pos instead.
+    if pattern is None:
+        return re.compile(b"(?!)")  # the fast path is off; never used
     return re.compile(pattern.pattern.removeprefix(b"\\A"))
 
 
-_OK_RE = _unanchored(nats_parser.OK_RE)
-_ERR_RE = _unanchored(nats_parser.ERR_RE)
-_PING_RE = _unanchored(nats_parser.PING_RE)
-_PONG_RE = _unanchored(nats_parser.PONG_RE)
-_INFO_RE = _unanchored(nats_parser.INFO_RE)
+_OK_RE = _unanchored(getattr(nats_parser, "OK_RE", None))
+_ERR_RE = _unanchored(getattr(nats_parser, "ERR_RE", None))
+_PING_RE = _unanchored(getattr(nats_parser, "PING_RE", None))
+_PONG_RE = _unanchored(getattr(nats_parser, "PONG_RE", None))
+_INFO_RE = _unanchored(getattr(nats_parser, "INFO_RE", None))
 
 
 class ColumnInbox:
@@ -75,6 +140,18 @@ class ColumnInbox:
         self.woken = False
         return taken
 
+    def add_message(self, msg: Any) -> None:
+        """Add one nats-py ``Msg`` (the public path: a subscription callback)."""
+        headers = dict(msg.headers) if msg.headers else None
+        if headers is not None or self.headers is not None:
+            self.add_headers(len(self.replies), headers)
+        self.subjects.append(msg.subject.encode())
+        self.replies.append((msg.reply or "").encode())
+        self.payloads.append(msg.data)
+        if not self.woken:
+            self.woken = True
+            self.wake()
+
     def add_headers(self, index: int, headers: dict[str, str] | None) -> None:
         """Record the headers of frame ``index`` (the column is made on the first ones)."""
         if self.headers is None:
@@ -84,7 +161,7 @@ class ColumnInbox:
         self.headers.append(headers)
 
 
-class FastParser(nats_parser.Parser):
+class FastParser(_ParserBase):
     """nats-py's protocol parser, with the frames of registered subscriptions kept as columns.
 
     Installed on a live client by :func:`install` (the parser's state carries over, so it can
@@ -98,7 +175,7 @@ class FastParser(nats_parser.Parser):
         """Parse ``data`` like nats-py does, reading registered inboxes' frames into columns."""
         inboxes = self.__dict__.get("inboxes")
         if not inboxes:
-            await nats_parser.Parser.parse(self, data)
+            await _ParserBase.parse(self, data)
             return
         if self.buf:
             self.buf.extend(data)
@@ -308,7 +385,8 @@ def install(nc: Client, sid: int, inbox: ColumnInbox) -> None:
     handlers = ("_process_msg", "_process_headers", "_process_err", "_process_ping")
     handlers += ("_process_pong", "_process_info")
     if (
-        not isinstance(parser, nats_parser.Parser)
+        FAST_PATH_PROBLEM is not None
+        or not isinstance(parser, _ParserBase)
         or not all(hasattr(parser, a) for a in needed)
         or not all(callable(getattr(nc, h, None)) for h in handlers)
     ):
@@ -327,3 +405,76 @@ def uninstall(nc: Client, sid: int) -> None:
     inboxes = getattr(parser, "__dict__", {}).get("inboxes")
     if inboxes:
         inboxes.pop(sid, None)
+
+
+@dataclass
+class ColumnSubscription:
+    """A subscription whose messages land in :attr:`inbox`.
+
+    A wake-up token is put on :attr:`queue` once per burst.
+
+    On the fast path :attr:`queue` is the subscription's own message queue, so a ``Msg`` found
+    there went around the column reader; on the public path it only ever holds tokens.
+    """
+
+    subscription: Subscription
+    inbox: ColumnInbox
+    queue: "asyncio.Queue[Any]"
+    fast_sid: int | None
+
+    async def stop(self, nc: Client) -> None:
+        """Stop routing and unsubscribe (the connection may be going away: nothing to undo)."""
+        if self.fast_sid is not None:
+            uninstall(nc, self.fast_sid)
+        if not nc.is_closed:
+            try:
+                await self.subscription.unsubscribe()
+            except Exception as exc:
+                logger.debug("unsubscribe of the pull inbox failed: %s", type(exc).__name__)
+
+
+_warned: list[str] = []
+
+
+def _warn_public_path(reason: str) -> None:
+    if not _warned:
+        _warned.append(reason)
+        logger.warning(
+            "nats-py's protocol parser is not the one the fast pull path was written for (%s): "
+            "pulling through nats-py's public API instead, which is slower but loses nothing",
+            reason,
+        )
+
+
+async def subscribe_columns(nc: Client, subject: str, wake_token: object) -> ColumnSubscription:
+    """Subscribe to ``subject`` with its messages read into a :class:`ColumnInbox`.
+
+    The fast path when this nats-py has what it needs, else the public one (see the module).
+    No pending limits: the caller's pull credit bounds what can pile up.
+    """
+    if FAST_PATH_PROBLEM is None:
+        sub = await nc.subscribe(subject, pending_msgs_limit=0, pending_bytes_limit=0)
+        queue = sub._pending_queue if hasattr(sub, "_pending_queue") else None  # noqa: SLF001 - nats-py private, type-checked below
+        sid = sub._id if hasattr(sub, "_id") else None  # noqa: SLF001 - see above
+        if isinstance(queue, asyncio.Queue) and isinstance(sid, int):
+            inbox = ColumnInbox(functools.partial(queue.put_nowait, wake_token))
+            try:
+                install(nc, sid, inbox)
+            except RuntimeError as exc:
+                reason = str(exc)
+            else:
+                return ColumnSubscription(sub, inbox, queue, sid)
+        else:
+            reason = "its Subscription has no _pending_queue/_id"
+        await sub.unsubscribe()
+    else:
+        reason = FAST_PATH_PROBLEM
+    _warn_public_path(reason)
+    tokens: asyncio.Queue[Any] = asyncio.Queue()
+    inbox = ColumnInbox(functools.partial(tokens.put_nowait, wake_token))
+
+    async def on_message(msg: Any) -> None:
+        inbox.add_message(msg)
+
+    sub = await nc.subscribe(subject, cb=on_message, pending_msgs_limit=0, pending_bytes_limit=0)
+    return ColumnSubscription(sub, inbox, tokens, None)

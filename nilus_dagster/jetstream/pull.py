@@ -11,8 +11,6 @@ the consumer came from, so the benchmark can use it on any consumer.
 """
 
 import asyncio
-import contextlib
-import functools
 import json
 import operator
 import time
@@ -20,14 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nats.aio.client import Client
-from nats.aio.subscription import Subscription
 
 from nilus_dagster.jetstream.ack import ack_fields, ack_fields_each
 from nilus_dagster.jetstream.admin import API_PREFIX, next_subject
 from nilus_dagster.jetstream.errors import PullInterrupted
-from nilus_dagster.jetstream.inbox import ColumnInbox
-from nilus_dagster.jetstream.inbox import install as install_inbox
-from nilus_dagster.jetstream.inbox import uninstall as uninstall_inbox
+from nilus_dagster.jetstream.inbox import ColumnInbox, ColumnSubscription, subscribe_columns
 from nilus_dagster.messages import MessageBatch
 
 # A pull keeps this many messages in flight (spread over several requests) unless told otherwise:
@@ -52,16 +47,6 @@ _WAKE = object()
 """Put in the subscription's queue to wake a waiting :meth:`BulkPuller.next_batch`."""
 
 _MAX_SUBJECT_NAMES = 10_000  # decoded subjects remembered (a wildcard can match many)
-
-
-def _queue_and_sid(sub: Subscription) -> tuple[object, object]:
-    """nats-py's private queue of a callback-less subscription, and its sid.
-
-    ``None`` for what this nats-py lacks: :meth:`BulkPuller.start` refuses to go on then.
-    """
-    queue = sub._pending_queue if hasattr(sub, "_pending_queue") else None  # noqa: SLF001 - nats-py private, checked in start()
-    sid = sub._id if hasattr(sub, "_id") else None  # noqa: SLF001 - see above
-    return queue, sid
 
 
 class BulkPuller:
@@ -130,7 +115,7 @@ class BulkPuller:
         self._empty_pull = False
         self._interrupt: PullInterrupted | None = None
         self._last_activity = time.monotonic()
-        self._sub: Subscription | None = None
+        self._subscription: ColumnSubscription | None = None
         self._queue: asyncio.Queue[Any] | None = None
         self._inbox_columns: ColumnInbox | None = None
         self._subject_names: dict[bytes, str] = {}
@@ -144,38 +129,18 @@ class BulkPuller:
     async def start(self) -> "BulkPuller":
         """Subscribe to the reply inbox (before any request goes out)."""
         self._inbox = self.nc.new_inbox()
-        # No pending limits: the credit we hand out bounds what can pile up, and a limit would
-        # make nats-py drop messages as a "slow consumer" should any reach it (after stop()).
-        self._sub = await self.nc.subscribe(
-            self._inbox, pending_msgs_limit=0, pending_bytes_limit=0
-        )
-        # The inbox's frames are read off the wire into columns (see inbox.py) instead of
-        # becoming one Msg each; the subscription's queue (a subscription without a callback
-        # keeps its messages there) only carries a wake-up token per burst.
-        queue, sid = _queue_and_sid(self._sub)
-        if not isinstance(queue, asyncio.Queue) or not isinstance(sid, int):
-            await self.stop()
-            raise RuntimeError(
-                "this nats-py version has no Subscription._pending_queue; use nats-py 2.x"
-            )
-        self._queue = queue
-        self._inbox_columns = ColumnInbox(functools.partial(queue.put_nowait, _WAKE))
-        try:
-            install_inbox(self.nc, sid, self._inbox_columns)
-        except RuntimeError:
-            await self.stop()
-            raise
+        # The inbox's frames are read into columns (see inbox.py) instead of becoming one Msg
+        # each; the queue only carries a wake-up token per burst.
+        self._subscription = await subscribe_columns(self.nc, self._inbox, _WAKE)
+        self._queue = self._subscription.queue
+        self._inbox_columns = self._subscription.inbox
         return self
 
     async def stop(self) -> None:
         """Unsubscribe: the server drops the requests still waiting once nobody listens."""
-        sub, self._sub = self._sub, None
-        if sub is not None:
-            uninstall_inbox(self.nc, sub._id)  # noqa: SLF001 - nats-py's sid, checked in start()
-        if sub is not None and not self.nc.is_closed:
-            # The connection may be going away; there is nothing to undo then.
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+        subscription, self._subscription = self._subscription, None
+        if subscription is not None:
+            await subscription.stop(self.nc)
 
     def interrupt(self, reason: str, *, connection_lost: bool = False, fatal: bool = False) -> None:
         """End the pull from outside (connection closed, permission refused...)."""
