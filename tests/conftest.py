@@ -179,9 +179,13 @@ class Publisher:
 
         asyncio.run(self._with_js(go))
 
-    def purge(self, name: str, seq: int | None = None) -> None:
+    def purge(
+        self, name: str, seq: int | None = None, subject: str | None = None, keep: int | None = None
+    ) -> None:
+        """Purge the stream: below ``seq``, only ``subject``, all but the newest ``keep``."""
+
         async def go(nc, js):  # type: ignore[no-untyped-def]
-            await js.purge_stream(name, seq=seq)
+            await js.purge_stream(name, seq=seq, subject=subject, keep=keep)
 
         asyncio.run(self._with_js(go))
 

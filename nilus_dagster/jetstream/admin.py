@@ -7,6 +7,7 @@ a single no-wait pull. Each takes the :class:`~nilus_dagster.jetstream.connectio
 for a person is the caller's job (:mod:`nilus_dagster.jetstream.diagnostics`).
 """
 
+import contextlib
 from datetime import datetime
 from typing import Any
 
@@ -14,6 +15,8 @@ from nats.aio.msg import Msg
 from nats.js.api import DEFAULT_PREFIX, ConsumerConfig, ConsumerInfo
 
 from nilus_dagster.jetstream.connection import Link
+from nilus_dagster.jetstream.consumers import counting_config
+from nilus_dagster.jetstream.errors import ERR_NO_MESSAGE, JsApiError
 from nilus_dagster.jetstream.state import StreamState, parse_time
 
 API_PREFIX = DEFAULT_PREFIX
@@ -102,6 +105,36 @@ async def last_message_time(link: Link, stream: str, subject: str) -> datetime:
     """
     answer = await link.api(f"{API_PREFIX}.STREAM.MSG.GET.{stream}", {"last_by_subj": subject})
     return parse_time(str(answer["message"]["time"]))
+
+
+async def message_seq(
+    link: Link, stream: str, seq: int, *, next_by_subject: str | None = None
+) -> int | None:
+    """The sequence of the message stored at ``seq`` (or, with ``next_by_subject``, of the
+    subject's first message at or after ``seq``); ``None`` when there is none."""
+    body: dict[str, Any] = {"seq": seq}
+    if next_by_subject is not None:
+        body["next_by_subj"] = next_by_subject
+    try:
+        answer = await link.api(f"{API_PREFIX}.STREAM.MSG.GET.{stream}", body)
+    except JsApiError as exc:
+        if exc.err_code == ERR_NO_MESSAGE:
+            return None
+        raise
+    return int(answer["message"]["seq"])
+
+
+async def stored_from(link: Link, stream: str, name: str, seq: int) -> int:
+    """How many messages of any subject the stream holds at ``seq`` and after: the pending
+    count of a consumer ``name`` without a filter, created there and deleted again."""
+    config = counting_config(name, seq)
+    subject = f"{API_PREFIX}.CONSUMER.CREATE.{stream}.{name}"
+    try:
+        answer = await link.api(subject, {"stream_name": stream, "config": config_body(config)})
+    finally:
+        with contextlib.suppress(Exception):  # it expires by itself otherwise
+            await delete_consumer(link, stream, name, timeout=2.0)
+    return int(answer.get("num_pending", 0) or 0)
 
 
 async def next_message(link: Link, stream: str, consumer: str) -> Msg:

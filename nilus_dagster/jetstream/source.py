@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from bisect import bisect_right
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import TypeVar
@@ -19,7 +19,7 @@ from typing import TypeVar
 from nats.js.api import ConsumerInfo
 
 from nilus_dagster.errors import PositionError, SourceError
-from nilus_dagster.jetstream import admin
+from nilus_dagster.jetstream import admin, gaps
 from nilus_dagster.jetstream.connection import (
     DEFAULT_CONNECT_TIMEOUT_SECONDS,
     Link,
@@ -105,8 +105,10 @@ class JetStreamSource:
         servers: Replaces ``address.servers`` (``host:port`` or URLs): a deployment override.
         connect_timeout: Seconds for one connection attempt, and for one API request.
         reconnect_time_wait: Pause between reconnection attempts.
-        max_reconnect_seconds: How long a pull tries to recover from a lost connection or
-            consumer before it gives up with :class:`SourceError`.
+        failover_timeout: How long a call or a pull keeps trying to get NATS back (a lost
+            connection or consumer, a stream without a leader while the cluster elects one)
+            before it gives up with :class:`SourceError`; the address's ``failover_timeout``
+            by default.
         inactive_threshold: Seconds after which the server deletes an ephemeral consumer nobody
             pulls from; longer than the slowest commit.
         client_name: Connection name shown by the server's monitoring.
@@ -120,7 +122,7 @@ class JetStreamSource:
         servers: Sequence[str] | None = None,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_SECONDS,
         reconnect_time_wait: float = 0.5,
-        max_reconnect_seconds: float = 30.0,
+        failover_timeout: float | None = None,
         inactive_threshold: float = DEFAULT_INACTIVE_THRESHOLD_SECONDS,
         client_name: str = "nilus-dagster",
     ):
@@ -135,7 +137,9 @@ class JetStreamSource:
         self.urls = server_urls(address, servers)
         self.connect_timeout = connect_timeout
         self.reconnect_time_wait = reconnect_time_wait
-        self.max_reconnect_seconds = max_reconnect_seconds
+        self.failover_timeout = (
+            address.failover_timeout if failover_timeout is None else failover_timeout
+        )
         self.client_name = client_name
         self.spec = ConsumerSpec(
             stream=stream,
@@ -216,6 +220,50 @@ class JetStreamSource:
         """An API call on ``link``, failures translated to :class:`SourceError`."""
         return await self.diagnostics.call(link, call, doing)
 
+    async def _through_failover(self, doing: str, step: Callable[[Link], Awaitable[T]]) -> T:
+        """``step(link)`` on the current connection, tried again while it fails in a way that
+        passes, for at most ``failover_timeout`` seconds.
+
+        In a cluster, a stream whose leader died answers nothing until the others elected a
+        new one (measured: 4-9 s), and the node the connection went to may be gone or
+        paused: each retry reconnects if needed (another server first) and asks again.
+        A refusal (permissions, a missing stream) is raised at once.
+
+        Raises:
+            SourceError: A failure that does not pass, or the last failure once the time is
+                up (its text as on the first attempt, plus how long it was tried).
+        """
+        since: float | None = None
+        while True:
+            link: Link | None = None
+            try:
+                link = await self._session.ensure_or_fail(doing)
+                result = await step(link)
+            except (SourceError, TransportError) as exc:
+                if not exc.retryable:
+                    raise
+                error = exc if isinstance(exc, SourceError) else self.diagnostics.error(exc, doing)
+                now = time.monotonic()
+                if since is None:
+                    since = now
+                    logger.warning(
+                        "%s; trying again for up to %gs (failover_timeout)",
+                        redact(str(error)),
+                        self.failover_timeout,
+                    )
+                elif now - since > self.failover_timeout:
+                    raise SourceError(
+                        f"{error} (still failing after {now - since:.0f}s of retries; "
+                        f"failover_timeout is {self.failover_timeout:g}s)"
+                    ) from None
+                if link is not None:
+                    await self._session.drop_if_dead(link)
+                await asyncio.sleep(self.reconnect_time_wait)
+                continue
+            if since is not None:
+                logger.info("could %s again after %.1fs", doing, time.monotonic() - since)
+            return result
+
     # -- stream state --------------------------------------------------------------------------
 
     async def stream_state(self) -> StreamState:
@@ -224,8 +272,10 @@ class JetStreamSource:
         Raises:
             SourceError: The stream does not exist, JetStream is off, permission is missing...
         """
-        link = await self._session.ensure_or_fail("read the stream info")
-        state = await self._call(link, admin.stream_info(link, self.stream), "read the stream info")
+        doing = "read the stream info"
+        state = await self._through_failover(
+            doing, lambda link: self._call(link, admin.stream_info(link, self.stream), doing)
+        )
         if self._created is None:
             self._created = state.created
         return state
@@ -271,27 +321,59 @@ class JetStreamSource:
                     f"add {self.subject} to the stream's subjects"
                 )
             )
-        link = await self._session.ensure_or_fail("check the subject")
-        try:
-            await link.check_subscribe(self.subject)
-        except TransportError as exc:
-            raise self.diagnostics.error(exc, "subscribe to the subject") from None
+
+        async def check(link: Link) -> None:
+            try:
+                await link.check_subscribe(self.subject)
+            except TransportError as exc:
+                raise self.diagnostics.error(exc, "subscribe to the subject") from None
+
+        await self._through_failover("check the subject", check)
         self._checked = True
 
     async def pending_after(self, position: int) -> int:
         """Messages on the subject with a sequence above ``position`` (exact, filters included)."""
-        link = await self._session.ensure_or_fail("count the pending messages")
-        return await self._probes.pending_after(link, position)
+        return await self._through_failover(
+            "count the pending messages",
+            lambda link: self._probes.pending_after(link, position),
+        )
+
+    async def removed_after(self, position: int, state: StreamState) -> int:
+        """Sequences after ``position`` that retention or a purge removed before they were read:
+        from the front of the stream, or of the subject alone on a shared stream
+        (:func:`~nilus_dagster.jetstream.gaps.removed_after`).
+
+        Args:
+            position: The last committed sequence.
+            state: The stream's state, just read.
+        """
+        doing = "look for messages removed after the position"
+
+        async def look(link: Link) -> int:
+            try:
+                return await gaps.removed_after(link, self.stream, self.subject, position, state)
+            except TransportError as exc:
+                if exc.retryable:
+                    raise
+                # Direct reads or unfiltered counting consumers refused: what the stream's
+                # first sequence says is all that can be known.
+                logger.info("per-subject gaps not checked (%s)", redact(str(exc)))
+                return state.gap_after(position)
+
+        return await self._through_failover(doing, look)
 
     async def last_message_time(self) -> datetime | None:
         """When the newest message on the subject was stored, or ``None`` if there is none."""
-        link = await self._session.ensure_or_fail("read the newest message on the subject")
-        return await self._probes.last_message_time(link)
+        return await self._through_failover(
+            "read the newest message on the subject", self._probes.last_message_time
+        )
 
     async def _seq_for_time(self, start_time: datetime) -> int:
         """The first stream sequence stored at or after ``start_time``."""
-        link = await self._session.ensure_or_fail("find the first message after start_time")
-        return await self._probes.seq_for_time(link, start_time)
+        return await self._through_failover(
+            "find the first message after start_time",
+            lambda link: self._probes.seq_for_time(link, start_time),
+        )
 
     async def _delete_consumer(self, link: Link, name: str) -> None:
         # Best effort: an ephemeral we fail to delete goes away after inactive_threshold.
@@ -328,8 +410,9 @@ class JetStreamSource:
             return
         if start_time is not None:
             start_seq = await self._seq_for_time(start_time)
-        link = await self._session.ensure_or_fail(f"align durable consumer {durable.name}")
-        await durable.align(link, start_seq)
+        await self._through_failover(
+            f"align durable consumer {durable.name}", lambda link: durable.align(link, start_seq)
+        )
 
     async def mark_committed(self, seq: int) -> None:
         """Move the durable consumer to just after ``seq``, now in the table.
@@ -376,7 +459,7 @@ class JetStreamSource:
         ``stop_at_seq`` (messages after it are not yielded), after ``max_messages`` (the last
         batch is trimmed), or when the consumer has nothing more pending. A lost connection
         or consumer (server restart, inactivity) is recovered by reconnecting and recreating
-        the consumer after the last yielded sequence, within ``max_reconnect_seconds``.
+        the consumer after the last yielded sequence, within ``failover_timeout``.
 
         Raises:
             SourceError: The stream, subject, permissions or server make reading impossible,
@@ -392,7 +475,7 @@ class JetStreamSource:
         if stop_at_seq is not None and stop_at_seq <= last:
             return
         yielded = 0
-        recovery = _Recovery(self.max_reconnect_seconds)
+        recovery = _Recovery(self.failover_timeout)
         puller: BulkPuller | None = None
         consumer: str | None = None
         link: Link | None = None
@@ -469,15 +552,16 @@ class JetStreamSource:
                         raise SourceError(
                             redact(
                                 f"could not resume pulling from stream {self.stream} at "
-                                f"{self.hosts} within {self.max_reconnect_seconds:g}s: "
+                                f"{self.hosts} within {self.failover_timeout:g}s: "
                                 f"{recovery.problem}"
                             )
                         ) from None
                     await asyncio.sleep(self.reconnect_time_wait)
                     continue
                 except SourceError as exc:
-                    # A restarting server may answer "JetStream unavailable" for a moment.
-                    if recovery.since is None or not exc.retryable:
+                    # A restarting server may answer "JetStream unavailable" for a moment, and
+                    # a stream without a leader (an election in a cluster) does not answer.
+                    if not exc.retryable:
                         raise
                     recovery.failed(str(exc), last)
                     await drop_puller()
