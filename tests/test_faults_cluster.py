@@ -112,7 +112,7 @@ def test_stream_leader_killed_mid_drain(nats_cluster, stream_name, write_manifes
         nats_cluster,
         stream_name,
         write_manifest,
-        30_000,
+        20_000,
         lambda leader: _others(nats_cluster, leader)[0],
     )
     leader = _leader(nats_cluster, stream_name)
@@ -130,7 +130,7 @@ def test_connected_node_killed_mid_drain(nats_cluster, stream_name, write_manife
         nats_cluster,
         stream_name,
         write_manifest,
-        30_000,
+        20_000,
         lambda leader: _others(nats_cluster, leader)[0],
     )
     first.kill()
@@ -144,7 +144,7 @@ def test_connected_node_killed_mid_drain(nats_cluster, stream_name, write_manife
 def test_rolling_restart_during_one_run(nats_cluster, stream_name, write_manifest, caplog):
     caplog.set_level(logging.INFO, logger="nilus_dagster")
     run, published, pipeline, _first = _start(
-        nats_cluster, stream_name, write_manifest, 40_000, lambda leader: nats_cluster.nodes[0]
+        nats_cluster, stream_name, write_manifest, 30_000, lambda leader: nats_cluster.nodes[0]
     )
     restarted = 0
     for node in nats_cluster.nodes:
@@ -163,7 +163,7 @@ def test_stream_leader_paused_20s(nats_cluster, stream_name, write_manifest, cap
     caplog.set_level(logging.INFO, logger="nilus_dagster")
     # Connected to the leader: pulls and API requests both go silent, the hardest case.
     run, published, pipeline, _first = _start(
-        nats_cluster, stream_name, write_manifest, 30_000, lambda leader: leader
+        nats_cluster, stream_name, write_manifest, 20_000, lambda leader: leader
     )
     leader = _leader(nats_cluster, stream_name)
     leader.pause()
