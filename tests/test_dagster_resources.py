@@ -6,6 +6,7 @@ import dagster as dg
 import pytest
 
 from nilus_dagster.dagster import DeltaSinkResource, NatsResource, engine_call
+from nilus_dagster.engine import runtime_settings
 from nilus_dagster.errors import SourceError
 from nilus_dagster.manifest import parse_pipeline
 from nilus_dagster.redaction import redact
@@ -113,3 +114,17 @@ def test_env_var_fields_are_read_when_the_resource_is_used(tmp_path, monkeypatch
     )
 
     assert seen["token"] == "from-envvar"
+
+
+def test_failover_timeout_resource_then_env_then_address(tmp_path, monkeypatch):
+    pipeline = _pipeline(tmp_path, "nats+jetstream://h:4222?subject=x&failover_timeout=45")
+    monkeypatch.delenv("NILUS_NATS_FAILOVER_TIMEOUT", raising=False)
+
+    assert runtime_settings(pipeline).failover_timeout == 45
+    monkeypatch.setenv("NILUS_NATS_FAILOVER_TIMEOUT", "20")
+    assert runtime_settings(pipeline).failover_timeout == 20
+    call = engine_call(pipeline, NatsResource(failover_timeout=90))
+    assert runtime_settings(call.pipeline, env=call.env).failover_timeout == 90
+    monkeypatch.setenv("NILUS_NATS_FAILOVER_TIMEOUT", "soon")
+    with pytest.raises(SourceError, match="NILUS_NATS_FAILOVER_TIMEOUT='soon' is not a positive"):
+        runtime_settings(pipeline)

@@ -14,11 +14,13 @@ import time
 from pathlib import Path
 
 import nats
+import pytest
 from checker import check_exactly_once
 from conftest import Publisher, order
 
 from nilus_dagster.engine import run_pipeline
 from nilus_dagster.engine.report import RunReport
+from nilus_dagster.errors import SourceError
 from nilus_dagster.jetstream.local_cluster import LocalNatsCluster
 from nilus_dagster.jetstream.local_server import LocalNatsServer
 from nilus_dagster.manifest import parse_pipeline
@@ -173,3 +175,39 @@ def test_stream_leader_paused_20s(nats_cluster, stream_name, write_manifest, cap
         leader.resume()
 
     _finish(run, published, pipeline)
+
+
+def test_no_quorum_fails_after_failover_timeout_with_a_clear_error(
+    nats_cluster, stream_name, write_manifest, monkeypatch
+):
+    subject = f"{stream_name}.orders"
+    publisher = Publisher(nats_cluster.urls)  # type: ignore[arg-type]
+    publisher.create_stream(stream_name, [f"{stream_name}.>"], num_replicas=3)
+    published = publisher.publish_orders(subject, 100)
+    path = write_manifest(
+        address=f"nats+jetstream://{','.join(nats_cluster.hostports)}?subject={subject}",
+        stream=stream_name,
+    )
+    pipeline = parse_pipeline(path)
+    survivor, *gone = nats_cluster.nodes
+    for node in gone:  # two of three: no stream leader can be elected
+        node.kill()
+    monkeypatch.setenv("NILUS_NATS_FAILOVER_TIMEOUT", "3")
+
+    began = time.monotonic()
+    with pytest.raises(SourceError) as failure:
+        run_pipeline(pipeline, drain=True)
+    took = time.monotonic() - began
+
+    text = str(failure.value)
+    assert "failover_timeout is 3s" in text, text
+    assert survivor.hostport in text and stream_name in text, text
+    assert "temporarily unavailable" in text or "no answer" in text, text
+    # The bound plus one request in flight (5 s) and reconnect attempts, never a hang.
+    assert 3 <= took < 15, f"gave up after {took:.1f}s"
+    for node in gone:
+        node.start()
+    nats_cluster.wait_ready()
+    monkeypatch.delenv("NILUS_NATS_FAILOVER_TIMEOUT")
+    report = run_pipeline(pipeline, drain=True)
+    assert report.position == published[-1]

@@ -59,19 +59,21 @@ class Session:
         self._connected_to: str | None = None
 
     async def open(self) -> None:
-        """Connect and check that JetStream answers.
+        """Connect (one attempt: a run against servers that are all down fails at once).
 
         Raises:
-            SourceError: The server cannot be reached, refuses the credentials, or has no
-                JetStream.
+            SourceError: The server cannot be reached or refuses the credentials.
         """
-        link = self.link = await self._connect()
-        try:
-            await self._check_jetstream(link)
-        except BaseException:
-            await link.close()
-            self.link = None
-            raise
+        self.link = await self._connect()
+
+    async def check_jetstream(self, link: Link) -> None:
+        """Check that JetStream answers on ``link``.
+
+        Raises:
+            SourceError: JetStream is off (not retryable), or does not answer yet (retryable:
+                a cluster without a meta leader for a moment).
+        """
+        await self._check_jetstream(link)
 
     async def close(self) -> None:
         """Close the connection (bounded)."""

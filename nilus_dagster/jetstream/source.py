@@ -172,6 +172,11 @@ class JetStreamSource:
 
     async def __aenter__(self) -> "JetStreamSource":
         await self._session.open()
+        try:
+            await self._through_failover("reach JetStream", self._session.check_jetstream)
+        except BaseException:
+            await self._session.close()
+            raise
         return self
 
     async def __aexit__(
@@ -253,8 +258,11 @@ class JetStreamSource:
                     )
                 elif now - since > self.failover_timeout:
                     raise SourceError(
-                        f"{error} (still failing after {now - since:.0f}s of retries; "
-                        f"failover_timeout is {self.failover_timeout:g}s)"
+                        redact(
+                            f"{error} (still failing at {self.hosts} after {now - since:.0f}s "
+                            f"of retries; failover_timeout is {self.failover_timeout:g}s: are "
+                            "most of the cluster's nodes up?)"
+                        )
                     ) from None
                 if link is not None:
                     await self._session.drop_if_dead(link)
