@@ -114,7 +114,7 @@ def test_stream_leader_killed_mid_drain(nats_cluster, stream_name, write_manifes
         nats_cluster,
         stream_name,
         write_manifest,
-        20_000,
+        8_000,
         lambda leader: _others(nats_cluster, leader)[0],
     )
     leader = _leader(nats_cluster, stream_name)
@@ -132,7 +132,7 @@ def test_connected_node_killed_mid_drain(nats_cluster, stream_name, write_manife
         nats_cluster,
         stream_name,
         write_manifest,
-        20_000,
+        8_000,
         lambda leader: _others(nats_cluster, leader)[0],
     )
     first.kill()
@@ -165,7 +165,7 @@ def test_stream_leader_paused_20s(nats_cluster, stream_name, write_manifest, cap
     caplog.set_level(logging.INFO, logger="nilus_dagster")
     # Connected to the leader: pulls and API requests both go silent, the hardest case.
     run, published, pipeline, _first = _start(
-        nats_cluster, stream_name, write_manifest, 20_000, lambda leader: leader
+        nats_cluster, stream_name, write_manifest, 10_000, lambda leader: leader
     )
     leader = _leader(nats_cluster, stream_name)
     leader.pause()
