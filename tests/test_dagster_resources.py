@@ -125,6 +125,9 @@ def test_failover_timeout_resource_then_env_then_address(tmp_path, monkeypatch):
     assert runtime_settings(pipeline).failover_timeout == 20
     call = engine_call(pipeline, NatsResource(failover_timeout=90))
     assert runtime_settings(call.pipeline, env=call.env).failover_timeout == 90
+    call = engine_call(pipeline, NatsResource(failover_timeout=0))
+    with pytest.raises(SourceError, match=r"NILUS_NATS_FAILOVER_TIMEOUT='0\.0' is not a positive"):
+        runtime_settings(call.pipeline, env=call.env)
     monkeypatch.setenv("NILUS_NATS_FAILOVER_TIMEOUT", "soon")
     with pytest.raises(SourceError, match="NILUS_NATS_FAILOVER_TIMEOUT='soon' is not a positive"):
         runtime_settings(pipeline)

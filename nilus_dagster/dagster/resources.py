@@ -64,7 +64,6 @@ class NatsResource(dg.ConfigurableResource):
     )
     failover_timeout: float | None = Field(
         default=None,
-        gt=0,
         description="Seconds a run waits for NATS to come back (a new stream leader after a "
         "node failed, another server) before it fails; replaces every address's "
         "failover_timeout (else NILUS_NATS_FAILOVER_TIMEOUT, else the address, 30).",
@@ -170,8 +169,9 @@ def engine_call(
         env[DEPOTS_ENV] = sink.depots_file
     if sink.lakehouse:
         env[LAKEHOUSE_ENV] = sink.lakehouse
-    if nats.failover_timeout:
-        env[FAILOVER_TIMEOUT_ENV] = f"{nats.failover_timeout:g}"
+    if nats.failover_timeout is not None:
+        # Checked (positive, finite) with the variable, where the engine reads it.
+        env[FAILOVER_TIMEOUT_ENV] = repr(nats.failover_timeout)
 
     overrides = nats.credential_overrides()
     modes = [m for m in ("token", "nkeys_seed", "creds") if m in overrides]
