@@ -110,8 +110,10 @@ async def last_message_time(link: Link, stream: str, subject: str) -> datetime:
 async def message_seq(
     link: Link, stream: str, seq: int, *, next_by_subject: str | None = None
 ) -> int | None:
-    """The sequence of the message stored at ``seq`` (or, with ``next_by_subject``, of the
-    subject's first message at or after ``seq``); ``None`` when there is none."""
+    """The sequence of the message stored at ``seq``; ``None`` when there is none.
+
+    With ``next_by_subject``: of that subject's first message at or after ``seq``.
+    """
     body: dict[str, Any] = {"seq": seq}
     if next_by_subject is not None:
         body["next_by_subj"] = next_by_subject
@@ -125,8 +127,11 @@ async def message_seq(
 
 
 async def stored_from(link: Link, stream: str, name: str, seq: int) -> int:
-    """How many messages of any subject the stream holds at ``seq`` and after: the pending
-    count of a consumer ``name`` without a filter, created there and deleted again."""
+    """How many messages of any subject the stream holds at ``seq`` and after.
+
+    That is the pending count of a consumer ``name`` without a filter, created there and
+    deleted again.
+    """
     config = counting_config(name, seq)
     subject = f"{API_PREFIX}.CONSUMER.CREATE.{stream}.{name}"
     try:

@@ -135,8 +135,11 @@ def probe_config(
 
 
 def counting_config(name: str, start_seq: int) -> ConsumerConfig:
-    """A short-lived consumer without a filter: its pending count is how many messages of any
-    subject the stream holds from ``start_seq`` on."""
+    """A short-lived consumer without a filter.
+
+    Its pending count is how many messages of any subject the stream holds from ``start_seq``
+    on.
+    """
     return ConsumerConfig(
         name=name,
         deliver_policy=DeliverPolicy.BY_START_SEQUENCE,

@@ -30,8 +30,9 @@ from nilus_dagster.jetstream.state import StreamState
 async def removed_after(
     link: Link, stream: str, subject: str, position: int, state: StreamState
 ) -> int:
-    """Sequences after ``position`` that retention or a purge removed before they were read,
-    from the stream as a whole or from ``subject`` alone (see the module's docstring).
+    """Sequences after ``position`` that retention or a purge removed before they were read.
+
+    From the stream as a whole or from ``subject`` alone (see the module's docstring).
 
     Args:
         link: The connection.

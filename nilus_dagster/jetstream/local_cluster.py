@@ -63,10 +63,12 @@ class LocalNatsCluster:
 
     @property
     def urls(self) -> list[str]:
+        """``nats://`` URL of every node."""
         return [node.url for node in self.nodes]
 
     @property
     def hostports(self) -> list[str]:
+        """``host:port`` of every node."""
         return [node.hostport for node in self.nodes]
 
     def node(self, server_name: str) -> LocalNatsServer:

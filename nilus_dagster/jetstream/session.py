@@ -93,8 +93,10 @@ class Session:
         return link
 
     def _others_first(self) -> None:
-        """Move the server of the lost connection to the end of the list: when it went away
-        (killed, paused, restarting), the others answer sooner than it does."""
+        """Move the server of the lost connection to the end of the list.
+
+        When it went away (killed, paused, restarting), the others answer sooner than it does.
+        """
         lost = self._connected_to
         if lost and len(self.urls) > 1:
             self.urls.sort(key=lambda url: _host_of(url) == lost)

@@ -226,8 +226,9 @@ class JetStreamSource:
         return await self.diagnostics.call(link, call, doing)
 
     async def _through_failover(self, doing: str, step: Callable[[Link], Awaitable[T]]) -> T:
-        """``step(link)`` on the current connection, tried again while it fails in a way that
-        passes, for at most ``failover_timeout`` seconds.
+        """``step(link)`` on the current connection, retried for ``failover_timeout`` seconds.
+
+        It is tried again while it fails in a way that passes.
 
         In a cluster, a stream whose leader died answers nothing until the others elected a
         new one (measured: 4-9 s), and the node the connection went to may be gone or
@@ -347,8 +348,9 @@ class JetStreamSource:
         )
 
     async def removed_after(self, position: int, state: StreamState) -> int:
-        """Sequences after ``position`` that retention or a purge removed before they were read:
-        from the front of the stream, or of the subject alone on a shared stream
+        """Sequences after ``position`` that retention or a purge removed before they were read.
+
+        From the front of the stream, or of the subject alone on a shared stream
         (:func:`~nilus_dagster.jetstream.gaps.removed_after`).
 
         Args:
