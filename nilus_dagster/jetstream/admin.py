@@ -16,7 +16,7 @@ from nats.js.api import DEFAULT_PREFIX, ConsumerConfig, ConsumerInfo
 
 from nilus_dagster.jetstream.connection import Link
 from nilus_dagster.jetstream.consumers import counting_config
-from nilus_dagster.jetstream.errors import ERR_NO_MESSAGE, JsApiError
+from nilus_dagster.jetstream.errors import ERR_CLUSTER_NOT_AVAILABLE, ERR_NO_MESSAGE, JsApiError
 from nilus_dagster.jetstream.state import StreamState, parse_time
 
 API_PREFIX = DEFAULT_PREFIX
@@ -56,8 +56,25 @@ async def account_info(link: Link) -> dict[str, Any]:
 
 
 async def stream_info(link: Link, stream: str) -> StreamState:
-    """The stream's state and configuration."""
-    return StreamState.from_info(await link.api(f"{API_PREFIX}.STREAM.INFO.{stream}"))
+    """The stream's state and configuration.
+
+    Raises:
+        JsApiError: ``ERR_CLUSTER_NOT_AVAILABLE`` (retryable) for an answer without a leader:
+            while a replicated stream elects one, a replica answers with its own state, which
+            may be behind (a run once read ``last_seq`` 0 of a new stream of 10,000 messages).
+    """
+    subject = f"{API_PREFIX}.STREAM.INFO.{stream}"
+    info = await link.api(subject)
+    cluster = info.get("cluster")
+    if isinstance(cluster, dict) and cluster.get("replicas") and not cluster.get("leader"):
+        raise JsApiError(
+            subject,
+            503,
+            ERR_CLUSTER_NOT_AVAILABLE,
+            f"stream {stream} has no leader (an election is under way), so its state is not "
+            "known for sure",
+        )
+    return StreamState.from_info(info)
 
 
 async def stream_names(link: Link) -> list[str]:

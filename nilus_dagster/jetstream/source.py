@@ -258,13 +258,7 @@ class JetStreamSource:
                         self.failover_timeout,
                     )
                 elif now - since > self.failover_timeout:
-                    raise SourceError(
-                        redact(
-                            f"{error} (still failing at {self.hosts} after {now - since:.0f}s "
-                            f"of retries; failover_timeout is {self.failover_timeout:g}s: are "
-                            "most of the cluster's nodes up?)"
-                        )
-                    ) from None
+                    raise self._gave_up(str(error), since) from None
                 if link is not None:
                     await self._session.drop_if_dead(link)
                 await asyncio.sleep(self.reconnect_time_wait)
@@ -272,6 +266,16 @@ class JetStreamSource:
             if since is not None:
                 logger.info("could %s again after %.1fs", doing, time.monotonic() - since)
             return result
+
+    def _gave_up(self, problem: str, since: float) -> SourceError:
+        """The error once ``failover_timeout`` is over: the last problem, and how long."""
+        return SourceError(
+            redact(
+                f"{problem} (still failing at {self.hosts} after {time.monotonic() - since:.0f}s "
+                f"of retries; failover_timeout is {self.failover_timeout:g}s: are most of the "
+                "cluster's nodes up?)"
+            )
+        )
 
     # -- stream state --------------------------------------------------------------------------
 
@@ -562,7 +566,8 @@ class JetStreamSource:
                         raise SourceError(
                             redact(
                                 f"could not resume pulling from stream {self.stream} at "
-                                f"{self.hosts} within {self.failover_timeout:g}s: "
+                                f"{self.hosts} within {self.failover_timeout:g}s "
+                                f"(failover_timeout): "
                                 f"{recovery.problem}"
                             )
                         ) from None
@@ -577,8 +582,8 @@ class JetStreamSource:
                     await drop_puller()
                     if link is not None:
                         await self._session.drop_if_dead(link)
-                    if recovery.exhausted:
-                        raise
+                    if recovery.exhausted and recovery.since is not None:
+                        raise self._gave_up(str(exc), recovery.since) from None
                     await asyncio.sleep(self.reconnect_time_wait)
                     continue
                 recovery.ok()
