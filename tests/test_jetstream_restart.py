@@ -116,7 +116,8 @@ def test_server_gone_for_good_is_a_clear_error(
     seconds = time.monotonic() - began[0]
     message = str(caught.value)
     assert message.startswith(
-        f"could not resume pulling from stream {STREAM} at {server.hostport} within 2s (failover_timeout): "
+        f"could not resume pulling from stream {STREAM} at {server.hostport} "
+        "within 2s (failover_timeout): "
     )
     assert f"cannot reach NATS at {server.hostport}" in message
     assert 2 <= seconds < 5

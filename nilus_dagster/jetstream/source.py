@@ -3,15 +3,15 @@
 The engine drives it; everything position-related is decided by the engine from the Delta table,
 so this class only guarantees that what it yields is in stream order, starts where asked and
 never repeats a sequence. It delegates the rest: the connection to :mod:`.session`, the durable
-consumer to :mod:`.durable`, questions about the stream to :mod:`.probes`, the API calls to
-:mod:`.admin`, and the wording of failures to :mod:`.diagnostics`.
+consumer to :mod:`.durable`, questions about the stream to :mod:`.probes` and
+:mod:`.gaps`, waiting out a failover to :mod:`.failover`, the API calls to :mod:`.admin`, and
+the wording of failures to :mod:`.diagnostics`.
 """
 
 import asyncio
 import logging
-import time
 from bisect import bisect_right
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import TypeVar
@@ -41,6 +41,7 @@ from nilus_dagster.jetstream.errors import (
     PermissionViolation,
     TransportError,
 )
+from nilus_dagster.jetstream.failover import Failover, PullRecovery
 from nilus_dagster.jetstream.probes import Probes
 from nilus_dagster.jetstream.pull import BulkPuller
 from nilus_dagster.jetstream.session import Session
@@ -52,32 +53,6 @@ from nilus_dagster.redaction import redact
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-class _Recovery:
-    """A time budget for getting a pull going again after a failure."""
-
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-        self.since: float | None = None
-        self.problem = ""
-
-    def failed(self, problem: str, after_seq: int) -> None:
-        if self.since is None:
-            self.since = time.monotonic()
-            logger.warning("%s; resuming after sequence %d", redact(problem), after_seq)
-        else:
-            logger.debug("still failing: %s", redact(problem))
-        self.problem = problem
-
-    def ok(self) -> None:
-        if self.since is not None:
-            logger.info("pull resumed after %.1fs", time.monotonic() - self.since)
-        self.since = None
-
-    @property
-    def exhausted(self) -> bool:
-        return self.since is not None and time.monotonic() - self.since > self.seconds
 
 
 class JetStreamSource:
@@ -161,6 +136,12 @@ class JetStreamSource:
             connect_timeout=connect_timeout,
             client_name=client_name,
         )
+        self._failover = Failover(
+            self._session,
+            self.diagnostics,
+            timeout=self.failover_timeout,
+            pause=reconnect_time_wait,
+        )
         self._probes = Probes(stream, address.subject, self.diagnostics, self._delete_timeout)
         self._ephemerals: set[str] = set()
         self._pullers: set[BulkPuller] = set()
@@ -173,7 +154,7 @@ class JetStreamSource:
     async def __aenter__(self) -> "JetStreamSource":
         await self._session.open()
         try:
-            await self._through_failover("reach JetStream", self._session.check_jetstream)
+            await self._failover.run("reach JetStream", self._session.check_jetstream)
         except BaseException:
             await self._session.close()
             raise
@@ -225,58 +206,6 @@ class JetStreamSource:
         """An API call on ``link``, failures translated to :class:`SourceError`."""
         return await self.diagnostics.call(link, call, doing)
 
-    async def _through_failover(self, doing: str, step: Callable[[Link], Awaitable[T]]) -> T:
-        """``step(link)`` on the current connection, retried for ``failover_timeout`` seconds.
-
-        It is tried again while it fails in a way that passes.
-
-        In a cluster, a stream whose leader died answers nothing until the others elected a
-        new one (measured: 4-9 s), and the node the connection went to may be gone or
-        paused: each retry reconnects if needed (another server first) and asks again.
-        A refusal (permissions, a missing stream) is raised at once.
-
-        Raises:
-            SourceError: A failure that does not pass, or the last failure once the time is
-                up (its text as on the first attempt, plus how long it was tried).
-        """
-        since: float | None = None
-        while True:
-            link: Link | None = None
-            try:
-                link = await self._session.ensure_or_fail(doing)
-                result = await step(link)
-            except (SourceError, TransportError) as exc:
-                if not exc.retryable:
-                    raise
-                error = exc if isinstance(exc, SourceError) else self.diagnostics.error(exc, doing)
-                now = time.monotonic()
-                if since is None:
-                    since = now
-                    logger.warning(
-                        "%s; trying again for up to %gs (failover_timeout)",
-                        redact(str(error)),
-                        self.failover_timeout,
-                    )
-                elif now - since > self.failover_timeout:
-                    raise self._gave_up(str(error), since) from None
-                if link is not None:
-                    await self._session.drop_if_dead(link)
-                await asyncio.sleep(self.reconnect_time_wait)
-                continue
-            if since is not None:
-                logger.info("could %s again after %.1fs", doing, time.monotonic() - since)
-            return result
-
-    def _gave_up(self, problem: str, since: float) -> SourceError:
-        """The error once ``failover_timeout`` is over: the last problem, and how long."""
-        return SourceError(
-            redact(
-                f"{problem} (still failing at {self.hosts} after {time.monotonic() - since:.0f}s "
-                f"of retries; failover_timeout is {self.failover_timeout:g}s: are most of the "
-                "cluster's nodes up?)"
-            )
-        )
-
     # -- stream state --------------------------------------------------------------------------
 
     async def stream_state(self) -> StreamState:
@@ -286,7 +215,7 @@ class JetStreamSource:
             SourceError: The stream does not exist, JetStream is off, permission is missing...
         """
         doing = "read the stream info"
-        state = await self._through_failover(
+        state = await self._failover.run(
             doing, lambda link: self._call(link, admin.stream_info(link, self.stream), doing)
         )
         if self._created is None:
@@ -341,12 +270,12 @@ class JetStreamSource:
             except TransportError as exc:
                 raise self.diagnostics.error(exc, "subscribe to the subject") from None
 
-        await self._through_failover("check the subject", check)
+        await self._failover.run("check the subject", check)
         self._checked = True
 
     async def pending_after(self, position: int) -> int:
         """Messages on the subject with a sequence above ``position`` (exact, filters included)."""
-        return await self._through_failover(
+        return await self._failover.run(
             "count the pending messages",
             lambda link: self._probes.pending_after(link, position),
         )
@@ -374,17 +303,17 @@ class JetStreamSource:
                 logger.info("per-subject gaps not checked (%s)", redact(str(exc)))
                 return state.gap_after(position)
 
-        return await self._through_failover(doing, look)
+        return await self._failover.run(doing, look)
 
     async def last_message_time(self) -> datetime | None:
         """When the newest message on the subject was stored, or ``None`` if there is none."""
-        return await self._through_failover(
+        return await self._failover.run(
             "read the newest message on the subject", self._probes.last_message_time
         )
 
     async def _seq_for_time(self, start_time: datetime) -> int:
         """The first stream sequence stored at or after ``start_time``."""
-        return await self._through_failover(
+        return await self._failover.run(
             "find the first message after start_time",
             lambda link: self._probes.seq_for_time(link, start_time),
         )
@@ -424,7 +353,7 @@ class JetStreamSource:
             return
         if start_time is not None:
             start_seq = await self._seq_for_time(start_time)
-        await self._through_failover(
+        await self._failover.run(
             f"align durable consumer {durable.name}", lambda link: durable.align(link, start_seq)
         )
 
@@ -489,7 +418,7 @@ class JetStreamSource:
         if stop_at_seq is not None and stop_at_seq <= last:
             return
         yielded = 0
-        recovery = _Recovery(self.failover_timeout)
+        recovery = PullRecovery(self.failover_timeout)
         puller: BulkPuller | None = None
         consumer: str | None = None
         link: Link | None = None
@@ -583,7 +512,7 @@ class JetStreamSource:
                     if link is not None:
                         await self._session.drop_if_dead(link)
                     if recovery.exhausted and recovery.since is not None:
-                        raise self._gave_up(str(exc), recovery.since) from None
+                        raise self._failover.gave_up(str(exc), recovery.since) from None
                     await asyncio.sleep(self.reconnect_time_wait)
                     continue
                 recovery.ok()
