@@ -33,15 +33,22 @@ SINK_OPTIONS = "commit_max_rows: 200\ncheckpoint_every: 0\ncompact_every: 0\n"
 class _Run(threading.Thread):
     """One engine run in a thread: its report or its exception."""
 
-    def __init__(self, pipeline):  # type: ignore[no-untyped-def]
+    def __init__(self, pipeline, pace: float = 0.0):  # type: ignore[no-untyped-def]
         super().__init__(daemon=True)
         self.pipeline = pipeline
+        self.pace = pace
         self.report: RunReport | None = None
         self.error: BaseException | None = None
 
     def run(self) -> None:
+        def slow_down(_: object) -> None:
+            # After each commit: a run that lasts however fast the machine is.
+            time.sleep(self.pace)
+
         try:
-            self.report = run_pipeline(self.pipeline, drain=True)
+            self.report = run_pipeline(
+                self.pipeline, drain=True, on_progress=slow_down if self.pace else None
+            )
         except BaseException as exc:  # asserted by the test
             self.error = exc
 
@@ -62,7 +69,7 @@ def _commits(table: Path) -> int:
     return len(list(log.glob("*.json"))) if log.exists() else 0
 
 
-def _start(nats_cluster, stream, write_manifest, count, pick):  # type: ignore[no-untyped-def]
+def _start(nats_cluster, stream, write_manifest, count, pick, pace=0.0):  # type: ignore[no-untyped-def]
     """Publish ``count`` orders to a new R3 stream and start a drain; returns once it has
     committed. Its address lists ``pick(stream leader)`` first: the node it connects to."""
     subject = f"{stream}.orders"
@@ -78,7 +85,7 @@ def _start(nats_cluster, stream, write_manifest, count, pick):  # type: ignore[n
     )
     pipeline = parse_pipeline(path)
     table = Path(pipeline.table_location().uri)
-    run = _Run(pipeline)
+    run = _Run(pipeline, pace)
     run.start()
     deadline = time.monotonic() + 30
     while _commits(table) < 2 and run.is_alive() and time.monotonic() < deadline:
@@ -145,8 +152,14 @@ def test_connected_node_killed_mid_drain(nats_cluster, stream_name, write_manife
 
 def test_rolling_restart_during_one_run(nats_cluster, stream_name, write_manifest, caplog):
     caplog.set_level(logging.INFO, logger="nilus_dagster")
+    # At least 120 commits x 50 ms: the run outlasts three restarts on a fast machine too.
     run, published, pipeline, _first = _start(
-        nats_cluster, stream_name, write_manifest, 30_000, lambda leader: nats_cluster.nodes[0]
+        nats_cluster,
+        stream_name,
+        write_manifest,
+        24_000,
+        lambda leader: nats_cluster.nodes[0],
+        pace=0.05,
     )
     restarted = 0
     for node in nats_cluster.nodes:
