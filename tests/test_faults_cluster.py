@@ -216,8 +216,9 @@ def test_no_quorum_fails_after_failover_timeout_with_a_clear_error(
     assert "failover_timeout is 3s" in text or "within 3s (failover_timeout)" in text, text
     assert survivor.hostport in text and stream_name in text, text
     assert "temporarily unavailable" in text or "no answer" in text, text
-    # The bound plus one request in flight (5 s) and reconnect attempts, never a hang.
-    assert 3 <= took < 15, f"gave up after {took:.1f}s"
+    # The bound, plus the request in flight when it ran out (5 s) and the check of the
+    # connection that follows a failed attempt (2 s), on a loaded machine: never a hang.
+    assert 3 <= took < 25, f"gave up after {took:.1f}s"
     for node in gone:
         node.start()
     nats_cluster.wait_ready()
