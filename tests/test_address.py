@@ -25,6 +25,7 @@ def test_defaults_are_the_page_defaults() -> None:
     assert address.durable is None
     assert address.batch_size == 100
     assert address.timeout == 10
+    assert address.failover_timeout == 30
     assert address.start_sequence is None
     assert address.start_time is None
     assert address.ack_policy == "none"
@@ -55,7 +56,7 @@ def test_servers(authority: str, servers: tuple[str, ...]) -> None:
 def test_every_option_parses() -> None:
     address = parse_nats_address(
         "nats+jetstream://h:1?subject=orders.>&durable=nilus-orders&batch_size=7&timeout=0.5"
-        "&start_time=2025-01-31T01:00:00%2B01:00&ack_policy=explicit&format=raw"
+        "&failover_timeout=12.5&start_time=2025-01-31T01:00:00%2B01:00&ack_policy=explicit&format=raw"
         "&creds=/etc/nats/u.creds&tls=true&tls_ca=ca.pem&tls_cert=c.pem&tls_key=k.pem"
     )
 
@@ -63,6 +64,7 @@ def test_every_option_parses() -> None:
     assert address.durable == "nilus-orders"
     assert address.batch_size == 7
     assert address.timeout == 0.5
+    assert address.failover_timeout == 12.5
     assert address.start_time == datetime(2025, 1, 31, tzinfo=timezone.utc)
     assert address.ack_policy == "explicit"
     assert address.format == "raw"
@@ -175,6 +177,11 @@ def test_address_is_a_frozen_value() -> None:
         ("nats+jetstream://h?subject=s&timeout=-1", "timeout", "positive number of seconds"),
         ("nats+jetstream://h?subject=s&timeout=nan", "timeout", "positive number of seconds"),
         ("nats+jetstream://h?subject=s&timeout=inf", "timeout", "positive number of seconds"),
+        (
+            "nats+jetstream://h?subject=s&failover_timeout=0",
+            "failover_timeout",
+            "positive number of seconds",
+        ),
         ("nats+jetstream://h?subject=s&start_sequence=0", "start_sequence", "positive whole"),
         (
             "nats+jetstream://h?subject=s&start_time=0001-01-01T00:00:00%2B01:00",

@@ -7,6 +7,7 @@ import pytest
 
 from nilus_dagster.dagster import DeltaSinkResource, NatsResource
 from nilus_dagster.dagster.resources import engine_call
+from nilus_dagster.engine import runtime_settings
 from nilus_dagster.errors import SourceError
 from nilus_dagster.manifest import parse_pipeline
 from nilus_dagster.redaction import redact
@@ -114,3 +115,20 @@ def test_env_var_fields_are_read_when_the_resource_is_used(tmp_path, monkeypatch
     )
 
     assert seen["token"] == "from-envvar"
+
+
+def test_failover_timeout_resource_then_env_then_address(tmp_path, monkeypatch):
+    pipeline = _pipeline(tmp_path, "nats+jetstream://h:4222?subject=x&failover_timeout=45")
+    monkeypatch.delenv("NILUS_NATS_FAILOVER_TIMEOUT", raising=False)
+
+    assert runtime_settings(pipeline).failover_timeout == 45
+    monkeypatch.setenv("NILUS_NATS_FAILOVER_TIMEOUT", "20")
+    assert runtime_settings(pipeline).failover_timeout == 20
+    call = engine_call(pipeline, NatsResource(failover_timeout=90))
+    assert runtime_settings(call.pipeline, env=call.env).failover_timeout == 90
+    call = engine_call(pipeline, NatsResource(failover_timeout=0))
+    with pytest.raises(SourceError, match=r"NILUS_NATS_FAILOVER_TIMEOUT='0\.0' is not a positive"):
+        runtime_settings(call.pipeline, env=call.env)
+    monkeypatch.setenv("NILUS_NATS_FAILOVER_TIMEOUT", "soon")
+    with pytest.raises(SourceError, match="NILUS_NATS_FAILOVER_TIMEOUT='soon' is not a positive"):
+        runtime_settings(pipeline)

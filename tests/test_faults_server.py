@@ -179,7 +179,7 @@ def test_server_gone_for_good_mid_run_fails_cleanly_within_its_bound(
 
     assert isinstance(run.error, SourceError), repr(run.error)
     assert "could not resume pulling" in str(run.error), str(run.error)
-    # The source's recovery budget (30 s) plus a last attempt, never a hang.
+    # failover_timeout (30 s by default) plus a last attempt, never a hang.
     assert gave_up_after < 45, f"gave up after {gave_up_after:.1f}s"
     # What was committed before the loss is intact and consistent.
     partial = check_exactly_once(str(table), published, pipeline.app_id)

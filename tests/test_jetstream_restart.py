@@ -112,11 +112,12 @@ def test_server_gone_for_good_is_a_clear_error(
         server.kill()
 
     with pytest.raises(SourceError) as caught:
-        pull_with_fault(server, kill, fault_after=1000, max_reconnect_seconds=2.0)
+        pull_with_fault(server, kill, fault_after=1000, failover_timeout=2.0)
     seconds = time.monotonic() - began[0]
     message = str(caught.value)
     assert message.startswith(
-        f"could not resume pulling from stream {STREAM} at {server.hostport} within 2s: "
+        f"could not resume pulling from stream {STREAM} at {server.hostport} "
+        "within 2s (failover_timeout): "
     )
     assert f"cannot reach NATS at {server.hostport}" in message
     assert 2 <= seconds < 5
@@ -139,7 +140,7 @@ def test_frozen_server_is_waited_out(
 
     with caplog.at_level("INFO", logger="nilus_dagster.jetstream"):
         got, source = pull_with_fault(
-            server, freeze, fault_after=2000, max_reconnect_seconds=20.0, connect_timeout=1.0
+            server, freeze, fault_after=2000, failover_timeout=20.0, connect_timeout=1.0
         )
     thread[0].join()
     assert got == published

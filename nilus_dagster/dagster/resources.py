@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 import dagster as dg
 from pydantic import Field
 
+from nilus_dagster.engine.settings import FAILOVER_TIMEOUT_ENV
 from nilus_dagster.errors import SourceError
 from nilus_dagster.manifest.depots import DEPOTS_ENV, LAKEHOUSE_ENV, TableLocation
 from nilus_dagster.manifest.loader import Pipeline
@@ -60,6 +61,12 @@ class NatsResource(dg.ConfigurableResource):
     )
     connect_timeout: float = Field(
         default=5.0, description="Seconds a sensor's lag probe may spend connecting."
+    )
+    failover_timeout: float | None = Field(
+        default=None,
+        description="Seconds a run waits for NATS to come back (a new stream leader after a "
+        "node failed, another server) before it fails; replaces every address's "
+        "failover_timeout (else NILUS_NATS_FAILOVER_TIMEOUT, else the address, 30).",
     )
     probe_timeout: float = Field(
         default=20.0,
@@ -169,8 +176,8 @@ def engine_call(
     """Combine a pipeline with the resources into what the engine takes.
 
     The environment is ``base_env`` (``os.environ``) with the resources' values on top; the
-    engine reads placeholders, ``NILUS_DEPOTS``, ``NILUS_LAKEHOUSE`` and ``NILUS_NATS_SERVERS``
-    from it.
+    engine reads placeholders, ``NILUS_DEPOTS``, ``NILUS_LAKEHOUSE``, ``NILUS_NATS_SERVERS`` and
+    ``NILUS_NATS_FAILOVER_TIMEOUT`` from it.
     """
     nats = nats or NatsResource()
     sink = sink or DeltaSinkResource()
@@ -181,6 +188,9 @@ def engine_call(
         env[DEPOTS_ENV] = sink.depots_file
     if sink.lakehouse:
         env[LAKEHOUSE_ENV] = sink.lakehouse
+    if nats.failover_timeout is not None:
+        # Checked (positive, finite) with the variable, where the engine reads it.
+        env[FAILOVER_TIMEOUT_ENV] = repr(nats.failover_timeout)
 
     overrides = nats.credential_overrides()
     modes = [m for m in ("token", "nkeys_seed", "creds") if m in overrides]

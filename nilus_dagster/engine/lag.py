@@ -35,6 +35,7 @@ async def measure_lag_async(
         pipeline.stream,
         servers=settings.servers,
         connect_timeout=connect_timeout,
+        failover_timeout=settings.failover_timeout,
     ) as source:
         stream = await source.stream_state()
         position = state.position
@@ -43,9 +44,10 @@ async def measure_lag_async(
             check_stream_identity(pipeline, stream, position, state.stream_created)
         except PositionError as exc:
             problem = str(exc)
-        pending = 0
+        pending = gap = 0
         if problem is None and position < stream.last_seq:
             pending = await source.pending_after(position)
+            gap = await source.removed_after(position, stream)
     newest = await asyncio.to_thread(sink.newest_timestamp) if state.exists else None
     return LagReport(
         stream=pipeline.stream,
@@ -54,7 +56,7 @@ async def measure_lag_async(
         stream_first_seq=stream.first_seq,
         stream_last_seq=stream.last_seq,
         sequence_lag=pending,
-        gap=stream.gap_after(position),
+        gap=gap,
         lag_seconds=(datetime.now(timezone.utc) - newest).total_seconds() if newest else None,
         table_uri=settings.location.uri,
         problem=problem,

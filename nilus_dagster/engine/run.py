@@ -217,7 +217,12 @@ async def run_pipeline_async(
     settings = runtime_settings(pipeline, env=env, servers=servers)
     sink = open_sink(settings)
     state = await asyncio.to_thread(sink.open)
-    async with JetStreamSource(settings.address, pipeline.stream, servers=settings.servers) as src:
+    async with JetStreamSource(
+        settings.address,
+        pipeline.stream,
+        servers=settings.servers,
+        failover_timeout=settings.failover_timeout,
+    ) as src:
         stream = await src.stream_state()
         await src.check_subject(stream)
         check_stream_identity(pipeline, stream, state.position, state.stream_created)
@@ -225,16 +230,16 @@ async def run_pipeline_async(
             return await replay_window(settings, sink, src, stream, window, started, log)
         committer = _Committer(sink, settings, stream.created.isoformat())
         position = state.position
-        gap = stream.gap_after(position)
+        gap = await src.removed_after(position, stream)
         if gap:
             log.warning(
-                "%s: %d messages (sequences %d..%d) were removed by the stream's retention or a "
-                "purge before they were ingested; continuing from %d",
+                "%s: %d messages after sequence %d were removed by the stream's retention or a "
+                "purge (of the stream, or of subject %s) before they were ingested; continuing "
+                "with the next message still stored",
                 pipeline.name,
                 gap,
-                position + 1,
-                stream.first_seq - 1,
-                stream.first_seq,
+                position,
+                settings.address.subject,
             )
         address = settings.address
         start_seq = position + 1 if position else (address.start_sequence or 1)

@@ -7,6 +7,7 @@ a single no-wait pull. Each takes the :class:`~nilus_dagster.jetstream.connectio
 for a person is the caller's job (:mod:`nilus_dagster.jetstream.diagnostics`).
 """
 
+import contextlib
 from datetime import datetime
 from typing import Any
 
@@ -14,6 +15,8 @@ from nats.aio.msg import Msg
 from nats.js.api import DEFAULT_PREFIX, ConsumerConfig, ConsumerInfo
 
 from nilus_dagster.jetstream.connection import Link
+from nilus_dagster.jetstream.consumers import counting_config
+from nilus_dagster.jetstream.errors import ERR_CLUSTER_NOT_AVAILABLE, ERR_NO_MESSAGE, JsApiError
 from nilus_dagster.jetstream.state import StreamState, parse_time
 
 API_PREFIX = DEFAULT_PREFIX
@@ -53,8 +56,25 @@ async def account_info(link: Link) -> dict[str, Any]:
 
 
 async def stream_info(link: Link, stream: str) -> StreamState:
-    """The stream's state and configuration."""
-    return StreamState.from_info(await link.api(f"{API_PREFIX}.STREAM.INFO.{stream}"))
+    """The stream's state and configuration.
+
+    Raises:
+        JsApiError: ``ERR_CLUSTER_NOT_AVAILABLE`` (retryable) for an answer without a leader:
+            while a replicated stream elects one, a replica answers with its own state, which
+            may be behind (a run once read ``last_seq`` 0 of a new stream of 10,000 messages).
+    """
+    subject = f"{API_PREFIX}.STREAM.INFO.{stream}"
+    info = await link.api(subject)
+    cluster = info.get("cluster")
+    if isinstance(cluster, dict) and cluster.get("replicas") and not cluster.get("leader"):
+        raise JsApiError(
+            subject,
+            503,
+            ERR_CLUSTER_NOT_AVAILABLE,
+            f"stream {stream} has no leader (an election is under way), so its state is not "
+            "known for sure",
+        )
+    return StreamState.from_info(info)
 
 
 async def stream_names(link: Link) -> list[str]:
@@ -102,6 +122,41 @@ async def last_message_time(link: Link, stream: str, subject: str) -> datetime:
     """
     answer = await link.api(f"{API_PREFIX}.STREAM.MSG.GET.{stream}", {"last_by_subj": subject})
     return parse_time(str(answer["message"]["time"]))
+
+
+async def message_seq(
+    link: Link, stream: str, seq: int, *, next_by_subject: str | None = None
+) -> int | None:
+    """The sequence of the message stored at ``seq``; ``None`` when there is none.
+
+    With ``next_by_subject``: of that subject's first message at or after ``seq``.
+    """
+    body: dict[str, Any] = {"seq": seq}
+    if next_by_subject is not None:
+        body["next_by_subj"] = next_by_subject
+    try:
+        answer = await link.api(f"{API_PREFIX}.STREAM.MSG.GET.{stream}", body)
+    except JsApiError as exc:
+        if exc.err_code == ERR_NO_MESSAGE:
+            return None
+        raise
+    return int(answer["message"]["seq"])
+
+
+async def stored_from(link: Link, stream: str, name: str, seq: int) -> int:
+    """How many messages of any subject the stream holds at ``seq`` and after.
+
+    That is the pending count of a consumer ``name`` without a filter, created there and
+    deleted again.
+    """
+    config = counting_config(name, seq)
+    subject = f"{API_PREFIX}.CONSUMER.CREATE.{stream}.{name}"
+    try:
+        answer = await link.api(subject, {"stream_name": stream, "config": config_body(config)})
+    finally:
+        with contextlib.suppress(Exception):  # it expires by itself otherwise
+            await delete_consumer(link, stream, name, timeout=2.0)
+    return int(answer.get("num_pending", 0) or 0)
 
 
 async def next_message(link: Link, stream: str, consumer: str) -> Msg:

@@ -134,6 +134,23 @@ def probe_config(
     )
 
 
+def counting_config(name: str, start_seq: int) -> ConsumerConfig:
+    """A short-lived consumer without a filter.
+
+    Its pending count is how many messages of any subject the stream holds from ``start_seq``
+    on.
+    """
+    return ConsumerConfig(
+        name=name,
+        deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+        opt_start_seq=max(1, start_seq),
+        ack_policy=AckPolicy.NONE,
+        replay_policy=ReplayPolicy.INSTANT,
+        inactive_threshold=PROBE_INACTIVE_THRESHOLD_SECONDS,
+        mem_storage=True,
+    )
+
+
 def _text(value: object) -> object:
     """A config value as the server writes it (nats-py's enums are ``str`` subclasses)."""
     return value.value if isinstance(value, Enum) else value

@@ -9,6 +9,7 @@ afresh.
 import asyncio
 import logging
 from collections.abc import Sequence
+from urllib.parse import urlparse
 
 from nilus_dagster.errors import SourceError
 from nilus_dagster.jetstream import admin
@@ -55,21 +56,24 @@ class Session:
         self.client_name = client_name
         self.link: Link | None = None
         self.reconnects = 0
+        self._connected_to: str | None = None
 
     async def open(self) -> None:
-        """Connect and check that JetStream answers.
+        """Connect (one attempt: a run against servers that are all down fails at once).
 
         Raises:
-            SourceError: The server cannot be reached, refuses the credentials, or has no
-                JetStream.
+            SourceError: The server cannot be reached or refuses the credentials.
         """
-        link = self.link = await self._connect()
-        try:
-            await self._check_jetstream(link)
-        except BaseException:
-            await link.close()
-            self.link = None
-            raise
+        self.link = await self._connect()
+
+    async def check_jetstream(self, link: Link) -> None:
+        """Check that JetStream answers on ``link``.
+
+        Raises:
+            SourceError: JetStream is off (not retryable), or does not answer yet (retryable:
+                a cluster without a meta leader for a moment).
+        """
+        await self._check_jetstream(link)
 
     async def close(self) -> None:
         """Close the connection (bounded)."""
@@ -78,13 +82,24 @@ class Session:
         self.link = None
 
     async def _connect(self) -> Link:
-        return await connect(
+        link = await connect(
             self.address,
             self.urls,
             connect_timeout=self.connect_timeout,
             request_timeout=self.connect_timeout,
             name=self.client_name,
         )
+        self._connected_to = _host_of(link.nc.connected_url)
+        return link
+
+    def _others_first(self) -> None:
+        """Move the server of the lost connection to the end of the list.
+
+        When it went away (killed, paused, restarting), the others answer sooner than it does.
+        """
+        lost = self._connected_to
+        if lost and len(self.urls) > 1:
+            self.urls.sort(key=lambda url: _host_of(url) == lost)
 
     async def _check_jetstream(self, link: Link) -> None:
         diagnostics = self.diagnostics
@@ -115,6 +130,7 @@ class Session:
             return link
         if link is not None:
             await link.close()
+            self._others_first()
         self.link = None
         try:
             self.link = await self._connect()
@@ -148,3 +164,11 @@ class Session:
                 "the connection to NATS at %s does not answer; reconnecting", self.diagnostics.hosts
             )
             await link.close(timeout=0.5)
+
+
+def _host_of(url: object) -> str | None:
+    """``host:port`` of a server URL (text or parsed), credentials dropped."""
+    if url is None:
+        return None
+    parsed = url if hasattr(url, "netloc") else urlparse(str(url))
+    return str(parsed.netloc).rsplit("@", 1)[-1].lower() or None  # type: ignore[attr-defined]

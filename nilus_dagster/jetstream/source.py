@@ -3,13 +3,13 @@
 The engine drives it; everything position-related is decided by the engine from the Delta table,
 so this class only guarantees that what it yields is in stream order, starts where asked and
 never repeats a sequence. It delegates the rest: the connection to :mod:`.session`, the durable
-consumer to :mod:`.durable`, questions about the stream to :mod:`.probes`, the API calls to
-:mod:`.admin`, and the wording of failures to :mod:`.diagnostics`.
+consumer to :mod:`.durable`, questions about the stream to :mod:`.probes` and
+:mod:`.gaps`, waiting out a failover to :mod:`.failover`, the API calls to :mod:`.admin`, and
+the wording of failures to :mod:`.diagnostics`.
 """
 
 import asyncio
 import logging
-import time
 from bisect import bisect_right
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from datetime import datetime
@@ -19,7 +19,7 @@ from typing import TypeVar
 from nats.js.api import ConsumerInfo
 
 from nilus_dagster.errors import PositionError, SourceError
-from nilus_dagster.jetstream import admin
+from nilus_dagster.jetstream import admin, gaps
 from nilus_dagster.jetstream.connection import (
     DEFAULT_CONNECT_TIMEOUT_SECONDS,
     Link,
@@ -41,6 +41,7 @@ from nilus_dagster.jetstream.errors import (
     PermissionViolation,
     TransportError,
 )
+from nilus_dagster.jetstream.failover import Failover, PullRecovery
 from nilus_dagster.jetstream.probes import Probes
 from nilus_dagster.jetstream.pull import BulkPuller
 from nilus_dagster.jetstream.session import Session
@@ -52,32 +53,6 @@ from nilus_dagster.redaction import redact
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-class _Recovery:
-    """A time budget for getting a pull going again after a failure."""
-
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-        self.since: float | None = None
-        self.problem = ""
-
-    def failed(self, problem: str, after_seq: int) -> None:
-        if self.since is None:
-            self.since = time.monotonic()
-            logger.warning("%s; resuming after sequence %d", redact(problem), after_seq)
-        else:
-            logger.debug("still failing: %s", redact(problem))
-        self.problem = problem
-
-    def ok(self) -> None:
-        if self.since is not None:
-            logger.info("pull resumed after %.1fs", time.monotonic() - self.since)
-        self.since = None
-
-    @property
-    def exhausted(self) -> bool:
-        return self.since is not None and time.monotonic() - self.since > self.seconds
 
 
 class JetStreamSource:
@@ -105,8 +80,10 @@ class JetStreamSource:
         servers: Replaces ``address.servers`` (``host:port`` or URLs): a deployment override.
         connect_timeout: Seconds for one connection attempt, and for one API request.
         reconnect_time_wait: Pause between reconnection attempts.
-        max_reconnect_seconds: How long a pull tries to recover from a lost connection or
-            consumer before it gives up with :class:`SourceError`.
+        failover_timeout: How long a call or a pull keeps trying to get NATS back (a lost
+            connection or consumer, a stream without a leader while the cluster elects one)
+            before it gives up with :class:`SourceError`; the address's ``failover_timeout``
+            by default.
         inactive_threshold: Seconds after which the server deletes an ephemeral consumer nobody
             pulls from; longer than the slowest commit.
         client_name: Connection name shown by the server's monitoring.
@@ -120,7 +97,7 @@ class JetStreamSource:
         servers: Sequence[str] | None = None,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_SECONDS,
         reconnect_time_wait: float = 0.5,
-        max_reconnect_seconds: float = 30.0,
+        failover_timeout: float | None = None,
         inactive_threshold: float = DEFAULT_INACTIVE_THRESHOLD_SECONDS,
         client_name: str = "nilus-dagster",
     ):
@@ -135,7 +112,9 @@ class JetStreamSource:
         self.urls = server_urls(address, servers)
         self.connect_timeout = connect_timeout
         self.reconnect_time_wait = reconnect_time_wait
-        self.max_reconnect_seconds = max_reconnect_seconds
+        self.failover_timeout = (
+            address.failover_timeout if failover_timeout is None else failover_timeout
+        )
         self.client_name = client_name
         self.spec = ConsumerSpec(
             stream=stream,
@@ -157,6 +136,12 @@ class JetStreamSource:
             connect_timeout=connect_timeout,
             client_name=client_name,
         )
+        self._failover = Failover(
+            self._session,
+            self.diagnostics,
+            timeout=self.failover_timeout,
+            pause=reconnect_time_wait,
+        )
         self._probes = Probes(stream, address.subject, self.diagnostics, self._delete_timeout)
         self._ephemerals: set[str] = set()
         self._pullers: set[BulkPuller] = set()
@@ -168,6 +153,11 @@ class JetStreamSource:
 
     async def __aenter__(self) -> "JetStreamSource":
         await self._session.open()
+        try:
+            await self._failover.run("reach JetStream", self._session.check_jetstream)
+        except BaseException:
+            await self._session.close()
+            raise
         return self
 
     async def __aexit__(
@@ -224,8 +214,10 @@ class JetStreamSource:
         Raises:
             SourceError: The stream does not exist, JetStream is off, permission is missing...
         """
-        link = await self._session.ensure_or_fail("read the stream info")
-        state = await self._call(link, admin.stream_info(link, self.stream), "read the stream info")
+        doing = "read the stream info"
+        state = await self._failover.run(
+            doing, lambda link: self._call(link, admin.stream_info(link, self.stream), doing)
+        )
         if self._created is None:
             self._created = state.created
         return state
@@ -271,27 +263,60 @@ class JetStreamSource:
                     f"add {self.subject} to the stream's subjects"
                 )
             )
-        link = await self._session.ensure_or_fail("check the subject")
-        try:
-            await link.check_subscribe(self.subject)
-        except TransportError as exc:
-            raise self.diagnostics.error(exc, "subscribe to the subject") from None
+
+        async def check(link: Link) -> None:
+            try:
+                await link.check_subscribe(self.subject)
+            except TransportError as exc:
+                raise self.diagnostics.error(exc, "subscribe to the subject") from None
+
+        await self._failover.run("check the subject", check)
         self._checked = True
 
     async def pending_after(self, position: int) -> int:
         """Messages on the subject with a sequence above ``position`` (exact, filters included)."""
-        link = await self._session.ensure_or_fail("count the pending messages")
-        return await self._probes.pending_after(link, position)
+        return await self._failover.run(
+            "count the pending messages",
+            lambda link: self._probes.pending_after(link, position),
+        )
+
+    async def removed_after(self, position: int, state: StreamState) -> int:
+        """Sequences after ``position`` that retention or a purge removed before they were read.
+
+        From the front of the stream, or of the subject alone on a shared stream
+        (:func:`~nilus_dagster.jetstream.gaps.removed_after`).
+
+        Args:
+            position: The last committed sequence.
+            state: The stream's state, just read.
+        """
+        doing = "look for messages removed after the position"
+
+        async def look(link: Link) -> int:
+            try:
+                return await gaps.removed_after(link, self.stream, self.subject, position, state)
+            except TransportError as exc:
+                if exc.retryable:
+                    raise
+                # Direct reads or unfiltered counting consumers refused: what the stream's
+                # first sequence says is all that can be known.
+                logger.info("per-subject gaps not checked (%s)", redact(str(exc)))
+                return state.gap_after(position)
+
+        return await self._failover.run(doing, look)
 
     async def last_message_time(self) -> datetime | None:
         """When the newest message on the subject was stored, or ``None`` if there is none."""
-        link = await self._session.ensure_or_fail("read the newest message on the subject")
-        return await self._probes.last_message_time(link)
+        return await self._failover.run(
+            "read the newest message on the subject", self._probes.last_message_time
+        )
 
     async def _seq_for_time(self, start_time: datetime) -> int:
         """The first stream sequence stored at or after ``start_time``."""
-        link = await self._session.ensure_or_fail("find the first message after start_time")
-        return await self._probes.seq_for_time(link, start_time)
+        return await self._failover.run(
+            "find the first message after start_time",
+            lambda link: self._probes.seq_for_time(link, start_time),
+        )
 
     async def _delete_consumer(self, link: Link, name: str) -> None:
         # Best effort: an ephemeral we fail to delete goes away after inactive_threshold.
@@ -328,8 +353,9 @@ class JetStreamSource:
             return
         if start_time is not None:
             start_seq = await self._seq_for_time(start_time)
-        link = await self._session.ensure_or_fail(f"align durable consumer {durable.name}")
-        await durable.align(link, start_seq)
+        await self._failover.run(
+            f"align durable consumer {durable.name}", lambda link: durable.align(link, start_seq)
+        )
 
     async def mark_committed(self, seq: int) -> None:
         """Move the durable consumer to just after ``seq``, now in the table.
@@ -376,7 +402,7 @@ class JetStreamSource:
         ``stop_at_seq`` (messages after it are not yielded), after ``max_messages`` (the last
         batch is trimmed), or when the consumer has nothing more pending. A lost connection
         or consumer (server restart, inactivity) is recovered by reconnecting and recreating
-        the consumer after the last yielded sequence, within ``max_reconnect_seconds``.
+        the consumer after the last yielded sequence, within ``failover_timeout``.
 
         Raises:
             SourceError: The stream, subject, permissions or server make reading impossible,
@@ -392,7 +418,7 @@ class JetStreamSource:
         if stop_at_seq is not None and stop_at_seq <= last:
             return
         yielded = 0
-        recovery = _Recovery(self.max_reconnect_seconds)
+        recovery = PullRecovery(self.failover_timeout)
         puller: BulkPuller | None = None
         consumer: str | None = None
         link: Link | None = None
@@ -469,22 +495,24 @@ class JetStreamSource:
                         raise SourceError(
                             redact(
                                 f"could not resume pulling from stream {self.stream} at "
-                                f"{self.hosts} within {self.max_reconnect_seconds:g}s: "
+                                f"{self.hosts} within {self.failover_timeout:g}s "
+                                f"(failover_timeout): "
                                 f"{recovery.problem}"
                             )
                         ) from None
                     await asyncio.sleep(self.reconnect_time_wait)
                     continue
                 except SourceError as exc:
-                    # A restarting server may answer "JetStream unavailable" for a moment.
-                    if recovery.since is None or not exc.retryable:
+                    # A restarting server may answer "JetStream unavailable" for a moment, and
+                    # a stream without a leader (an election in a cluster) does not answer.
+                    if not exc.retryable:
                         raise
                     recovery.failed(str(exc), last)
                     await drop_puller()
                     if link is not None:
                         await self._session.drop_if_dead(link)
-                    if recovery.exhausted:
-                        raise
+                    if recovery.exhausted and recovery.since is not None:
+                        raise self._failover.gave_up(str(exc), recovery.since) from None
                     await asyncio.sleep(self.reconnect_time_wait)
                     continue
                 recovery.ok()

@@ -20,6 +20,7 @@ DEFAULT_HOST = "localhost"
 DEFAULT_PORT = 4222
 DEFAULT_BATCH_SIZE = 100
 DEFAULT_TIMEOUT_SECONDS = 10.0
+DEFAULT_FAILOVER_TIMEOUT_SECONDS = 30.0
 
 AckPolicy = Literal["none", "all", "explicit"]
 PayloadFormat = Literal["json", "raw"]
@@ -29,6 +30,8 @@ NATS_OPTIONS: dict[str, str] = {
     "durable": "durable consumer name",
     "batch_size": "messages per pull (default 100)",
     "timeout": "seconds to wait for a pull to fill, and the sensor interval (default 10)",
+    "failover_timeout": "seconds a run waits for NATS to come back (a new stream leader, "
+    "another server) before it fails (default 30)",
     "start_sequence": "stream sequence of the first run (default: the beginning)",
     "start_time": "ISO-8601 time of the first run",
     "ack_policy": "none | all | explicit (default none)",
@@ -64,6 +67,7 @@ class NatsAddress:
     durable: str | None = None
     batch_size: int = DEFAULT_BATCH_SIZE
     timeout: float = DEFAULT_TIMEOUT_SECONDS
+    failover_timeout: float = DEFAULT_FAILOVER_TIMEOUT_SECONDS
     start_sequence: int | None = None
     start_time: datetime | None = None
     ack_policy: AckPolicy = "none"
@@ -406,6 +410,11 @@ def parse_nats_address(raw: str) -> NatsAddress:
             _parse_positive_float("timeout", params["timeout"])
             if "timeout" in params
             else DEFAULT_TIMEOUT_SECONDS
+        ),
+        failover_timeout=(
+            _parse_positive_float("failover_timeout", params["failover_timeout"])
+            if "failover_timeout" in params
+            else DEFAULT_FAILOVER_TIMEOUT_SECONDS
         ),
         start_sequence=start_sequence,
         start_time=start_time,
