@@ -5,6 +5,7 @@ import itertools
 import json
 import time
 from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import nats
@@ -13,6 +14,7 @@ from nilus_dagster.engine import (
     RunReport,
     ServiceFailure,
     ServiceOptions,
+    run_pipeline_async,
     runtime_settings,
     serve_pipelines_async,
 )
@@ -188,3 +190,36 @@ def test_one_failing_pipeline_does_not_stop_the_other(
     assert bad_stream in failures[0].message and failures[0].message.startswith("bad: ")
     assert [f.attempt for f in failures[:2]] == [1, 2]
     assert {r.pipeline for r in reports} == {"good", "bad"}
+
+
+def test_window_replays_during_a_service_keep_every_row_once(
+    nats_server: LocalNatsServer, stream_pipeline: Callable[..., tuple[str, Pipeline]]
+) -> None:
+    # Many small commits: the service commits between a replay's read and its write.
+    subject, pipeline = stream_pipeline(query="&batch_size=20", sink_options="commit_max_rows: 20")
+    today = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    window = (today, today + timedelta(days=1))
+    replays: list[RunReport] = []
+
+    async def scenario() -> list[int]:
+        stop = asyncio.Event()
+        service = asyncio.create_task(
+            serve_pipelines_async([pipeline], stop=stop, options={pipeline.name: FAST})
+        )
+        publishing = asyncio.create_task(
+            _publish_steadily(nats_server.url, subject, 1500, rate=500)
+        )
+        await asyncio.sleep(0.5)
+        while not publishing.done():
+            replays.append(await run_pipeline_async(pipeline, window=window))
+        seqs = await publishing
+        await asyncio.sleep(1.0)
+        stop.set()
+        await service
+        return seqs
+
+    seqs = asyncio.run(scenario())
+    check = check_exactly_once(_table_uri(pipeline), seqs, pipeline.app_id)
+    assert check.ok, check
+    # The replays replaced a growing prefix while the service appended after it.
+    assert len(replays) >= 2 and replays[-1].rows_written > replays[0].rows_written > 0
