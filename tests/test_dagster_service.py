@@ -13,7 +13,7 @@ from dagster._core.storage.asset_check_execution_record import AssetCheckExecuti
 from nilus_dagster.dagster import build_nilus_definitions
 from nilus_dagster.dagster.constants import HEARTBEAT_TAG, PID_TAG, SERVICE_TAG
 from nilus_dagster.dagster.service import service_groups
-from nilus_dagster.dagster.supervisor import DEAD_AFTER_SECONDS, RETRY_SECONDS, supervise
+from nilus_dagster.dagster.supervisor import RETRY_SECONDS, supervise
 from nilus_dagster.engine import runtime_settings
 from nilus_dagster.manifest import parse_pipeline
 from tests.checker import check_exactly_once
@@ -182,14 +182,14 @@ def test_supervisor_starts_a_service_run_when_none_is_alive(supervised):
 
 
 def test_supervisor_leaves_a_live_run_alone_and_replaces_a_silent_one(supervised):
-    _, instance, _ = supervised
+    _, instance, group = supervised
     now = time.time()
     run = _started_run(supervised, {HEARTBEAT_TAG: str(int(now))})
     assert run.status == dg.DagsterRunStatus.STARTED
     data = _tick(supervised, now=now + 5)
     assert not data.run_requests and "heartbeat 5s ago" in data.skip_reason.skip_message
     # No heartbeat for longer than the bound: the worker is gone (kill -9); replace it.
-    data = _tick(supervised, now=now + DEAD_AFTER_SECONDS + 10)
+    data = _tick(supervised, now=now + group.dead_after_seconds + 10)
     (request,) = data.run_requests
     assert request.tags["nilus/replaces"] == run.run_id
     assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE

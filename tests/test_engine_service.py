@@ -3,6 +3,9 @@
 import asyncio
 import itertools
 import json
+import os
+import signal
+import subprocess
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
@@ -21,7 +24,7 @@ from nilus_dagster.engine import (
 from nilus_dagster.jetstream.local_server import LocalNatsServer
 from nilus_dagster.manifest.loader import Pipeline, parse_pipeline
 from tests.checker import check_exactly_once
-from tests.conftest import Publisher, order
+from tests.conftest import CLI, Publisher, order
 
 FAST = ServiceOptions(report_every_seconds=0.5, report_every_commits=1000, poll_seconds=0.1)
 
@@ -223,3 +226,32 @@ def test_window_replays_during_a_service_keep_every_row_once(
     assert check.ok, check
     # The replays replaced a growing prefix while the service appended after it.
     assert len(replays) >= 2 and replays[-1].rows_written > replays[0].rows_written > 0
+
+
+def test_cli_serve_ingests_until_sigint_then_exits_cleanly(
+    nats_server: LocalNatsServer, stream_pipeline: Callable[..., tuple[str, Pipeline]]
+) -> None:
+    subject, pipeline = stream_pipeline()
+    first = Publisher(nats_server.url).publish_orders(subject, 100)
+    serve = subprocess.Popen(
+        [*CLI, "serve", str(pipeline.path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
+    )
+    try:
+        uri = _table_uri(pipeline)
+        deadline = time.monotonic() + 60
+        while not check_exactly_once(uri, first, pipeline.app_id).ok:
+            assert time.monotonic() < deadline and serve.poll() is None, serve.stderr.read()
+            time.sleep(0.2)
+        more = Publisher(nats_server.url).publish_orders(subject, 50, start=100)
+        while not check_exactly_once(uri, first + more, pipeline.app_id).ok:
+            assert time.monotonic() < deadline and serve.poll() is None, serve.stderr.read()
+            time.sleep(0.2)
+    finally:
+        serve.send_signal(signal.SIGINT)
+        out, err = serve.communicate(timeout=30)
+    assert serve.returncode == 0, err
+    assert "orders: 150 messages" in out and "ended by stop" in out, out

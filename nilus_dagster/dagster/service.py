@@ -46,8 +46,8 @@ from nilus_dagster.dagster.translator import DagsterNilusTranslator, dagster_nam
 from nilus_dagster.engine import RunReport, ServiceFailure, serve_pipelines_async
 from nilus_dagster.manifest.loader import Pipeline
 
-HEARTBEAT_SECONDS = 15.0
-"""How often a service run records its heartbeat tag."""
+DEAD_AFTER_BEATS = 4
+"""A service run silent for this many heartbeats is taken for dead."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,15 @@ class ServiceGroup:
     @property
     def run_seconds(self) -> float:
         return min(p.manifest.spec.dagster.service.run_seconds for p in self.pipelines)
+
+    @property
+    def heartbeat_seconds(self) -> float:
+        return min(p.manifest.spec.dagster.service.heartbeat_seconds for p in self.pipelines)
+
+    @property
+    def dead_after_seconds(self) -> float:
+        """Heartbeat silence after which the run's worker is taken for dead."""
+        return DEAD_AFTER_BEATS * self.heartbeat_seconds
 
 
 def service_groups(
@@ -160,7 +169,7 @@ async def serve_group(
     stop = asyncio.Event()
     signalled: list[int] = []
     restore = _stop_on_signals(asyncio.get_running_loop(), stop, signalled)
-    heartbeat = asyncio.create_task(_heartbeat(context, stop))
+    heartbeat = asyncio.create_task(_heartbeat(context, stop, group.heartbeat_seconds))
     try:
         summaries = await serve_pipelines_async(
             [c.pipeline for c in calls],
@@ -265,8 +274,8 @@ def _stop_on_signals(
     return restore
 
 
-async def _heartbeat(context: dg.OpExecutionContext, stop: asyncio.Event) -> None:
-    """Record the run worker's pid once and a heartbeat every ``HEARTBEAT_SECONDS``."""
+async def _heartbeat(context: dg.OpExecutionContext, stop: asyncio.Event, every: float) -> None:
+    """Record the run worker's pid once and a heartbeat every ``every`` seconds."""
     instance, run_id = context.instance, context.run_id
     tags = {PID_TAG: str(os.getpid())}
     while not stop.is_set():
@@ -277,4 +286,4 @@ async def _heartbeat(context: dg.OpExecutionContext, stop: asyncio.Event) -> Non
             context.log.warning(f"could not record the service heartbeat: {exc}")
         tags = {}
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=HEARTBEAT_SECONDS)
+            await asyncio.wait_for(stop.wait(), timeout=every)

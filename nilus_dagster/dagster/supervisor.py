@@ -3,8 +3,9 @@
 Each tick:
 
 * a service run queued or running, with a fresh heartbeat: nothing to do;
-* a running one whose heartbeat is older than ``DEAD_AFTER_SECONDS`` (its worker was killed
-  without telling Dagster): it is marked failed, with the reason, and replaced;
+* a running one silent for four heartbeats (``spec.dagster.service.heartbeat_seconds``; its
+  worker was killed without telling Dagster): it is marked failed, with the reason, and
+  replaced;
 * none: after a failed run, wait (``RETRY_SECONDS`` doubled per failure in a row, at most
   ``RETRY_MAX_SECONDS``), saying on the tick why and until when; otherwise start one.
 
@@ -27,13 +28,11 @@ from nilus_dagster.dagster.constants import (
 from nilus_dagster.dagster.health import health_events, read_cursor, write_cursor
 from nilus_dagster.dagster.resources import DeltaSinkResource, NatsResource
 from nilus_dagster.dagster.sensor import IN_FLIGHT_STATUSES, probe_lag
-from nilus_dagster.dagster.service import HEARTBEAT_SECONDS, ServiceGroup
+from nilus_dagster.dagster.service import ServiceGroup
 from nilus_dagster.errors import NilusError
 from nilus_dagster.redaction import redact
 
 SUPERVISOR_INTERVAL_SECONDS = 10
-DEAD_AFTER_SECONDS = 4 * HEARTBEAT_SECONDS
-"""A running service run whose heartbeat is older than this is taken for dead."""
 RETRY_SECONDS = 30.0
 RETRY_MAX_SECONDS = 900.0
 _RECENT_RUNS = 20
@@ -90,14 +89,14 @@ def supervise(
             or record.create_timestamp.timestamp()
         )
         silent = now - beat
-        if silent <= DEAD_AFTER_SECONDS:
+        if silent <= group.dead_after_seconds:
             return dg.SensorResult(
                 skip_reason=f"service run {run.run_id} is running (heartbeat {silent:.0f}s ago)",
                 cursor=context.cursor,
             )
         reason = (
             f"no heartbeat from service run {run.run_id} for {silent:.0f}s (more than "
-            f"{DEAD_AFTER_SECONDS:g}s): its worker is gone; marking it failed and starting "
+            f"{group.dead_after_seconds:g}s): its worker is gone; marking it failed and starting "
             "another"
         )
         context.log.warning(reason)

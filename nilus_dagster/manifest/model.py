@@ -197,6 +197,12 @@ class ServiceSettings(_Strict):
     max_pipelines: PositiveInt = Field(
         default=20, description="Most pipelines of one group that one service run carries."
     )
+    heartbeat_seconds: float = Field(
+        default=15.0,
+        gt=0,
+        description="How often a service run says it is alive; silent for four of these, the "
+        "supervisor takes its worker for dead and replaces the run.",
+    )
 
 
 class DagsterSettings(_Strict):
