@@ -38,6 +38,16 @@ RETRY_MAX_SECONDS = 900.0
 _RECENT_RUNS = 20
 
 
+def supervisor_interval_seconds(group: ServiceGroup) -> int:
+    """The smallest ``spec.dagster.sensor_interval_seconds`` of the group, else 10 s."""
+    chosen = [
+        p.manifest.spec.dagster.sensor_interval_seconds
+        for p in group.pipelines
+        if p.manifest.spec.dagster.sensor_interval_seconds
+    ]
+    return min(chosen) if chosen else SUPERVISOR_INTERVAL_SECONDS
+
+
 def build_service_sensor(group: ServiceGroup, job: dg.JobDefinition) -> dg.SensorDefinition:
     """The supervisor of ``group``'s service runs (RUNNING by default)."""
     names = ", ".join(p.name for p in group.pipelines)
@@ -45,7 +55,7 @@ def build_service_sensor(group: ServiceGroup, job: dg.JobDefinition) -> dg.Senso
     @dg.sensor(
         name=group.sensor_name,
         job=job,
-        minimum_interval_seconds=SUPERVISOR_INTERVAL_SECONDS,
+        minimum_interval_seconds=supervisor_interval_seconds(group),
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=(
             f"Keeps one service run of {names} alive: starts one when none is queued or "
