@@ -4,6 +4,7 @@ import os
 import signal
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import dagster as dg
@@ -22,7 +23,7 @@ JOB = "nilus_service_nilus"
 SUPERVISOR = "nilus_service_nilus_supervisor"
 
 
-def _write(tmp_path: Path, name: str, hostport: str, stream: str) -> Path:
+def _write(tmp_path: Path, name: str, hostport: str, stream: str, partitions: str = "none") -> Path:
     folder = tmp_path / "pipelines"
     folder.mkdir(exist_ok=True)
     path = folder / f"{name}.yaml"
@@ -38,7 +39,7 @@ spec:
     address: dataos://lake?purpose=rw
     options: {{dest_table: analytics.{name}}}
   dagster:
-    partitions: none
+    partitions: {partitions}
     run_mode: service
     service: {{run_seconds: 4, report_every_seconds: 0.5, poll_seconds: 0.1}}
 """
@@ -73,7 +74,7 @@ def test_service_run_reports_as_it_goes_and_ends_by_itself(
     tmp_path, nats_server, publisher, stream_name
 ):
     publisher.create_stream(stream_name, [f"{stream_name}.>"])
-    path = _write(tmp_path, "orders", nats_server.hostport, stream_name)
+    path = _write(tmp_path, "orders", nats_server.hostport, stream_name, partitions="daily")
     defs = build_nilus_definitions(tmp_path / "pipelines")
     # Service pipelines get a service job and its supervisor, not a per-tick sensor.
     assert {s.name for s in defs.sensors} == {SUPERVISOR}
@@ -89,6 +90,8 @@ def test_service_run_reports_as_it_goes_and_ends_by_itself(
         # Several reports within one run, at the cadence, with the run metadata.
         assert len(materializations) >= 3
         assert {r.run_id for r in materializations} == {result.run_id}
+        today = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+        assert materializations[0].partition_key == today  # the newest message's window
         metadata = materializations[0].asset_materialization.metadata
         for name in ("nats/last_seq", "nats/sequence_lag", "nilus/rows_written", "nats/gap"):
             assert name in metadata, name

@@ -224,8 +224,8 @@ def test_window_replays_during_a_service_keep_every_row_once(
     seqs = asyncio.run(scenario())
     check = check_exactly_once(_table_uri(pipeline), seqs, pipeline.app_id)
     assert check.ok, check
-    # The replays replaced a growing prefix while the service appended after it.
-    assert len(replays) >= 2 and replays[-1].rows_written > replays[0].rows_written > 0
+    # The replays replaced a prefix of the table while the service appended after it.
+    assert len(replays) >= 2 and replays[-1].rows_written > 0
 
 
 def test_cli_serve_ingests_until_sigint_then_exits_cleanly(

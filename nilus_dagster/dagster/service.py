@@ -41,6 +41,7 @@ from nilus_dagster.dagster.constants import (
     SERVICE_TAG,
 )
 from nilus_dagster.dagster.metadata import run_metadata
+from nilus_dagster.dagster.partitions import build_partitions_def
 from nilus_dagster.dagster.resources import DeltaSinkResource, NatsResource, engine_call
 from nilus_dagster.dagster.translator import DagsterNilusTranslator, dagster_name
 from nilus_dagster.engine import RunReport, ServiceFailure, serve_pipelines_async
@@ -200,9 +201,17 @@ async def serve_group(
 def _reporter(
     context: dg.OpExecutionContext, by_name: dict[str, tuple[Pipeline, dg.AssetKey]]
 ) -> Callable[[RunReport], None]:
+    partitions = {name: build_partitions_def(p) for name, (p, _) in by_name.items()}
+
     def report(result: RunReport) -> None:
         pipeline, key = by_name[result.pipeline]
-        context.log_event(dg.AssetMaterialization(asset_key=key, metadata=run_metadata(result)))
+        context.log_event(
+            dg.AssetMaterialization(
+                asset_key=key,
+                metadata=run_metadata(result),
+                partition=_newest_window(partitions[result.pipeline], result),
+            )
+        )
         for check in check_results(pipeline, key, result):
             context.log_event(
                 dg.AssetCheckEvaluation(
@@ -216,6 +225,18 @@ def _reporter(
             )
 
     return report
+
+
+def _newest_window(
+    partitions_def: dg.TimeWindowPartitionsDefinition | None, result: RunReport
+) -> str | None:
+    """The window of the newest committed message: the partition the report materializes."""
+    if partitions_def is None or result.lag_seconds is None:
+        return None
+    try:
+        return partitions_def.get_partition_key_for_timestamp(time.time() - result.lag_seconds)
+    except Exception:  # before the first window: the report is unpartitioned
+        return None
 
 
 def _failure_reporter(

@@ -49,7 +49,7 @@ class ServiceOptions:
 
     report_every_seconds: float = 60.0
     report_every_commits: int = 100
-    poll_seconds: float = 0.5
+    poll_seconds: float = 1.0
     retry_seconds: float = 5.0
     retry_max_seconds: float = 300.0
 
@@ -305,6 +305,8 @@ async def _serve_once(
                 if (
                     elapsed >= options.report_every_seconds
                     or committer.commits >= options.report_every_commits
+                    # The first commit is reported at once: a new run shows it is ingesting.
+                    or (committer.commits and not summary.reports)
                 ):
                     await report()
                 if stream.last_seq == drained_to:

@@ -192,7 +192,7 @@ class ServiceSettings(_Strict):
         default=100, description="...or after this many commits, whichever comes first."
     )
     poll_seconds: float = Field(
-        default=0.5, gt=0, le=60, description="How often a caught-up service looks for messages."
+        default=1.0, gt=0, le=60, description="How often a caught-up service looks for messages."
     )
     max_pipelines: PositiveInt = Field(
         default=20, description="Most pipelines of one group that one service run carries."
