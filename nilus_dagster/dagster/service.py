@@ -121,24 +121,25 @@ class ServiceRunConfig(dg.Config):
     )
 
 
-def build_service_job(group: ServiceGroup) -> dg.JobDefinition:
+def build_service_job(
+    group: ServiceGroup, *, nats_key: str = "nats", sink_key: str = "nilus_sink"
+) -> dg.JobDefinition:
     """The job whose one op serves ``group``'s pipelines until it ends or is terminated.
 
-    The op needs the ``nats`` and ``nilus_sink`` resources, like the assets.
+    The op needs the NATS and sink resources (under ``nats_key`` and ``sink_key``), like the
+    assets.
     """
     names = ", ".join(p.name for p in group.pipelines)
 
     @dg.op(
         name=dagster_name(f"{group.job_name}_op"),
         description=f"Keeps {names} ingesting; reports each at its cadence.",
+        required_resource_keys={nats_key, sink_key},
     )
-    async def _serve(
-        context: dg.OpExecutionContext,
-        config: ServiceRunConfig,
-        nats: NatsResource,
-        nilus_sink: DeltaSinkResource,
-    ) -> None:
-        await serve_group(context, group, config, nats, nilus_sink)
+    async def _serve(context: dg.OpExecutionContext, config: ServiceRunConfig) -> None:
+        nats = getattr(context.resources, nats_key)
+        sink = getattr(context.resources, sink_key)
+        await serve_group(context, group, config, nats, sink)
 
     @dg.job(
         name=group.job_name,

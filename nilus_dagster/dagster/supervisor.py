@@ -48,8 +48,15 @@ def supervisor_interval_seconds(group: ServiceGroup) -> int:
     return min(chosen) if chosen else SUPERVISOR_INTERVAL_SECONDS
 
 
-def build_service_sensor(group: ServiceGroup, job: dg.JobDefinition) -> dg.SensorDefinition:
-    """The supervisor of ``group``'s service runs (RUNNING by default)."""
+def build_service_sensor(
+    group: ServiceGroup,
+    job: dg.JobDefinition,
+    *,
+    nats_key: str = "nats",
+    sink_key: str = "nilus_sink",
+) -> dg.SensorDefinition:
+    """The supervisor of ``group``'s service runs (RUNNING by default); it probes the lag
+    through the NATS and sink resources under ``nats_key`` and ``sink_key``."""
     names = ", ".join(p.name for p in group.pipelines)
 
     @dg.sensor(
@@ -62,11 +69,12 @@ def build_service_sensor(group: ServiceGroup, job: dg.JobDefinition) -> dg.Senso
             "running, backs off after failures, replaces a run whose worker died."
         ),
         tags={SERVICE_TAG: group.name},
+        required_resource_keys={nats_key, sink_key},
     )
-    def _supervisor(
-        context: dg.SensorEvaluationContext, nats: NatsResource, nilus_sink: DeltaSinkResource
-    ) -> dg.SensorResult:
-        return supervise(context, group, job.name, nats, nilus_sink)
+    def _supervisor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+        nats = getattr(context.resources, nats_key)
+        sink = getattr(context.resources, sink_key)
+        return supervise(context, group, job.name, nats, sink)
 
     return _supervisor
 
