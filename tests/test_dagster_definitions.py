@@ -189,8 +189,9 @@ def test_dagster_asset_list_cli_with_nilus_pipelines(tmp_path):
 def test_two_deployments_merge_into_a_project_without_conflicts(tmp_path):
     # Two pipelines reading one stream, from two builder calls with their own resource keys.
     eu = write_pipeline_file(tmp_path / "eu", "orders-eu")
-    us = write_pipeline_file(tmp_path / "us", "orders-us")
+    us = write_pipeline_file(tmp_path / "us", "orders-us", run_mode="per_tick")
     us.write_text(us.read_text().replace("ORDERS-US", "ORDERS-EU"))
+    write_pipeline_file(tmp_path / "us", "returns-us")  # a service pipeline in each deployment
     host_io = dg.FilesystemIOManager(base_dir=str(tmp_path / "storage"))
 
     @dg.asset
@@ -205,7 +206,7 @@ def test_two_deployments_merge_into_a_project_without_conflicts(tmp_path):
         ),
         build_nilus_definitions(eu),
         build_nilus_definitions(
-            us,
+            tmp_path / "us",
             resources={"nats_us": NatsResource(servers=["us:4222"])},
             resource_keys=NilusResourceKeys(nats="nats_us", sink="sink_us", io_manager="io_us"),
         ),
@@ -220,3 +221,10 @@ def test_two_deployments_merge_into_a_project_without_conflicts(tmp_path):
     assert repo.get_job("orders_us_job").executor_def.name == "in_process"
     assert merged.resolve_implicit_global_asset_job_def().executor_def.name == "multiprocess"
     assert repo.get_sensor_def("orders_us_sensor").required_resource_keys == {"nats_us", "sink_us"}
+    # Each deployment's service run, under its own name and resources.
+    assert repo.get_sensor_def("nilus_service_nilus_supervisor").required_resource_keys == {
+        "nats",
+        "nilus_sink",
+    }
+    supervisor = repo.get_sensor_def("nilus_service_nilus_nats_us_supervisor")
+    assert supervisor.required_resource_keys == {"nats_us", "sink_us"}

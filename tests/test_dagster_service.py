@@ -187,7 +187,7 @@ def test_supervisor_starts_a_service_run_when_none_is_alive(supervised):
 def test_supervisor_leaves_a_live_run_alone_and_replaces_a_silent_one(supervised):
     _, instance, group = supervised
     now = time.time()
-    run = _started_run(supervised, {HEARTBEAT_TAG: str(int(now))})
+    run = _started_run(supervised, {HEARTBEAT_TAG: str(now)})
     assert run.status == dg.DagsterRunStatus.STARTED
     data = _tick(supervised, now=now + 5)
     assert not data.run_requests and "heartbeat 5s ago" in data.skip_reason.skip_message

@@ -12,6 +12,7 @@ does the same check without Dagster.
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -128,6 +129,10 @@ def _service_parts(groups: Sequence[ServiceGroup], keys: NilusResourceKeys) -> d
     jobs: list[dg.JobDefinition] = []
     sensors: list[dg.SensorDefinition] = []
     for group in groups:
+        if keys != NilusResourceKeys():
+            # A second deployment merged into the same code location: its jobs are named
+            # after its NATS resource, so that they do not clash with the first one's.
+            group = replace(group, name=f"{group.name}_{keys.nats}")
         job = build_service_job(group, nats_key=keys.nats, sink_key=keys.sink)
         jobs.append(job)
         sensors.append(build_service_sensor(group, job, nats_key=keys.nats, sink_key=keys.sink))
