@@ -231,6 +231,7 @@ class Ingestion:
 
     @property
     def position(self) -> int:
+        """The last stream sequence committed to the table."""
         return self.sink.position
 
     def start_point(self, first: bool) -> tuple[int, datetime | None]:

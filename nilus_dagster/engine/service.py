@@ -55,6 +55,7 @@ class ServiceOptions:
 
     @classmethod
     def for_pipeline(cls, pipeline: Pipeline, **overrides: float) -> "ServiceOptions":
+        """The options ``spec.dagster.service`` sets, with ``overrides`` on top."""
         settings = pipeline.manifest.spec.dagster.service
         values: dict[str, float] = {
             "report_every_seconds": settings.report_every_seconds,
