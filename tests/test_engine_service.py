@@ -47,6 +47,14 @@ async def _publish_steadily(
         await nc.close()
 
 
+async def _caught_up(reports: list[RunReport], name: str, last_seq: int) -> None:
+    """Wait (60 s at most) until ``name`` reported a position of ``last_seq``."""
+    deadline = time.monotonic() + 60
+    while not any(r.pipeline == name and r.position == last_seq for r in reports):
+        assert time.monotonic() < deadline, [r for r in reports if r.pipeline == name][-1:]
+        await asyncio.sleep(0.1)
+
+
 def _table_uri(pipeline: Pipeline) -> str:
     return runtime_settings(pipeline).location.uri
 
@@ -77,7 +85,11 @@ def test_service_ingests_while_publishing_reports_and_stops(
             )
         )
         seqs = await _publish_steadily(nats_server.url, subject, 600, rate=400)
-        await asyncio.sleep(1.5)
+        deadline = time.monotonic() + 60
+        while not (reports and reports[-1].position == seqs[-1]):  # caught up and reported
+            assert time.monotonic() < deadline, reports[-1:] or "no report"
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)  # a report with nothing new: the lag figures stay current
         asked = time.monotonic()
         stop.set()
         summaries = await service
@@ -119,7 +131,16 @@ def test_service_stopped_mid_stream_then_restarted_writes_everything_once(
             (summary,) = await service
             assert summary.ended_by == "stop" and not summary.failures
         seqs = await publishing
-        await serve_pipelines_async([pipeline], run_seconds=1.5, options={pipeline.name: FAST})
+        reports: list[RunReport] = []
+        stop = asyncio.Event()
+        last = asyncio.create_task(
+            serve_pipelines_async(
+                [pipeline], stop=stop, options={pipeline.name: FAST}, on_report=reports.append
+            )
+        )
+        await _caught_up(reports, pipeline.name, seqs[-1])
+        stop.set()
+        await last
         return seqs
 
     seqs = asyncio.run(scenario())
@@ -176,7 +197,8 @@ def test_one_failing_pipeline_does_not_stop_the_other(
         more = await _publish_steadily(
             nats_server.url, f"{good_stream}.good", 200, rate=400, start=200
         )
-        await asyncio.sleep(1.5)
+        await _caught_up(reports, "good", more[-1])
+        await asyncio.sleep(0.5)
         stop.set()
         summaries = await service
         assert [s.ended_by for s in summaries] == ["stop", "stop"]
@@ -206,8 +228,11 @@ def test_window_replays_during_a_service_keep_every_row_once(
 
     async def scenario() -> list[int]:
         stop = asyncio.Event()
+        reports: list[RunReport] = []
         service = asyncio.create_task(
-            serve_pipelines_async([pipeline], stop=stop, options={pipeline.name: FAST})
+            serve_pipelines_async(
+                [pipeline], stop=stop, options={pipeline.name: FAST}, on_report=reports.append
+            )
         )
         publishing = asyncio.create_task(
             _publish_steadily(nats_server.url, subject, 1500, rate=500)
@@ -216,7 +241,7 @@ def test_window_replays_during_a_service_keep_every_row_once(
         while not publishing.done():
             replays.append(await run_pipeline_async(pipeline, window=window))
         seqs = await publishing
-        await asyncio.sleep(1.0)
+        await _caught_up(reports, pipeline.name, seqs[-1])
         stop.set()
         await service
         return seqs
