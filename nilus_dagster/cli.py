@@ -113,6 +113,43 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from nilus_dagster.engine import RunReport, ServiceFailure, serve_pipelines_async
+
+    pipelines = [_load_one(path) for path in args.pipelines]
+
+    def report(result: "RunReport") -> None:
+        print(
+            f"{result.pipeline}: +{result.messages} messages, position {result.position}, "
+            f"sequence lag {result.sequence_lag}, dead letters {result.dead_letters}",
+            flush=True,
+        )
+
+    def failed(failure: "ServiceFailure") -> None:
+        retry = f" (again in {failure.retry_in:g}s)" if failure.retry_in is not None else ""
+        print(f"error: {failure.message}{retry}", file=sys.stderr, flush=True)
+
+    async def serve() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        summaries = await serve_pipelines_async(
+            pipelines, stop=stop, run_seconds=args.seconds, on_report=report, on_failure=failed
+        )
+        for summary in summaries:
+            print(
+                f"{summary.pipeline}: {summary.messages} messages in {summary.commits} commits, "
+                f"position {summary.position}, ended by {summary.ended_by}"
+            )
+        return 1 if any(s.ended_by == "failed" for s in summaries) else 0
+
+    return asyncio.run(serve())
+
+
 def _lag(args: argparse.Namespace) -> int:
     from nilus_dagster.engine import measure_lag
 
@@ -160,7 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("paths", nargs="+", help="manifest files, folders or globs")
     validate.set_defaults(handler=_validate)
 
-    run = verbs.add_parser("run", help="run one pipeline through the engine, without Dagster")
+    run = verbs.add_parser(
+        "run",
+        help="one run of a pipeline, as a per-tick run does (run_mode: per_tick), without Dagster",
+    )
     run.add_argument("pipeline", help="the pipeline's YAML file")
     run.add_argument("--max-messages", type=int, default=None, help="stop after N messages")
     run.add_argument("--max-seconds", type=float, default=None, help="stop pulling after S seconds")
@@ -170,6 +210,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mode.add_argument("--one-batch", action="store_true", help="pull one batch (the other default)")
     run.set_defaults(handler=_run)
+
+    serve = verbs.add_parser(
+        "serve",
+        help="keep pipelines ingesting, as a service run does (run_mode: service), without "
+        "Dagster; Ctrl-C stops after committing what was pulled",
+    )
+    serve.add_argument("pipelines", nargs="+", help="the pipelines' YAML files")
+    serve.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="end after S seconds (default: spec.dagster.service.run_seconds)",
+    )
+    serve.set_defaults(handler=_serve)
 
     lag = verbs.add_parser("lag", help="stream, committed position and sequence lag")
     lag.add_argument("pipeline", help="the pipeline's YAML file")

@@ -217,10 +217,11 @@ def publisher(nats_server: LocalNatsServer) -> Publisher:
 
 
 def write_pipeline_file(
-    folder: Path, name: str, *, run_in_loop: bool = True, query: str = ""
+    folder: Path, name: str, *, run_in_loop: bool = True, query: str = "", run_mode: str = ""
 ) -> Path:
     """``folder/name.yaml``: a small pipeline on ``localhost:4222`` (subject ``name.x``, stream
-    ``NAME``, table ``s.name``), for definitions that are built but not run."""
+    ``NAME``, table ``s.name``), for definitions that are built but not run. ``run_mode``
+    (``per_tick``/``service``) goes to ``spec.dagster.run_mode``."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.yaml"
     path.write_text(
@@ -237,13 +238,15 @@ def write_pipeline_file(
                 options: {{dest_table: s.{name.replace("-", "_")}}}
             """
         )
+        + (f"  dagster: {{run_mode: {run_mode}}}\n" if run_mode else "")
     )
     return path
 
 
 @pytest.fixture
 def write_manifest(tmp_path: Path) -> Callable[..., Path]:
-    """Write a pipeline manifest to a temp file; keyword arguments fill the template."""
+    """Write a pipeline manifest to a temp file; keyword arguments fill the template
+    (``run_mode``: ``spec.dagster.run_mode``)."""
 
     def write(
         *,
@@ -255,6 +258,7 @@ def write_manifest(tmp_path: Path) -> Callable[..., Path]:
         run_in_loop: bool = True,
         extra_sink_options: str = "",
         filename: str | None = None,
+        run_mode: str = "",
     ) -> Path:
         path = tmp_path / (filename or f"{name}.yaml")
         path.write_text(
@@ -278,6 +282,7 @@ def write_manifest(tmp_path: Path) -> Callable[..., Path]:
                 """
             )
             + textwrap.indent(textwrap.dedent(extra_sink_options), " " * 6)
+            + (f"  dagster: {{run_mode: {run_mode}}}\n" if run_mode else "")
         )
         return path
 

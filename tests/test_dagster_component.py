@@ -10,8 +10,8 @@ from nilus_dagster.dagster import DeltaSinkResource, NatsResource, NilusPipeline
 
 
 def test_component_from_attributes_builds_assets_sensors_and_resources(tmp_path):
-    write_pipeline_file(tmp_path / "pipelines", "alpha")
-    write_pipeline_file(tmp_path / "pipelines", "beta")
+    write_pipeline_file(tmp_path / "pipelines", "alpha", run_mode="per_tick")
+    write_pipeline_file(tmp_path / "pipelines", "beta", run_mode="per_tick")
 
     component = NilusPipelinesComponent.from_attributes_dict(
         attributes={

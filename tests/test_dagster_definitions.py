@@ -35,8 +35,9 @@ def _bad(folder: Path) -> Path:
 
 def test_every_manifest_becomes_an_asset_and_a_sensor(tmp_path):
     folder = tmp_path / "pipelines"
-    write_pipeline_file(folder, "alpha", query="&timeout=3")
+    write_pipeline_file(folder, "alpha", query="&timeout=3", run_mode="per_tick")
     write_pipeline_file(folder / "nested", "beta", run_in_loop=False)
+    write_pipeline_file(folder, "gamma")  # run_in_loop: true -> a service run by default
     (folder / "depots.yaml").write_text("depots: {lake: {root: /tmp/x}}\n")
 
     defs = build_nilus_definitions(folder)
@@ -46,8 +47,10 @@ def test_every_manifest_becomes_an_asset_and_a_sensor(tmp_path):
     assert {k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()} == {
         "alpha",
         "beta",
+        "gamma",
         "nats/ALPHA",
         "nats/BETA",
+        "nats/GAMMA",
     }
     assert repo.asset_graph.get(dg.AssetKey("alpha")).parent_keys == {
         dg.AssetKey(["nats", "ALPHA"])
@@ -63,11 +66,37 @@ def test_every_manifest_becomes_an_asset_and_a_sensor(tmp_path):
     job = repo.get_job("alpha_job")
     assert job.executor_def.name == "in_process"
     assert alpha.job_name == "alpha_job"
+    supervisor = repo.get_sensor_def("nilus_service_nilus_supervisor")
+    assert supervisor.default_status == dg.DefaultSensorStatus.RUNNING
+    assert supervisor.job_name == "nilus_service_nilus"
+    assert {s.name for s in repo.sensor_defs} == {
+        "alpha_sensor",
+        "beta_sensor",
+        "nilus_service_nilus_supervisor",
+    }
+
+
+def test_service_pipelines_are_grouped_and_bounded_per_run(tmp_path):
+    folder = tmp_path / "pipelines"
+    for name in ("a1", "a2", "a3"):
+        path = write_pipeline_file(folder, name)
+        path.write_text(
+            path.read_text() + "  dagster: {group: fleet, service: {max_pipelines: 2}}\n"
+        )
+    write_pipeline_file(folder, "b1")
+
+    repo = build_nilus_definitions(folder).get_repository_def()
+
+    jobs = {j.name for j in repo.get_all_jobs() if j.name.startswith("nilus_service_")}
+    assert jobs == {"nilus_service_fleet", "nilus_service_fleet_2", "nilus_service_nilus"}
+    assert not any(s.name.endswith("_sensor") for s in repo.sensor_defs)
 
 
 def test_sensor_interval_can_be_set_in_spec_dagster(tmp_path):
     path = write_pipeline_file(tmp_path, "gamma")
-    path.write_text(path.read_text() + "  dagster: {sensor_interval_seconds: 42}\n")
+    path.write_text(
+        path.read_text() + "  dagster: {sensor_interval_seconds: 42, run_mode: per_tick}\n"
+    )
 
     sensor = build_pipeline_definitions(path).get_repository_def().get_sensor_def("gamma_sensor")
 
@@ -160,8 +189,9 @@ def test_dagster_asset_list_cli_with_nilus_pipelines(tmp_path):
 def test_two_deployments_merge_into_a_project_without_conflicts(tmp_path):
     # Two pipelines reading one stream, from two builder calls with their own resource keys.
     eu = write_pipeline_file(tmp_path / "eu", "orders-eu")
-    us = write_pipeline_file(tmp_path / "us", "orders-us")
+    us = write_pipeline_file(tmp_path / "us", "orders-us", run_mode="per_tick")
     us.write_text(us.read_text().replace("ORDERS-US", "ORDERS-EU"))
+    write_pipeline_file(tmp_path / "us", "returns-us")  # a service pipeline in each deployment
     host_io = dg.FilesystemIOManager(base_dir=str(tmp_path / "storage"))
 
     @dg.asset
@@ -176,7 +206,7 @@ def test_two_deployments_merge_into_a_project_without_conflicts(tmp_path):
         ),
         build_nilus_definitions(eu),
         build_nilus_definitions(
-            us,
+            tmp_path / "us",
             resources={"nats_us": NatsResource(servers=["us:4222"])},
             resource_keys=NilusResourceKeys(nats="nats_us", sink="sink_us", io_manager="io_us"),
         ),
@@ -191,3 +221,10 @@ def test_two_deployments_merge_into_a_project_without_conflicts(tmp_path):
     assert repo.get_job("orders_us_job").executor_def.name == "in_process"
     assert merged.resolve_implicit_global_asset_job_def().executor_def.name == "multiprocess"
     assert repo.get_sensor_def("orders_us_sensor").required_resource_keys == {"nats_us", "sink_us"}
+    # Each deployment's service run, under its own name and resources.
+    assert repo.get_sensor_def("nilus_service_nilus_supervisor").required_resource_keys == {
+        "nats",
+        "nilus_sink",
+    }
+    supervisor = repo.get_sensor_def("nilus_service_nilus_nats_us_supervisor")
+    assert supervisor.required_resource_keys == {"nats_us", "sink_us"}

@@ -62,6 +62,7 @@ def _run_dagster_dev(tmp_path, nats_server, publisher, stream_name, write_manife
         address=f"nats+jetstream://{nats_server.hostport}?subject={subject}&timeout=1",
         stream=stream_name,
         filename="pipelines/orders.yaml",
+        run_mode="per_tick",
     )
     home = write_dagster_home(tmp_path / "dagster_home", storage)
     uri = str(tmp_path / "lakehouse" / "lake" / "analytics" / "orders")

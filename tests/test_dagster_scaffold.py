@@ -61,6 +61,8 @@ def test_scaffold_writes_a_working_defs_yaml_and_sample_and_check_yaml_validates
         "orders",
         "nats/orders-stream",
     }
-    assert repo.has_sensor_def("orders_sensor") and repo.has_job("orders_job")
+    # The sample says run_in_loop: true, so a service run keeps it fresh.
+    assert repo.has_sensor_def("nilus_service_nilus_supervisor")
+    assert repo.has_job("nilus_service_nilus")
     partitions = repo.assets_defs_by_key[dg.AssetKey("orders")].partitions_def
     assert partitions.get_first_partition_key() is not None

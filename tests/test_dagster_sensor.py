@@ -25,22 +25,20 @@ def subject(publisher, stream_name):
 
 
 def _defs(write_manifest, address, stream, **kwargs):
-    return build_pipeline_definitions(
-        parse_pipeline(write_manifest(address=address, stream=stream, **kwargs))
-    )
+    manifest = write_manifest(address=address, stream=stream, run_mode="per_tick", **kwargs)
+    return build_pipeline_definitions(parse_pipeline(manifest))
 
 
-def _tick(defs, instance, name="orders_sensor"):
+def _tick(defs, instance, name="orders_sensor", cursor=None):
     sensor = defs.resolve_sensor_def(name)
     with dg.build_sensor_context(
-        instance=instance, definitions=defs, resources=defs.resources
+        instance=instance, definitions=defs, resources=defs.resources, cursor=cursor
     ) as context:
         return sensor.evaluate_tick(context)
 
 
 def _observation(data):
-    [event] = data.asset_events
-    assert isinstance(event, dg.AssetObservation)
+    [event] = [e for e in data.asset_events if isinstance(e, dg.AssetObservation)]
     return {key: value.value for key, value in event.metadata.items()}
 
 
@@ -201,7 +199,7 @@ def test_unpartitioned_pipelines_get_runs_without_a_partition_range(
     path = write_manifest(
         address=f"nats+jetstream://{nats_server.hostport}?subject={subject}", stream=stream_name
     )
-    path.write_text(path.read_text() + "  dagster: {partitions: none}\n")
+    path.write_text(path.read_text() + "  dagster: {partitions: none, run_mode: per_tick}\n")
     defs = build_pipeline_definitions(path)
     publisher.publish_orders(subject, 2)
 
@@ -254,7 +252,31 @@ def test_a_recreated_stream_is_reported_and_no_run_is_requested(
 
     assert not data.run_requests
     assert "recreated" in data.skip_message
-    assert len(data.asset_events) == 1  # the figures are still recorded
+    assert _observation(data)  # the figures are still recorded
+
+
+def test_lag_is_recorded_when_it_changes_and_the_check_when_its_result_changes(
+    nats_server, publisher, stream_name, subject, write_manifest
+):
+    path = write_manifest(
+        address=f"nats+jetstream://{nats_server.hostport}?subject={subject}", stream=stream_name
+    )
+    path.write_text(path.read_text() + "  dagster: {run_mode: per_tick, max_lag: 12}\n")
+    defs = build_pipeline_definitions(parse_pipeline(path))
+    publisher.publish_orders(subject, 10)
+
+    with dg.instance_for_test() as instance:
+        first = _tick(defs, instance)
+        same = _tick(defs, instance, cursor=first.cursor)
+        publisher.publish_orders(subject, 5, start=10)
+        changed = _tick(defs, instance, cursor=same.cursor)
+
+    kinds = [type(e).__name__ for e in first.asset_events]
+    assert kinds == ["AssetObservation", "AssetCheckEvaluation"]
+    assert not same.asset_events and same.run_requests  # nothing new to record; still a run
+    [observation, check] = changed.asset_events  # the lag moved, and past the bound
+    assert observation.metadata["nats/sequence_lag"].value == 15
+    assert check.check_name == "sequence_lag_within_bound" and not check.passed
 
 
 def test_a_probe_over_its_budget_is_cut_short(orders, publisher, subject):

@@ -118,6 +118,7 @@ def _serve(
     path = write_manifest(
         address=f"nats+jetstream://{userinfo}{server.hostport}?subject={SUBJECT}{query}",
         stream=STREAM,
+        run_mode="per_tick",
     )
     return server, path
 

@@ -11,7 +11,8 @@ does the same check without Dagster.
 
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +22,8 @@ from nilus_dagster.dagster.assets import build_nilus_asset
 from nilus_dagster.dagster.io_manager import NilusTableIOManager
 from nilus_dagster.dagster.resources import DeltaSinkResource, NatsResource, NilusResourceKeys
 from nilus_dagster.dagster.sensor import build_nilus_sensor, build_pipeline_job
+from nilus_dagster.dagster.service import ServiceGroup, build_service_job, service_groups
+from nilus_dagster.dagster.supervisor import build_service_sensor
 from nilus_dagster.dagster.translator import DagsterNilusTranslator
 from nilus_dagster.errors import ManifestError, Problem
 from nilus_dagster.manifest.depots import DEPOTS_ENV, LAKEHOUSE_ENV
@@ -69,14 +72,20 @@ def build_pipeline_definitions(
     translator: DagsterNilusTranslator | None = None,
     resources: Mapping[str, Any] | None = None,
     resource_keys: NilusResourceKeys | None = None,
+    with_service: bool = True,
 ) -> dg.Definitions:
-    """The asset (with its checks), the stream it reads, its job and its sensor.
+    """The asset (with its checks), the stream it reads, and what keeps it fresh.
+
+    A ``per_tick`` pipeline gets its job and sensor; a ``service`` pipeline a service job and
+    the job's supervisor sensor (see :mod:`nilus_dagster.dagster.service`).
 
     Args:
         pipeline: A validated pipeline, or the path of its manifest.
         translator: How the pipeline appears in Dagster.
         resources: Resources by key, over the shared defaults.
         resource_keys: The keys of the NATS and sink resources and of the table IO manager.
+        with_service: ``False`` leaves a service pipeline's job and supervisor out (the
+            caller groups several pipelines into one service run).
 
     Raises:
         ManifestError: The manifest (given as a path) does not validate.
@@ -88,14 +97,46 @@ def build_pipeline_definitions(
     translator = translator or DagsterNilusTranslator()
     keys = resource_keys or NilusResourceKeys()
     asset = build_nilus_asset(pipeline, translator=translator, resource_keys=keys)
-    job = build_pipeline_job(pipeline, asset, translator=translator)
-    sensor = build_nilus_sensor(pipeline, asset, translator=translator, resource_keys=keys, job=job)
-    return dg.Definitions(
+    parts = dg.Definitions(
         assets=[translator.get_stream_asset_spec(pipeline), asset],
-        jobs=[job],
-        sensors=[sensor],
         resources=_resources(keys, resources),
     )
+    if pipeline.run_mode == "per_tick":
+        job = build_pipeline_job(pipeline, asset, translator=translator)
+        sensor = build_nilus_sensor(
+            pipeline, asset, translator=translator, resource_keys=keys, job=job
+        )
+        return dg.Definitions.merge(parts, dg.Definitions(jobs=[job], sensors=[sensor]))
+    if not with_service:
+        return parts
+    # On its own, the pipeline is its own service group: named after it, so that the
+    # definitions of several pipelines merge without clashing job or sensor names.
+    group = ServiceGroup(pipeline.name, (pipeline,), (asset.key,))
+    return dg.Definitions.merge(parts, _service_parts([group], keys))
+
+
+def service_definitions(
+    pipelines: Sequence[Pipeline],
+    translator: DagsterNilusTranslator | None = None,
+    resource_keys: NilusResourceKeys | None = None,
+) -> dg.Definitions:
+    """The service jobs and their supervisor sensors for the service-mode ``pipelines``."""
+    keys = resource_keys or NilusResourceKeys()
+    return _service_parts(service_groups(pipelines, translator), keys)
+
+
+def _service_parts(groups: Sequence[ServiceGroup], keys: NilusResourceKeys) -> dg.Definitions:
+    jobs: list[dg.JobDefinition] = []
+    sensors: list[dg.SensorDefinition] = []
+    for group in groups:
+        if keys != NilusResourceKeys():
+            # A second deployment merged into the same code location: its jobs are named
+            # after its NATS resource, so that they do not clash with the first one's.
+            group = replace(group, name=f"{group.name}_{keys.nats}")
+        job = build_service_job(group, nats_key=keys.nats, sink_key=keys.sink)
+        jobs.append(job)
+        sensors.append(build_service_sensor(group, job, nats_key=keys.nats, sink_key=keys.sink))
+    return dg.Definitions(jobs=jobs, sensors=sensors)
 
 
 def build_nilus_definitions(
@@ -149,13 +190,19 @@ def build_nilus_definitions(
 
     pipelines, problems = collect_pipelines(target_list)
     per_pipeline: list[dg.Definitions] = []
+    built: list[Pipeline] = []
     for pipeline in pipelines:
         try:
             per_pipeline.append(
                 build_pipeline_definitions(
-                    pipeline, translator=translator, resources=resources, resource_keys=keys
+                    pipeline,
+                    translator=translator,
+                    resources=resources,
+                    resource_keys=keys,
+                    with_service=False,
                 )
             )
+            built.append(pipeline)
         except (dg.DagsterError, ValueError) as exc:
             # e.g. spec.dagster.partitions_start that Dagster cannot use.
             problems.append(Problem(str(pipeline.path), "spec.dagster", str(exc).splitlines()[0]))
@@ -174,7 +221,8 @@ def build_nilus_definitions(
         metadata[SKIPPED_METADATA_KEY] = dg.MetadataValue.md(
             "\n".join(f"- `{line}`" for line in lines)
         )
-    merged = dg.Definitions.merge(*per_pipeline) if per_pipeline else dg.Definitions()
+    per_pipeline.append(service_definitions(built, translator, keys))
+    merged = dg.Definitions.merge(*per_pipeline)
     return dg.Definitions(
         assets=_unique_streams(merged.assets or []),
         jobs=merged.jobs,

@@ -2,13 +2,15 @@
 
 Each tick compares the stream with the committed position (``measure_lag``: a few JetStream API
 calls and a read of the Delta log, bounded by the NATS resource's timeouts), records the lag as an
-``AssetObservation`` so the lag chart is continuous, and requests a run only when messages are
+``AssetObservation`` when it changed (and hourly otherwise) and the lag check when its result
+changed (:mod:`nilus_dagster.dagster.health`), and requests a run only when messages are
 pending and no run of the pipeline is queued or running. Runs carry no ``run_key``: a failed run
 is simply requested again on a later tick, because the messages are still pending.
 """
 
 import asyncio
 import math
+import time
 from datetime import datetime, timezone
 
 import dagster as dg
@@ -24,7 +26,7 @@ from nilus_dagster.dagster.constants import (
     RANGE_END_TAG,
     RANGE_START_TAG,
 )
-from nilus_dagster.dagster.metadata import lag_metadata
+from nilus_dagster.dagster.health import health_events, read_cursor, write_cursor
 from nilus_dagster.dagster.partitions import sensor_partition_range
 from nilus_dagster.dagster.resources import (
     DeltaSinkResource,
@@ -153,18 +155,23 @@ def evaluate_tick(
             skip_reason=f"{pipeline.name}: cannot measure the lag: {redact(exc)}"
         )
 
-    events = [dg.AssetObservation(asset_key=key, metadata=lag_metadata(lag))]
+    records = read_cursor(context.cursor)
+    events, records[pipeline.name] = health_events(
+        pipeline, key, lag, records.get(pipeline.name), time.time()
+    )
+    cursor = write_cursor(records)
     problem = lag.problem
     if problem:
         # A recreated stream needs a person; a run would only fail the same way.
         return dg.SensorResult(
-            skip_reason=f"{pipeline.name}: {redact(problem)}", asset_events=events
+            skip_reason=f"{pipeline.name}: {redact(problem)}", asset_events=events, cursor=cursor
         )
     if not lag.pending:
         return dg.SensorResult(
             skip_reason=f"{pipeline.name}: up to date (position {lag.position}, stream last "
             f"sequence {lag.stream_last_seq})",
             asset_events=events,
+            cursor=cursor,
         )
     in_flight = run_in_flight(context.instance, pipeline, key)
     if in_flight is not None:
@@ -172,6 +179,7 @@ def evaluate_tick(
             skip_reason=f"{pipeline.name}: {lag.sequence_lag} messages pending; run "
             f"{in_flight.run_id} is {in_flight.status.value}, the next tick looks again",
             asset_events=events,
+            cursor=cursor,
         )
     tags = {PIPELINE_TAG: pipeline.name, MODE_TAG: MODE_APPEND, POSITION_TAG: str(lag.position)}
     if isinstance(partitions_def, dg.TimeWindowPartitionsDefinition):
@@ -180,7 +188,9 @@ def evaluate_tick(
             tags[RANGE_START_TAG] = keys.start
             tags[RANGE_END_TAG] = keys.end
     return dg.SensorResult(
-        run_requests=[dg.RunRequest(asset_selection=[key], tags=tags)], asset_events=events
+        run_requests=[dg.RunRequest(asset_selection=[key], tags=tags)],
+        asset_events=events,
+        cursor=cursor,
     )
 
 

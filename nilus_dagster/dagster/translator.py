@@ -4,6 +4,7 @@ import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,7 @@ class DagsterNilusTranslator:
             metadata=self.get_metadata(pipeline),
             partitions_def=self.get_partitions_def(pipeline),
             deps=[self.get_stream_asset_key(pipeline)],
+            freshness_policy=self.get_freshness_policy(pipeline),
         )
 
     def get_stream_asset_key(self, pipeline: Pipeline) -> dg.AssetKey:
@@ -164,6 +166,22 @@ class DagsterNilusTranslator:
             if schema is not None:
                 metadata[META_COLUMN_SCHEMA] = dg.MetadataValue.table_schema(schema)
         return metadata
+
+    def get_freshness_policy(self, pipeline: Pipeline) -> dg.FreshnessPolicy | None:
+        """How stale the asset may get before the UI flags it.
+
+        A service run reports every ``report_every_seconds`` even when nothing arrives, so five
+        reports missed fail it (at least five minutes). Per-tick runs materialize only when
+        messages arrive, so an hour without one only warns, a day fails.
+        """
+        if pipeline.run_mode == "service":
+            every = pipeline.manifest.spec.dagster.service.report_every_seconds
+            return dg.FreshnessPolicy.time_window(
+                fail_window=timedelta(seconds=max(300.0, 5 * every))
+            )
+        return dg.FreshnessPolicy.time_window(
+            fail_window=timedelta(days=1), warn_window=timedelta(hours=1)
+        )
 
     def get_pool(self, pipeline: Pipeline) -> str:
         """The concurrency pool: one per pipeline, so that two runs never ingest at once."""

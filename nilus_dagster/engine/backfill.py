@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import random
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -9,8 +10,11 @@ from nilus_dagster.engine.report import RunReport
 from nilus_dagster.engine.settings import RuntimeSettings
 from nilus_dagster.jetstream import JetStreamSource, StreamState
 from nilus_dagster.messages import MessageBatch
-from nilus_dagster.sink import STREAM_CREATED_KEY, DeltaSink
+from nilus_dagster.sink import STREAM_CREATED_KEY, DeltaSink, PositionConflict
 from nilus_dagster.times import as_utc
+
+WINDOW_COMMIT_ATTEMPTS = 20
+"""How often a window replacement is tried again after another writer committed first."""
 
 
 async def replay_window(
@@ -71,18 +75,35 @@ async def replay_window(
     # but does not record them again.
     rows_written = 0
     if start < end:  # else the whole window is older than the stream's retention
-        result = await asyncio.to_thread(
-            sink.replace_window,
-            rows,
-            None,
-            start=start,
-            end=end,
-            commit_metadata={
-                STREAM_CREATED_KEY: stream.created.isoformat(),
-                "nilus.pipeline": pipeline.name,
-                "nilus.window": f"{start.isoformat()}/{end.isoformat()}",
-            },
-        )
+        metadata = {
+            STREAM_CREATED_KEY: stream.created.isoformat(),
+            "nilus.pipeline": pipeline.name,
+            "nilus.window": f"{start.isoformat()}/{end.isoformat()}",
+        }
+        for attempt in range(1, WINDOW_COMMIT_ATTEMPTS + 1):
+            try:
+                result = await asyncio.to_thread(
+                    sink.replace_window,
+                    rows,
+                    None,
+                    start=start,
+                    end=end,
+                    up_to=position,
+                    commit_metadata=metadata,
+                )
+                break
+            except PositionConflict:
+                # A service run (or another run) committed since the table was read. Its rows
+                # are after ``position`` and the replacement leaves them alone, so the same rows
+                # are committed again through a fresh snapshot.
+                if attempt == WINDOW_COMMIT_ATTEMPTS:
+                    raise
+                log.info(
+                    "%s: a concurrent commit moved the table; replacing the window again",
+                    pipeline.name,
+                )
+                await asyncio.sleep(random.uniform(0.05, 0.3) * attempt)
+                await asyncio.to_thread(sink.open)
         rows_written = result.rows_written
     final = await src.stream_state()
     newest_ts = await asyncio.to_thread(sink.newest_timestamp)

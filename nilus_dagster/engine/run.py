@@ -11,8 +11,9 @@ import functools
 import gc
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import ParamSpec
@@ -23,7 +24,7 @@ from nilus_dagster.engine.backfill import replay_window
 from nilus_dagster.engine.report import RunReport
 from nilus_dagster.engine.settings import RuntimeSettings, runtime_settings
 from nilus_dagster.engine.table import check_stream_identity, open_sink
-from nilus_dagster.jetstream import JetStreamSource
+from nilus_dagster.jetstream import JetStreamSource, StreamState
 from nilus_dagster.manifest.loader import Pipeline
 from nilus_dagster.messages import MessageBatch
 from nilus_dagster.sink import STREAM_CREATED_KEY, Decoded, DeltaSink, PositionConflict
@@ -69,8 +70,17 @@ class _Committer:
         self.messages = 0
         self.bytes = 0
         self.commits = 0
+        self.total_commits = 0  # never reset: ``replace`` overwrites on the first only
         self._parts: list[tuple[int, int, Decoded]] = []
         self._failed: BaseException | None = None
+
+    def reset_tally(self) -> None:
+        """Start counting afresh (a service reports what it committed since its last report).
+
+        The newest message time stays: it is the table's, not the interval's.
+        """
+        self.first_seq = self.last_seq = None
+        self.rows = self.dead = self.messages = self.bytes = self.commits = 0
 
     def prepare_part(self, part: MessageBatch) -> None:
         """Decode the next part of the coming commit's chunk ahead of that commit.
@@ -131,7 +141,7 @@ class _Committer:
                     decoded.rows,
                     decoded.dead_letters,
                     last_seq=chunk.last_seq,
-                    overwrite=self.replace_first and self.commits == 0,
+                    overwrite=self.replace_first and self.total_commits == 0,
                     commit_metadata=self.metadata,
                 )
                 break
@@ -145,6 +155,7 @@ class _Committer:
                     self.sink.position,
                 )
         self.commits += 1
+        self.total_commits += 1
         self.first_seq = chunk.first_seq if self.first_seq is None else self.first_seq
         self.last_seq = chunk.last_seq
         self.newest_ns = max(self.newest_ns or 0, max(chunk.timestamps_ns))
@@ -172,6 +183,88 @@ def _gc_frozen(run: Callable[P, Awaitable[RunReport]]) -> Callable[P, Awaitable[
             gc.unfreeze()
 
     return frozen
+
+
+@dataclass
+class Ingestion:
+    """An open pipeline: its settings, sink (the position), source, and what it committed.
+
+    One run drains through one of these; a service keeps one open and drains again and again.
+    """
+
+    settings: RuntimeSettings
+    sink: DeltaSink
+    src: JetStreamSource
+    committer: _Committer
+    started: float
+
+    @property
+    def position(self) -> int:
+        """The last stream sequence committed to the table."""
+        return self.sink.position
+
+    def start_point(self, first: bool) -> tuple[int, datetime | None]:
+        """Where the next pull starts: after the position, else the address's start.
+
+        ``start_time`` only applies to the very first pull of a table with no position.
+        """
+        position = self.sink.position
+        address = self.settings.address
+        start_seq = position + 1 if position else (address.start_sequence or 1)
+        start_time = (
+            address.start_time if first and not position and not address.start_sequence else None
+        )
+        return start_seq, start_time
+
+
+@asynccontextmanager
+async def open_pipeline(
+    pipeline: Pipeline,
+    *,
+    env: Mapping[str, str] | None = None,
+    servers: Sequence[str] | None = None,
+) -> AsyncIterator[tuple[RuntimeSettings, DeltaSink, JetStreamSource, StreamState]]:
+    """Open the sink (read the position) and the source, and check they belong together.
+
+    Raises:
+        SourceError: NATS cannot be used (auth, stream, subject, server).
+        PlaceholderError: A ``{VARIABLE}`` is not set.
+        PositionError: The stream was recreated since the position was committed.
+        SinkError: The table cannot be read.
+    """
+    settings = runtime_settings(pipeline, env=env, servers=servers)
+    sink = open_sink(settings)
+    state = await asyncio.to_thread(sink.open)
+    async with JetStreamSource(
+        settings.address,
+        pipeline.stream,
+        servers=settings.servers,
+        failover_timeout=settings.failover_timeout,
+    ) as src:
+        stream = await src.stream_state()
+        await src.check_subject(stream)
+        check_stream_identity(pipeline, stream, state.position, state.stream_created)
+        yield settings, sink, src, stream
+
+
+async def log_gap(log: logging.Logger, run: "Ingestion", stream: StreamState, position: int) -> int:
+    """The subject's sequences removed after ``position`` before ingestion (logged when any).
+
+    Stream-wide retention and purges, and per-subject ones on a shared stream
+    (``max_msgs_per_subject``, a purge by subject), without reading the stream.
+    """
+    gap = await run.src.removed_after(position, stream)
+    if gap:
+        log.warning(
+            "%s: %d messages after sequence %d were removed by the stream's retention or a "
+            "purge (of the stream, or of subject %s) before they were ingested; continuing "
+            "with the next message still stored",
+            run.settings.pipeline.name,
+            gap,
+            position,
+            run.settings.address.subject,
+        )
+    return gap
 
 
 @_gc_frozen
@@ -214,135 +307,28 @@ async def run_pipeline_async(
     """
     log = logger or globals()["logger"]
     started = time.monotonic()
-    settings = runtime_settings(pipeline, env=env, servers=servers)
-    sink = open_sink(settings)
-    state = await asyncio.to_thread(sink.open)
-    async with JetStreamSource(
-        settings.address,
-        pipeline.stream,
-        servers=settings.servers,
-        failover_timeout=settings.failover_timeout,
-    ) as src:
-        stream = await src.stream_state()
-        await src.check_subject(stream)
-        check_stream_identity(pipeline, stream, state.position, state.stream_created)
+    async with open_pipeline(pipeline, env=env, servers=servers) as (settings, sink, src, stream):
         if window is not None:
             return await replay_window(settings, sink, src, stream, window, started, log)
-        committer = _Committer(sink, settings, stream.created.isoformat())
-        position = state.position
-        gap = await src.removed_after(position, stream)
-        if gap:
-            log.warning(
-                "%s: %d messages after sequence %d were removed by the stream's retention or a "
-                "purge (of the stream, or of subject %s) before they were ingested; continuing "
-                "with the next message still stored",
-                pipeline.name,
-                gap,
-                position,
-                settings.address.subject,
-            )
-        address = settings.address
-        start_seq = position + 1 if position else (address.start_sequence or 1)
-        start_time = address.start_time if not position and not address.start_sequence else None
+        run = Ingestion(
+            settings, sink, src, _Committer(sink, settings, stream.created.isoformat()), started
+        )
+        gap = await log_gap(log, run, stream, sink.position)
+        start_seq, start_time = run.start_point(first=True)
         await src.align_durable(start_seq, start_time=start_time)
         drain = pipeline.manifest.source.options.run_in_loop if drain is None else drain
-        limit = (
-            max_messages if drain else min(max_messages or address.batch_size, address.batch_size)
+        batch_size = settings.address.batch_size
+        limit = max_messages if drain else min(max_messages or batch_size, batch_size)
+        await drain_to(
+            run,
+            start_seq,
+            target=stream.last_seq,
+            max_messages=limit,
+            start_time=start_time,
+            deadline=started + max_seconds if max_seconds else None,
+            on_progress=on_progress,
         )
-        target = stream.last_seq
-        options = pipeline.manifest.sink.options
-        max_rows, max_bytes = options.commit_max_rows, options.commit_max_bytes
-        part_rows = max(1, min(PART_ROWS, max_rows // 4))
-        deadline = started + max_seconds if max_seconds else None
-
-        chunk = MessageBatch()
-        chunk_bytes = 0
-        decoded_ahead = 0  # leading messages of ``chunk`` handed to prepare_part already
-        in_flight: asyncio.Future[int] | None = None
-        # One thread for all sink work: parts, commits and their order stay the pull's order.
-        worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nilus-commit")
-        loop = asyncio.get_running_loop()
-
-        async def flush(batch: MessageBatch) -> None:
-            nonlocal in_flight
-            if in_flight is not None:
-                await _committed(src, in_flight)
-            in_flight = loop.run_in_executor(worker, committer.commit, batch)
-            in_flight.add_done_callback(lambda _: report_progress())
-
-        def report_progress() -> None:
-            if on_progress is not None:
-                on_progress(
-                    Progress(committer.messages, sink.position, target, time.monotonic() - started)
-                )
-
-        try:
-            if start_seq <= target:
-                async for batch in src.messages(
-                    start_seq, stop_at_seq=target, max_messages=limit, start_time=start_time
-                ):
-                    batch = batch.after(max(position, chunk.last_seq if len(chunk) else 0))
-                    if not len(batch):
-                        continue
-                    chunk.extend(batch)
-                    chunk_bytes += batch.nbytes
-                    # Commits are bounded in rows and bytes whatever the pull size, so a busy
-                    # subject makes few large files and memory stays bounded by the commit size.
-                    while len(chunk) >= max_rows or chunk_bytes >= max_bytes:
-                        ready, chunk = chunk.split(min(max_rows, _fit(chunk, max_bytes)))
-                        chunk_bytes -= ready.nbytes
-                        decoded_ahead = 0
-                        await flush(ready)
-                    # What is left is within both bounds, so all of it belongs to the next
-                    # commit: decode it ahead in parts while the pull goes on.
-                    if len(chunk) - decoded_ahead >= part_rows:
-                        part = chunk.split(decoded_ahead)[1]
-                        decoded_ahead = len(chunk)
-                        loop.run_in_executor(worker, committer.prepare_part, part)
-                    if deadline and time.monotonic() > deadline:
-                        break
-            if len(chunk):
-                await flush(chunk)
-            if in_flight is not None:
-                await _committed(src, in_flight)
-        finally:
-            # Normally idle by now; after a failure, no sink work may outlive the run.
-            worker.shutdown(wait=True, cancel_futures=True)
-
-        final = await src.stream_state()
-        position = sink.position
-        sequence_lag = await src.pending_after(position) if position < final.last_seq else 0
-        newest = committer.newest_ns
-        row_count = await asyncio.to_thread(sink.row_count)
-        if newest is None:
-            newest_ts = await asyncio.to_thread(sink.newest_timestamp)
-            lag_seconds = (
-                (datetime.now(timezone.utc) - newest_ts).total_seconds() if newest_ts else None
-            )
-        else:
-            lag_seconds = max(0.0, time.time() - newest / 1e9)
-        report = RunReport(
-            pipeline=pipeline.name,
-            stream=pipeline.stream,
-            subject=address.subject,
-            table_uri=settings.location.uri,
-            first_seq=committer.first_seq,
-            last_seq=committer.last_seq,
-            position=position,
-            stream_last_seq=final.last_seq,
-            sequence_lag=sequence_lag,
-            lag_seconds=lag_seconds,
-            gap=gap,
-            row_count=row_count,
-            rows_written=committer.rows,
-            dead_letters=committer.dead,
-            messages=committer.messages,
-            bytes=committer.bytes,
-            commits=committer.commits,
-            duration_seconds=time.monotonic() - started,
-            durable=src.spec.durable,
-            realign_reasons=tuple(src.realign_reasons),
-        )
+        report = await build_report(run, gap=gap, since=started)
     log.info(
         "%s: committed %d messages (%s..%s) in %.2fs, %.0f msg/s; position %d, lag %d",
         pipeline.name,
@@ -355,6 +341,135 @@ async def run_pipeline_async(
         report.sequence_lag,
     )
     return report
+
+
+async def drain_to(
+    run: Ingestion,
+    start_seq: int,
+    *,
+    target: int,
+    max_messages: int | None = None,
+    start_time: datetime | None = None,
+    deadline: float | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+    stopping: Callable[[], bool] | None = None,
+) -> None:
+    """Pull from ``start_seq`` up to ``target`` and commit it all, in bounded commits.
+
+    Args:
+        run: The open pipeline.
+        start_seq: First sequence to pull (``start_time`` wins when given).
+        target: Last sequence to pull (the stream's last sequence when the drain starts).
+        max_messages: Stop after this many messages.
+        start_time: Pull from this stream time instead (a first run with ``start_time=``).
+        deadline: ``time.monotonic()`` after which pulling stops; what was pulled is committed.
+        on_progress: Called after every commit.
+        stopping: Polled after every pulled batch; ``True`` stops pulling like the deadline.
+    """
+    if start_seq > target:
+        return
+    src, sink, committer = run.src, run.sink, run.committer
+    position = sink.position
+    options = run.settings.pipeline.manifest.sink.options
+    max_rows, max_bytes = options.commit_max_rows, options.commit_max_bytes
+    part_rows = max(1, min(PART_ROWS, max_rows // 4))
+
+    chunk = MessageBatch()
+    chunk_bytes = 0
+    decoded_ahead = 0  # leading messages of ``chunk`` handed to prepare_part already
+    in_flight: asyncio.Future[int] | None = None
+    # One thread for all sink work: parts, commits and their order stay the pull's order.
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nilus-commit")
+    loop = asyncio.get_running_loop()
+
+    async def flush(batch: MessageBatch) -> None:
+        nonlocal in_flight
+        if in_flight is not None:
+            await _committed(src, in_flight)
+        in_flight = loop.run_in_executor(worker, committer.commit, batch)
+        in_flight.add_done_callback(lambda _: report_progress())
+
+    def report_progress() -> None:
+        if on_progress is not None:
+            on_progress(
+                Progress(committer.messages, sink.position, target, time.monotonic() - run.started)
+            )
+
+    try:
+        async with aclosing(
+            src.messages(
+                start_seq, stop_at_seq=target, max_messages=max_messages, start_time=start_time
+            )
+        ) as batches:
+            async for batch in batches:
+                batch = batch.after(max(position, chunk.last_seq if len(chunk) else 0))
+                if not len(batch):
+                    continue
+                chunk.extend(batch)
+                chunk_bytes += batch.nbytes
+                # Commits are bounded in rows and bytes whatever the pull size, so a busy
+                # subject makes few large files and memory stays bounded by the commit size.
+                while len(chunk) >= max_rows or chunk_bytes >= max_bytes:
+                    ready, chunk = chunk.split(min(max_rows, _fit(chunk, max_bytes)))
+                    chunk_bytes -= ready.nbytes
+                    decoded_ahead = 0
+                    await flush(ready)
+                # What is left is within both bounds, so all of it belongs to the next
+                # commit: decode it ahead in parts while the pull goes on.
+                if len(chunk) - decoded_ahead >= part_rows:
+                    part = chunk.split(decoded_ahead)[1]
+                    decoded_ahead = len(chunk)
+                    loop.run_in_executor(worker, committer.prepare_part, part)
+                if (deadline and time.monotonic() > deadline) or (stopping and stopping()):
+                    break
+        if len(chunk):
+            await flush(chunk)
+        if in_flight is not None:
+            await _committed(src, in_flight)
+    finally:
+        # Normally idle by now; after a failure or a cancel, no sink work may outlive the
+        # drain: a commit already running finishes (it is atomic), queued work is dropped.
+        worker.shutdown(wait=True, cancel_futures=True)
+
+
+async def build_report(run: Ingestion, *, gap: int, since: float) -> RunReport:
+    """The report of what ``run`` committed since ``since`` (``time.monotonic()``)."""
+    src, sink, committer = run.src, run.sink, run.committer
+    settings = run.settings
+    final = await src.stream_state()
+    position = sink.position
+    sequence_lag = await src.pending_after(position) if position < final.last_seq else 0
+    newest = committer.newest_ns
+    row_count = await asyncio.to_thread(sink.row_count)
+    if newest is None:
+        newest_ts = await asyncio.to_thread(sink.newest_timestamp)
+        lag_seconds = (
+            (datetime.now(timezone.utc) - newest_ts).total_seconds() if newest_ts else None
+        )
+    else:
+        lag_seconds = max(0.0, time.time() - newest / 1e9)
+    return RunReport(
+        pipeline=settings.pipeline.name,
+        stream=settings.pipeline.stream,
+        subject=settings.address.subject,
+        table_uri=settings.location.uri,
+        first_seq=committer.first_seq,
+        last_seq=committer.last_seq,
+        position=position,
+        stream_last_seq=final.last_seq,
+        sequence_lag=sequence_lag,
+        lag_seconds=lag_seconds,
+        gap=gap,
+        row_count=row_count,
+        rows_written=committer.rows,
+        dead_letters=committer.dead,
+        messages=committer.messages,
+        bytes=committer.bytes,
+        commits=committer.commits,
+        duration_seconds=time.monotonic() - since,
+        durable=src.spec.durable,
+        realign_reasons=tuple(src.realign_reasons),
+    )
 
 
 def _fit(chunk: MessageBatch, max_bytes: int) -> int:

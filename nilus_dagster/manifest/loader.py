@@ -94,6 +94,14 @@ class Pipeline:
         return self.manifest.source.options.source_table
 
     @property
+    def run_mode(self) -> str:
+        """``service`` or ``per_tick``: ``spec.dagster.run_mode``, else by ``run_in_loop``."""
+        mode = self.manifest.spec.dagster.run_mode
+        if mode is not None:
+            return mode
+        return "service" if self.manifest.source.options.run_in_loop else "per_tick"
+
+    @property
     def subject(self) -> str:
         """The subject the pipeline reads."""
         return self.manifest.source.address.subject

@@ -194,6 +194,35 @@ class Use(_Strict):
     projection: Projection = Projection()
 
 
+class ServiceSettings(_Strict):
+    """``spec.dagster.service``: how a service run carries the pipeline (all optional)."""
+
+    run_seconds: float = Field(
+        default=3600.0,
+        ge=1,
+        description="A service run ends by itself after this long (new code and manifests roll "
+        "out); the sensor starts the next one.",
+    )
+    report_every_seconds: float = Field(
+        default=60.0, gt=0, description="Report a materialization at least this often."
+    )
+    report_every_commits: PositiveInt = Field(
+        default=100, description="...or after this many commits, whichever comes first."
+    )
+    poll_seconds: float = Field(
+        default=1.0, gt=0, le=60, description="How often a caught-up service looks for messages."
+    )
+    max_pipelines: PositiveInt = Field(
+        default=20, description="Most pipelines of one group that one service run carries."
+    )
+    heartbeat_seconds: float = Field(
+        default=15.0,
+        gt=0,
+        description="How often a service run says it is alive; silent for four of these, the "
+        "supervisor takes its worker for dead and replaces the run.",
+    )
+
+
 class DagsterSettings(_Strict):
     """``spec.dagster``: how the pipeline appears in Dagster (all optional)."""
 
@@ -204,6 +233,12 @@ class DagsterSettings(_Strict):
     )
     max_lag: int = Field(default=10_000, ge=0, description="Sequence-lag check bound.")
     sensor_interval_seconds: PositiveInt | None = None
+    run_mode: Literal["service", "per_tick"] | None = Field(
+        default=None,
+        description="service: one long-lived run ingests and reports as it goes; per_tick: the "
+        "sensor requests a run per tick. Default: service when run_in_loop is true.",
+    )
+    service: ServiceSettings = ServiceSettings()
 
 
 class Spec(_Strict):

@@ -330,9 +330,15 @@ class DeltaSink:
         *,
         start: datetime,
         end: datetime,
+        up_to: int | None = None,
         commit_metadata: Mapping[str, str] | None = None,
     ) -> CommitResult:
         """Replace the rows whose ``_nats_timestamp`` is in ``[start, end)`` with ``rows``.
+
+        Only rows with ``_nats_seq <= up_to`` (default: the position) are replaced: the replay
+        read the stream up to there, and rows after it belong to the writer that keeps
+        appending (a service run), which may commit in between; retried after a
+        :class:`PositionConflict`, the same rows replace the same rows.
 
         Append and replace tables overwrite exactly that window (rows outside it are left
         alone; given rows outside it, or past the position, are ignored). Merge tables merge
@@ -350,11 +356,15 @@ class DeltaSink:
         if end <= start:
             raise SinkError(f"empty window {start.isoformat()}..{end.isoformat()}")
         metadata = self._metadata(commit_metadata)
-        predicate = f"`_nats_timestamp` >= '{_iso(start)}' AND `_nats_timestamp` < '{_iso(end)}'"
+        up_to = self.position if up_to is None else min(up_to, self.position)
+        predicate = (
+            f"`_nats_timestamp` >= '{_iso(start)}' AND `_nats_timestamp` < '{_iso(end)}' "
+            f"AND `_nats_seq` <= {int(up_to)}"
+        )
         # Messages past the position are the next normal run's to write; writing them here
         # would write them twice.
-        rows = _up_to(_in_window(rows, start, end), self.position)
-        dead = _up_to(_in_window(dead_letters, start, end), self.position)
+        rows = _up_to(_in_window(rows, start, end), up_to)
+        dead = _up_to(_in_window(dead_letters, start, end), up_to)
         dead_count = 0
         if dead is not None and (self._dead is not None or dead.num_rows):
             props = self._properties(self._dead_version, metadata)

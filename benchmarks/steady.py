@@ -1,0 +1,412 @@
+"""Steady state through Dagster: per-tick runs against a service run, side by side.
+
+``python -m benchmarks.steady`` runs, for each mode (``--modes per_tick,service``), a real
+``dagster dev`` (webserver, daemon, code server, run workers) on an instance stored in a fresh
+database of the machine's PostgreSQL, one or more pipelines (``--pipelines``) each fed by a
+publisher at ``--rate`` msg/s for ``--seconds``, and reports per mode:
+
+* CPU-seconds per million messages of every process in ``dagster dev``'s tree (webserver,
+  daemon, code server, run workers; nats-server and the publisher are not in it), sampled with
+  psutil every 0.2 s from the first published message until the last is committed. A process is
+  counted from the sample before it appears to its last sample, so a short-lived run worker's
+  last 0.2 s may be missed: per-tick mode is, if anything, under-counted.
+* publish-to-row latency p50/p99 (the Delta log entry's time minus ``_nats_timestamp``).
+* runs per pipeline-hour: each run weighted by the share of its life inside the window (a
+  service run that lives ``run_seconds`` counts window/``run_seconds``).
+* event-log rows per pipeline-hour (``event_logs`` rows stored in the window, by id).
+
+Every table is checked: each published sequence exactly once. Results go to
+``benchmarks/results/steady-<time>.json`` and ``.md``.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from benchmarks import latency as lat
+from benchmarks.workload import create_stream, orders
+from nilus_dagster.jetstream.local_server import LocalNatsServer, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+DAGSTER_DEV = [sys.executable, "-m", "dagster", "dev", "-w"]
+PG_ADMIN = {"host": "127.0.0.1", "port": 5432, "user": "postgres", "dbname": "postgres"}
+
+
+class TreeCpu:
+    """CPU-seconds used by a process and all its descendants, sampled in a thread."""
+
+    def __init__(self, root: int, every: float = 0.2):
+        self.root = root
+        self.every = every
+        self.seen: dict[tuple[int, float], tuple[float, float]] = {}  # (pid, born): first, last
+        self.kinds: dict[tuple[int, float], str] = {}
+        self.peak_rss = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _tree(self) -> list[psutil.Process]:
+        try:
+            root = psutil.Process(self.root)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def sample(self, baseline: bool = False) -> None:
+        rss = 0
+        for proc in self._tree():
+            try:
+                key = (proc.pid, proc.create_time())
+                times = proc.cpu_times()
+                used = times.user + times.system
+                rss += proc.memory_info().rss
+            except psutil.Error:
+                continue
+            first, _ = self.seen.get(key, (used if baseline else 0.0, 0.0))
+            self.seen[key] = (first, used)
+            if key not in self.kinds:
+                self.kinds[key] = _kind(proc)
+        self.peak_rss = max(self.peak_rss, rss)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            self.sample()
+
+    def start(self) -> None:
+        self.seen.clear()
+        self.sample(baseline=True)
+        self._thread.start()
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+        return sum(last - first for first, last in self.seen.values())
+
+    def by_kind(self) -> dict[str, float]:
+        """CPU-seconds per kind of process (webserver, daemon, code server, run worker...)."""
+        totals: dict[str, float] = {}
+        for key, (first, last) in self.seen.items():
+            kind = self.kinds.get(key, "other")
+            totals[kind] = round(totals.get(kind, 0.0) + last - first, 2)
+        return totals
+
+
+def _kind(proc: psutil.Process) -> str:
+    try:
+        cmd = " ".join(proc.cmdline())
+    except psutil.Error:
+        return "other"
+    for needle, kind in (
+        ("dagster_webserver", "webserver"),
+        ("_daemon run", "daemon"),
+        ("api grpc", "code server"),
+        ("code-server start", "code server proxy"),
+        ("dagster dev", "dagster dev"),
+        ("multiprocessing", "run worker"),
+        ("execute_run", "run worker"),
+    ):
+        if needle in cmd:
+            return kind
+    return cmd[:60]
+
+
+def _manifest(folder: Path, name: str, url: str, stream: str, mode: str, args: Any) -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(
+        textwrap.dedent(
+            f"""\
+            name: {name}
+            spec:
+              type: stream
+              source:
+                address: nats+jetstream://{url}?subject={stream}.{name}&batch_size=1000&timeout=1
+                options: {{source_table: {stream}, run_in_loop: true}}
+              sink:
+                address: dataos://lake?purpose=rw
+                options: {{dest_table: bench.{name.replace("-", "_")}}}
+              dagster:
+                partitions: none
+                run_mode: {mode}
+                sensor_interval_seconds: {args.sensor_interval}
+                service: {{run_seconds: {args.run_seconds}, report_every_seconds: 60}}
+            """
+        )
+    )
+    return path
+
+
+def _dagster_home(folder: Path, postgres_url: str) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "dagster.yaml").write_text(
+        textwrap.dedent(
+            f"""\
+            telemetry: {{enabled: false}}
+            storage:
+              postgres:
+                postgres_url: {postgres_url}
+            run_coordinator:
+              module: dagster._core.run_coordinator
+              class: QueuedRunCoordinator
+              config: {{dequeue_interval_seconds: 1}}
+            run_monitoring: {{enabled: true, poll_interval_seconds: 30}}
+            concurrency:
+              pools: {{default_limit: 1}}
+            """
+        )
+    )
+    import dagster as dg
+
+    dg.DagsterInstance.from_config(str(folder)).dispose()
+    return folder
+
+
+@contextlib.contextmanager
+def _database() -> Any:
+    import psycopg2
+
+    admin = psycopg2.connect(connect_timeout=3, **PG_ADMIN)
+    admin.autocommit = True
+    name = f"nilus_steady_{secrets.token_hex(4)}"
+    with admin.cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield name
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+def _max_event_id(db: str) -> int:
+    """The newest event-log row's id (rows are counted by id, not by their timestamps)."""
+    import psycopg2
+
+    with psycopg2.connect(**{**PG_ADMIN, "dbname": db}) as conn, conn.cursor() as cursor:
+        cursor.execute("SELECT coalesce(max(id), 0) FROM event_logs")
+        return int(cursor.fetchone()[0])
+
+
+def _run_weights(db: str, since: datetime, until: datetime, run_seconds: float) -> float:
+    """Runs in the window, each weighted by the share of its life inside the window."""
+    import psycopg2
+
+    with psycopg2.connect(**{**PG_ADMIN, "dbname": db}) as conn, conn.cursor() as cursor:
+        cursor.execute("SELECT start_time, end_time FROM runs WHERE start_time IS NOT NULL")
+        rows = cursor.fetchall()
+    lo, hi = since.timestamp(), until.timestamp()
+    total = 0.0
+    for start, end in rows:
+        life_end = end if end is not None else max(hi, start + run_seconds)
+        life = max(life_end - start, 1e-9)
+        overlap = max(0.0, min(hi, life_end) - max(lo, start))
+        total += overlap / life
+    return total
+
+
+def run_mode(mode: str, args: Any, work: Path, server: LocalNatsServer) -> dict[str, Any]:
+    """One mode, start to finish: returns its figures."""
+    folder = work / mode
+    (folder / "pipelines").mkdir(parents=True)
+    stream = f"STEADY_{mode.upper()}"
+    names = [f"steady-{i:03d}" for i in range(args.pipelines)]
+    asyncio.run(create_stream(server.url, stream, [f"{stream}.>"]))
+    for name in names:
+        _manifest(folder / "pipelines", name, server.hostport, stream, mode, args)
+    lakehouse = folder / "lakehouse"
+    uris = {n: str(lakehouse / "lake" / "bench" / n.replace("-", "_")) for n in names}
+    with _database() as db:
+        home = _dagster_home(folder / "home", f"postgresql+psycopg2://postgres@127.0.0.1:5432/{db}")
+        env = {
+            **os.environ,
+            "DAGSTER_HOME": str(home),
+            "NILUS_PIPELINES": str(folder / "pipelines"),
+            "NILUS_LAKEHOUSE": str(lakehouse),
+            "PYTHONUNBUFFERED": "1",
+        }
+        log = (folder / "dagster-dev.log").open("wb")
+        dev = subprocess.Popen(
+            [*DAGSTER_DEV, str(REPO / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(free_port())],
+            cwd=folder,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            warm = asyncio.run(_publish_each(server.url, stream, names, 1))
+            for name in names:
+                if not lat.wait_for_commit(uris[name], warm[name], timeout=240):
+                    raise RuntimeError(f"{mode}: {name} did not commit its first message")
+            cpu = TreeCpu(dev.pid)
+            first_event = _max_event_id(db)
+            since = datetime.now(timezone.utc)
+            cpu.start()
+            sent = asyncio.run(
+                _publish_all(server.url, stream, names, args.rate, args.seconds, args.size)
+            )
+            for name in names:
+                if not lat.wait_for_commit(uris[name], sent[name][-1], timeout=300):
+                    raise RuntimeError(f"{mode}: {name} did not catch up within 300 s")
+            cpu_seconds = cpu.stop()
+            until = datetime.now(timezone.utc)
+            event_rows = _max_event_id(db) - first_event
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                dev.send_signal(signal.SIGINT)
+            try:
+                dev.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(dev.pid, signal.SIGKILL)
+                dev.wait(10)
+            log.close()
+        hours = (until - since).total_seconds() / 3600
+        pipeline_hours = hours * len(names)
+        runs = _run_weights(db, since, until, args.run_seconds)
+    latencies: list[float] = []
+    exact = True
+    messages = 0
+    for name in names:
+        latencies += lat.row_latencies(uris[name], f"nilus-dagster/{name}", skip_until=warm[name])
+        rows = _table_seqs(uris[name])
+        expected = [warm[name], *sent[name]]
+        exact &= sorted(rows) == expected
+        messages += len(sent[name])
+    return {
+        "mode": mode,
+        "pipelines": len(names),
+        "messages": messages,
+        "window_seconds": round(hours * 3600, 1),
+        "cpu_seconds": round(cpu_seconds, 1),
+        "cpu_by_process": cpu.by_kind(),
+        "cpu_per_million": round(cpu_seconds / messages * 1e6, 1),
+        "cores": round(cpu_seconds / (hours * 3600), 3),
+        "peak_tree_rss_mb": round(cpu.peak_rss / 2**20),
+        "p50": lat.percentile(latencies, 50),
+        "p99": lat.percentile(latencies, 99),
+        "runs_per_pipeline_hour": round(runs / pipeline_hours, 2),
+        "event_rows_per_pipeline_hour": round(event_rows / pipeline_hours),
+        "exactly_once": exact,
+    }
+
+
+async def _publish_each(url: str, stream: str, names: list[str], count: int) -> dict[str, int]:
+    import nats
+
+    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
+    try:
+        js = nc.jetstream()
+        last = {}
+        for name in names:
+            for i in range(count):
+                ack = await js.publish(f"{stream}.{name}", json.dumps({"warm": i}).encode())
+                last[name] = ack.seq
+        return last
+    finally:
+        await nc.close()
+
+
+async def _publish_all(
+    url: str, stream: str, names: list[str], rate: float, seconds: float, size: int
+) -> dict[str, list[int]]:
+    """``rate`` msg/s in total, round-robin over the pipelines' subjects; their sequences."""
+    import nats
+
+    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
+    try:
+        js = nc.jetstream(publish_async_max_pending=20_000)
+        total = int(rate * seconds)
+        payloads = orders(1, total + 1, size)
+        futures: dict[str, list[Any]] = {n: [] for n in names}
+        sent = 0
+        began = time.perf_counter()
+        while sent < total:
+            due = min(total, int((time.perf_counter() - began) * rate))
+            while sent < due:
+                name = names[sent % len(names)]
+                futures[name].append(await js.publish_async(f"{stream}.{name}", next(payloads)))
+                sent += 1
+            await asyncio.sleep(0.005)
+        await asyncio.wait_for(js.publish_async_completed(), timeout=120)
+        return {n: [f.result().seq for f in fs] for n, fs in futures.items()}
+    finally:
+        await nc.close()
+
+
+def _table_seqs(uri: str) -> list[int]:
+    from deltalake import DeltaTable
+
+    return DeltaTable(uri).to_pyarrow_table(columns=["_nats_seq"])["_nats_seq"].to_pylist()
+
+
+def _markdown(results: list[dict[str, Any]], args: Any) -> str:
+    lines = [
+        f"Steady state: {args.pipelines} pipeline(s), {args.rate:g} msg/s in total for "
+        f"{args.seconds:g} s, `dagster dev` on PostgreSQL; sensor interval "
+        f"{args.sensor_interval} s (per-tick), service runs of {args.run_seconds:g} s.",
+        "",
+        "| mode | messages | CPU s | CPU s / 1M msg | cores | p50 s | p99 s | runs / pipeline-h "
+        "| event-log rows / pipeline-h | exactly once |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['mode']} | {r['messages']:,} | {r['cpu_seconds']} | {r['cpu_per_million']:,} "
+            f"| {r['cores']} | {r['p50']:.2f} | {r['p99']:.2f} | {r['runs_per_pipeline_hour']} "
+            f"| {r['event_rows_per_pipeline_hour']:,} | {r['exactly_once']} |"
+        )
+    by = {r["mode"]: r for r in results}
+    if "per_tick" in by and "service" in by:
+        tick, svc = by["per_tick"], by["service"]
+        cpu = svc["cpu_per_million"] / tick["cpu_per_million"]
+        rows = svc["event_rows_per_pipeline_hour"] / max(1, tick["event_rows_per_pipeline_hour"])
+        lines += ["", f"service / per-tick: CPU per message {cpu:.3f}, event-log rows {rows:.3f}"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.steady", description=__doc__)
+    parser.add_argument("--modes", default="per_tick,service")
+    parser.add_argument("--rate", type=float, default=1000.0, help="msg/s in total")
+    parser.add_argument("--seconds", type=float, default=300.0)
+    parser.add_argument("--pipelines", type=int, default=1)
+    parser.add_argument("--size", type=int, default=220)
+    parser.add_argument("--sensor-interval", type=int, default=1)
+    parser.add_argument("--run-seconds", type=float, default=3600.0)
+    args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="nilus-steady-"))
+    server = LocalNatsServer().start()
+    results = []
+    try:
+        for mode in args.modes.split(","):
+            result = run_mode(mode.strip(), args, work, server)
+            print(json.dumps(result), flush=True)
+            results.append(result)
+    finally:
+        server.stop()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    text = _markdown(results, args)
+    (RESULTS / f"steady-{stamp}.md").write_text(text)
+    (RESULTS / f"steady-{stamp}.json").write_text(json.dumps(results, indent=1))
+    print(text)
+    return 0 if all(r["exactly_once"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
