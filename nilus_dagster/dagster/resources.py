@@ -129,7 +129,9 @@ class DeployedPipeline(Pipeline):
         location = super().table_location(env, fill_secrets=fill_secrets)
         if not self.storage_options:
             return location
-        return TableLocation(location.uri, {**location.storage_options, **self.storage_options})
+        return replace(
+            location, storage_options={**location.storage_options, **self.storage_options}
+        )
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,13 @@ from nilus_dagster.engine.settings import RuntimeSettings
 from nilus_dagster.errors import PositionError
 from nilus_dagster.jetstream import JetStreamSource, StreamState
 from nilus_dagster.messages import MessageBatch
-from nilus_dagster.sink import STREAM_CREATED_KEY, DeltaSink
+from nilus_dagster.sink import STREAM_CREATED_KEY, SinkWriter
 from nilus_dagster.times import as_utc
 
 
 async def replay_window(
     settings: RuntimeSettings,
-    sink: DeltaSink,
+    sink: SinkWriter,
     src: JetStreamSource,
     stream: StreamState,
     window: tuple[datetime, datetime],

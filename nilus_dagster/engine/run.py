@@ -1,8 +1,8 @@
 """One run of a pipeline: position -> pull -> decode -> commit -> report.
 
-The Delta table is the only place the position lives. A run reads the committed version ``v``
-through the snapshot it will write through, pulls from ``v+1``, drops anything at or below the
-position, and commits each chunk with the new position in the same Delta transaction. Pulling
+The sink is the only place the position lives. A run reads the committed position ``v``
+through the writer it will commit through, pulls from ``v+1``, drops anything at or below the
+position, and commits each chunk with the new position in the same transaction. Pulling
 goes on while a chunk is decoded and committed in a worker thread.
 """
 
@@ -26,7 +26,7 @@ from nilus_dagster.engine.table import check_stream_identity, open_sink
 from nilus_dagster.jetstream import JetStreamSource
 from nilus_dagster.manifest.loader import Pipeline
 from nilus_dagster.messages import MessageBatch
-from nilus_dagster.sink import STREAM_CREATED_KEY, Decoded, DeltaSink, PositionConflict
+from nilus_dagster.sink import STREAM_CREATED_KEY, Decoded, PositionConflict, SinkWriter
 
 logger = logging.getLogger("nilus_dagster.engine")
 P = ParamSpec("P")
@@ -55,7 +55,7 @@ class Progress:
 class _Committer:
     """Decodes and commits chunks, in order, in a worker thread; tracks what was committed."""
 
-    def __init__(self, sink: DeltaSink, settings: RuntimeSettings, created: str):
+    def __init__(self, sink: SinkWriter, settings: RuntimeSettings, created: str):
         self.sink = sink
         self.settings = settings
         self.pipeline = settings.pipeline
@@ -216,140 +216,147 @@ async def run_pipeline_async(
     started = time.monotonic()
     settings = runtime_settings(pipeline, env=env, servers=servers)
     sink = open_sink(settings)
-    state = await asyncio.to_thread(sink.open)
-    async with JetStreamSource(settings.address, pipeline.stream, servers=settings.servers) as src:
-        stream = await src.stream_state()
-        await src.check_subject(stream)
-        check_stream_identity(pipeline, stream, state.position, state.stream_created)
-        if window is not None:
-            return await replay_window(settings, sink, src, stream, window, started, log)
-        committer = _Committer(sink, settings, stream.created.isoformat())
-        position = state.position
-        gap = stream.gap_after(position)
-        if gap:
-            log.warning(
-                "%s: %d messages (sequences %d..%d) were removed by the stream's retention or a "
-                "purge before they were ingested; continuing from %d",
-                pipeline.name,
-                gap,
-                position + 1,
-                stream.first_seq - 1,
-                stream.first_seq,
-            )
-        address = settings.address
-        start_seq = position + 1 if position else (address.start_sequence or 1)
-        start_time = address.start_time if not position and not address.start_sequence else None
-        await src.align_durable(start_seq, start_time=start_time)
-        drain = pipeline.manifest.source.options.run_in_loop if drain is None else drain
-        limit = (
-            max_messages if drain else min(max_messages or address.batch_size, address.batch_size)
-        )
-        target = stream.last_seq
-        options = pipeline.manifest.sink.options
-        max_rows, max_bytes = options.commit_max_rows, options.commit_max_bytes
-        part_rows = max(1, min(PART_ROWS, max_rows // 4))
-        deadline = started + max_seconds if max_seconds else None
-
-        chunk = MessageBatch()
-        chunk_bytes = 0
-        decoded_ahead = 0  # leading messages of ``chunk`` handed to prepare_part already
-        in_flight: asyncio.Future[int] | None = None
-        # One thread for all sink work: parts, commits and their order stay the pull's order.
-        worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nilus-commit")
-        loop = asyncio.get_running_loop()
-
-        async def flush(batch: MessageBatch) -> None:
-            nonlocal in_flight
-            if in_flight is not None:
-                await _committed(src, in_flight)
-            in_flight = loop.run_in_executor(worker, committer.commit, batch)
-            in_flight.add_done_callback(lambda _: report_progress())
-
-        def report_progress() -> None:
-            if on_progress is not None:
-                on_progress(
-                    Progress(committer.messages, sink.position, target, time.monotonic() - started)
+    with sink:
+        state = await asyncio.to_thread(sink.open)
+        async with JetStreamSource(
+            settings.address, pipeline.stream, servers=settings.servers
+        ) as src:
+            stream = await src.stream_state()
+            await src.check_subject(stream)
+            check_stream_identity(pipeline, stream, state.position, state.stream_created)
+            if window is not None:
+                return await replay_window(settings, sink, src, stream, window, started, log)
+            committer = _Committer(sink, settings, stream.created.isoformat())
+            position = state.position
+            gap = stream.gap_after(position)
+            if gap:
+                log.warning(
+                    "%s: %d messages (sequences %d..%d) were removed by the stream's retention "
+                    "or a purge before they were ingested; continuing from %d",
+                    pipeline.name,
+                    gap,
+                    position + 1,
+                    stream.first_seq - 1,
+                    stream.first_seq,
                 )
-
-        try:
-            if start_seq <= target:
-                async for batch in src.messages(
-                    start_seq, stop_at_seq=target, max_messages=limit, start_time=start_time
-                ):
-                    batch = batch.after(max(position, chunk.last_seq if len(chunk) else 0))
-                    if not len(batch):
-                        continue
-                    chunk.extend(batch)
-                    chunk_bytes += batch.nbytes
-                    # Commits are bounded in rows and bytes whatever the pull size, so a busy
-                    # subject makes few large files and memory stays bounded by the commit size.
-                    while len(chunk) >= max_rows or chunk_bytes >= max_bytes:
-                        ready, chunk = chunk.split(min(max_rows, _fit(chunk, max_bytes)))
-                        chunk_bytes -= ready.nbytes
-                        decoded_ahead = 0
-                        await flush(ready)
-                    # What is left is within both bounds, so all of it belongs to the next
-                    # commit: decode it ahead in parts while the pull goes on.
-                    if len(chunk) - decoded_ahead >= part_rows:
-                        part = chunk.split(decoded_ahead)[1]
-                        decoded_ahead = len(chunk)
-                        loop.run_in_executor(worker, committer.prepare_part, part)
-                    if deadline and time.monotonic() > deadline:
-                        break
-            if len(chunk):
-                await flush(chunk)
-            if in_flight is not None:
-                await _committed(src, in_flight)
-        finally:
-            # Normally idle by now; after a failure, no sink work may outlive the run.
-            worker.shutdown(wait=True, cancel_futures=True)
-
-        final = await src.stream_state()
-        position = sink.position
-        sequence_lag = await src.pending_after(position) if position < final.last_seq else 0
-        newest = committer.newest_ns
-        row_count = await asyncio.to_thread(sink.row_count)
-        if newest is None:
-            newest_ts = await asyncio.to_thread(sink.newest_timestamp)
-            lag_seconds = (
-                (datetime.now(timezone.utc) - newest_ts).total_seconds() if newest_ts else None
+            address = settings.address
+            start_seq = position + 1 if position else (address.start_sequence or 1)
+            start_time = address.start_time if not position and not address.start_sequence else None
+            await src.align_durable(start_seq, start_time=start_time)
+            drain = pipeline.manifest.source.options.run_in_loop if drain is None else drain
+            limit = (
+                max_messages
+                if drain
+                else min(max_messages or address.batch_size, address.batch_size)
             )
-        else:
-            lag_seconds = max(0.0, time.time() - newest / 1e9)
-        report = RunReport(
-            pipeline=pipeline.name,
-            stream=pipeline.stream,
-            subject=address.subject,
-            table_uri=settings.location.uri,
-            first_seq=committer.first_seq,
-            last_seq=committer.last_seq,
-            position=position,
-            stream_last_seq=final.last_seq,
-            sequence_lag=sequence_lag,
-            lag_seconds=lag_seconds,
-            gap=gap,
-            row_count=row_count,
-            rows_written=committer.rows,
-            dead_letters=committer.dead,
-            messages=committer.messages,
-            bytes=committer.bytes,
-            commits=committer.commits,
-            duration_seconds=time.monotonic() - started,
-            durable=src.spec.durable,
-            realign_reasons=tuple(src.realign_reasons),
+            target = stream.last_seq
+            options = pipeline.manifest.sink.options
+            max_rows, max_bytes = options.commit_max_rows, options.commit_max_bytes
+            part_rows = max(1, min(PART_ROWS, max_rows // 4))
+            deadline = started + max_seconds if max_seconds else None
+
+            chunk = MessageBatch()
+            chunk_bytes = 0
+            decoded_ahead = 0  # leading messages of ``chunk`` handed to prepare_part already
+            in_flight: asyncio.Future[int] | None = None
+            # One thread for all sink work: parts, commits and their order stay the pull's order.
+            worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nilus-commit")
+            loop = asyncio.get_running_loop()
+
+            async def flush(batch: MessageBatch) -> None:
+                nonlocal in_flight
+                if in_flight is not None:
+                    await _committed(src, in_flight)
+                in_flight = loop.run_in_executor(worker, committer.commit, batch)
+                in_flight.add_done_callback(lambda _: report_progress())
+
+            def report_progress() -> None:
+                if on_progress is not None:
+                    on_progress(
+                        Progress(
+                            committer.messages, sink.position, target, time.monotonic() - started
+                        )
+                    )
+
+            try:
+                if start_seq <= target:
+                    async for batch in src.messages(
+                        start_seq, stop_at_seq=target, max_messages=limit, start_time=start_time
+                    ):
+                        batch = batch.after(max(position, chunk.last_seq if len(chunk) else 0))
+                        if not len(batch):
+                            continue
+                        chunk.extend(batch)
+                        chunk_bytes += batch.nbytes
+                        # Commits are bounded in rows and bytes whatever the pull size, so a busy
+                        # subject makes few large files and memory stays bounded by the commit size.
+                        while len(chunk) >= max_rows or chunk_bytes >= max_bytes:
+                            ready, chunk = chunk.split(min(max_rows, _fit(chunk, max_bytes)))
+                            chunk_bytes -= ready.nbytes
+                            decoded_ahead = 0
+                            await flush(ready)
+                        # What is left is within both bounds, so all of it belongs to the next
+                        # commit: decode it ahead in parts while the pull goes on.
+                        if len(chunk) - decoded_ahead >= part_rows:
+                            part = chunk.split(decoded_ahead)[1]
+                            decoded_ahead = len(chunk)
+                            loop.run_in_executor(worker, committer.prepare_part, part)
+                        if deadline and time.monotonic() > deadline:
+                            break
+                if len(chunk):
+                    await flush(chunk)
+                if in_flight is not None:
+                    await _committed(src, in_flight)
+            finally:
+                # Normally idle by now; after a failure, no sink work may outlive the run.
+                worker.shutdown(wait=True, cancel_futures=True)
+
+            final = await src.stream_state()
+            position = sink.position
+            sequence_lag = await src.pending_after(position) if position < final.last_seq else 0
+            newest = committer.newest_ns
+            row_count = await asyncio.to_thread(sink.row_count)
+            if newest is None:
+                newest_ts = await asyncio.to_thread(sink.newest_timestamp)
+                lag_seconds = (
+                    (datetime.now(timezone.utc) - newest_ts).total_seconds() if newest_ts else None
+                )
+            else:
+                lag_seconds = max(0.0, time.time() - newest / 1e9)
+            report = RunReport(
+                pipeline=pipeline.name,
+                stream=pipeline.stream,
+                subject=address.subject,
+                table_uri=settings.location.uri,
+                first_seq=committer.first_seq,
+                last_seq=committer.last_seq,
+                position=position,
+                stream_last_seq=final.last_seq,
+                sequence_lag=sequence_lag,
+                lag_seconds=lag_seconds,
+                gap=gap,
+                row_count=row_count,
+                rows_written=committer.rows,
+                dead_letters=committer.dead,
+                messages=committer.messages,
+                bytes=committer.bytes,
+                commits=committer.commits,
+                duration_seconds=time.monotonic() - started,
+                durable=src.spec.durable,
+                realign_reasons=tuple(src.realign_reasons),
+            )
+        log.info(
+            "%s: committed %d messages (%s..%s) in %.2fs, %.0f msg/s; position %d, lag %d",
+            pipeline.name,
+            report.messages,
+            report.first_seq,
+            report.last_seq,
+            report.duration_seconds,
+            report.messages_per_second,
+            report.position,
+            report.sequence_lag,
         )
-    log.info(
-        "%s: committed %d messages (%s..%s) in %.2fs, %.0f msg/s; position %d, lag %d",
-        pipeline.name,
-        report.messages,
-        report.first_seq,
-        report.last_seq,
-        report.duration_seconds,
-        report.messages_per_second,
-        report.position,
-        report.sequence_lag,
-    )
-    return report
+        return report
 
 
 def _fit(chunk: MessageBatch, max_bytes: int) -> int:

@@ -20,7 +20,7 @@ Delta table at ``<root>/<schema>/<table>``.
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from nilus_dagster.errors import ManifestError, Problem
@@ -37,10 +37,21 @@ DEAD_LETTER_SUFFIX = "__dead_letters"
 
 @dataclass(frozen=True)
 class TableLocation:
-    """A Delta table's URI and the storage options ``deltalake`` needs to reach it."""
+    """Where a sink's table is, and what its writer needs to reach it.
+
+    Attributes:
+        uri: The table's location as people and downstream loaders see it: the Delta table's
+            URI, or for a database the server, database and table (never a secret).
+        storage_options: What the writer connects with, secrets filled at run time:
+            ``deltalake`` storage options for Delta, connection parameters for a database.
+        kind: The writer that serves it: the depot ``type`` (``delta`` by default).
+        table: ``schema.table`` inside the store, for stores that name tables (databases).
+    """
 
     uri: str
     storage_options: Mapping[str, str] = field(default_factory=dict)
+    kind: str = "delta"
+    table: str = ""
 
     @property
     def is_local(self) -> bool:
@@ -50,7 +61,11 @@ class TableLocation:
 
     def sibling(self, suffix: str) -> "TableLocation":
         """The location of a table next to this one (the dead-letter table)."""
-        return TableLocation(self.uri.rstrip("/") + suffix, self.storage_options)
+        return replace(
+            self,
+            uri=self.uri.rstrip("/") + suffix,
+            table=self.table + suffix if self.table else "",
+        )
 
 
 @dataclass(frozen=True)
