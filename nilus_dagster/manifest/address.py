@@ -9,11 +9,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from difflib import get_close_matches
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import parse_qsl, unquote
 
 from nilus_dagster.manifest.placeholders import fill, placeholders_in
 from nilus_dagster.redaction import register_secret
+
+if TYPE_CHECKING:
+    from nilus_dagster.manifest.postgres_url import PostgresUrl
 
 NATS_SCHEME = "nats+jetstream"
 DEFAULT_HOST = "localhost"
@@ -426,12 +429,14 @@ def parse_nats_address(raw: str) -> NatsAddress:
 
 @dataclass(frozen=True)
 class SinkAddress:
-    """A parsed sink address: a ``dataos://`` depot or a direct storage root URI."""
+    """A parsed sink address: a ``dataos://`` depot, a direct storage root URI, or a
+    ``postgresql://`` database (``postgres``, placeholders unfilled)."""
 
     raw: str
     depot: str | None = None
     root: str | None = None
     params: tuple[tuple[str, str], ...] = ()
+    postgres: "PostgresUrl | None" = None
 
     @property
     def is_depot(self) -> bool:
@@ -474,8 +479,12 @@ def parse_sink_address(raw: str) -> SinkAddress:
         return SinkAddress(raw=text, depot=depot, params=params)
     if scheme in DIRECT_SCHEMES:
         return SinkAddress(raw=text, root=text.rstrip("/"))
+    from nilus_dagster.manifest.postgres_url import POSTGRES_SCHEMES, parse_postgres_url
+
+    if scheme in POSTGRES_SCHEMES:
+        return SinkAddress(raw=text, postgres=parse_postgres_url(text))
     raise AddressError(
         "scheme",
         f"{scheme!r} is not a supported sink; use dataos://<depot>, s3://, gs://, az://, "
-        "file:// or a local folder",
+        "file://, a local folder or postgresql://USER[:PASSWORD]@HOST[:PORT]/DB",
     )

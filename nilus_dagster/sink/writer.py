@@ -227,7 +227,7 @@ class SinkWriter(ABC):
         Returns:
             Conformed rows and all dead letters (decoding's, then conforming's).
         """
-        schema = self.schema()
+        schema = self.conform_schema()
         if decoder is None:
             decoder = self._decoders.setdefault(format, BatchDecoder(format))
         decoded = decode(batch, format, decoder=decoder, table_schema=schema)
@@ -257,7 +257,11 @@ class SinkWriter(ABC):
         Returns:
             ``(rows, dead_letters)``.
         """
-        return conform(rows, self.schema(), payloads=payloads, required=self._required)
+        return conform(rows, self.conform_schema(), payloads=payloads, required=self._required)
+
+    def conform_schema(self) -> pa.Schema | None:
+        """The columns rows are conformed to (and can conflict with): the table's by default."""
+        return self.schema()
 
     # -- writing -------------------------------------------------------------------------------
 
