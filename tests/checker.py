@@ -132,7 +132,7 @@ class _PostgresReader:
 
     def _exists(self, table: str) -> bool:
         found = self.conn.execute(
-            "SELECT to_regclass(format('%I.%I', %s::text, %s::text))", (self.schema, table)
+            "SELECT to_regclass(format('%%I.%%I', %s::text, %s::text))", (self.schema, table)
         ).fetchone()
         return found is not None and found[0] is not None
 

@@ -9,14 +9,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from difflib import get_close_matches
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 from urllib.parse import parse_qsl, unquote
 
 from nilus_dagster.manifest.placeholders import fill, placeholders_in
+from nilus_dagster.manifest.postgres_url import POSTGRES_SCHEMES, PostgresUrl, parse_postgres_url
 from nilus_dagster.redaction import register_secret
-
-if TYPE_CHECKING:
-    from nilus_dagster.manifest.postgres_url import PostgresUrl
 
 NATS_SCHEME = "nats+jetstream"
 DEFAULT_HOST = "localhost"
@@ -436,7 +434,7 @@ class SinkAddress:
     depot: str | None = None
     root: str | None = None
     params: tuple[tuple[str, str], ...] = ()
-    postgres: "PostgresUrl | None" = None
+    postgres: PostgresUrl | None = None
 
     @property
     def is_depot(self) -> bool:
@@ -479,8 +477,6 @@ def parse_sink_address(raw: str) -> SinkAddress:
         return SinkAddress(raw=text, depot=depot, params=params)
     if scheme in DIRECT_SCHEMES:
         return SinkAddress(raw=text, root=text.rstrip("/"))
-    from nilus_dagster.manifest.postgres_url import POSTGRES_SCHEMES, parse_postgres_url
-
     if scheme in POSTGRES_SCHEMES:
         return SinkAddress(raw=text, postgres=parse_postgres_url(text))
     raise AddressError(

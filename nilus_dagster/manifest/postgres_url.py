@@ -9,7 +9,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, quote, unquote
 
-from nilus_dagster.manifest.address import AddressError
 from nilus_dagster.manifest.placeholders import PLACEHOLDER, fill, placeholders_in
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
@@ -75,6 +74,9 @@ def parse_postgres_url(raw: str) -> PostgresUrl:
     Raises:
         AddressError: A part is missing or malformed; the message says what to write.
     """
+    # address.py imports this module for its sink addresses: its error class is read here.
+    from nilus_dagster.manifest.address import AddressError
+
     text = raw.strip()
     scheme, sep, rest = text.partition("://")
     if not sep or scheme.lower() not in POSTGRES_SCHEMES:
