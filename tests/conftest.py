@@ -4,8 +4,10 @@ import asyncio
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
@@ -321,6 +323,17 @@ class PostgresDatabase:
     def __init__(self, name: str):
         self.name = name
         self.host, self.port, self.user = POSTGRES_HOST, POSTGRES_PORT, POSTGRES_ADMIN
+        self.roles: list[str] = []
+
+    def role(self, *grants: str) -> str:
+        """A login role of this test (trust auth: no password), with ``GRANT``s run as the
+        admin in this database (``{role}`` in them is the role's quoted name)."""
+        name = f"{self.name}_r{len(self.roles)}"
+        _postgres_admin(f'CREATE ROLE "{name}" LOGIN')
+        self.roles.append(name)
+        for grant in grants:
+            self.query(grant.format(role=f'"{name}"'))
+        return name
 
     @property
     def url(self) -> str:
@@ -374,3 +387,59 @@ def postgres_database() -> Iterator[PostgresDatabase]:
         yield database
     finally:
         _postgres_admin(f'DROP DATABASE IF EXISTS "{database.name}" WITH (FORCE)')
+        for role in database.roles:
+            _postgres_admin(f'DROP ROLE IF EXISTS "{role}"')
+
+
+@pytest.fixture
+def password_postgres() -> Iterator[dict[str, str]]:
+    """A PostgreSQL server of the test's own that checks passwords (scram-sha-256), on a free
+    port: the machine's server trusts every local user. Yields host, port, user, password."""
+    from nilus_dagster.jetstream.local_server import free_port
+
+    binaries = Path("/usr/lib/postgresql/15/bin")
+    if not (binaries / "initdb").exists():
+        pytest.skip("PostgreSQL 15's server binaries are not installed")
+    # Not under pytest's temp folder: the postgres user must reach it, and that one is 0700.
+    folder = Path(tempfile.mkdtemp(prefix="nilus-pg-"))
+    (folder / "pw").write_text("right-password\n")
+    as_owner: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses root: run the server as the postgres user
+        shutil.chown(folder, "postgres")
+        shutil.chown(folder / "pw", "postgres")
+        as_owner = ["runuser", "-u", "postgres", "--"]
+    data, port = folder / "data", free_port()
+    subprocess.run(
+        [
+            *as_owner,
+            str(binaries / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            "postgres",
+            "--auth=scram-sha-256",
+            f"--pwfile={folder / 'pw'}",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off"
+    ctl = [*as_owner, str(binaries / "pg_ctl"), "-D", str(data), "-w", "-t", "60"]
+    subprocess.run(
+        [*ctl, "-o", options, "-l", str(folder / "log"), "start"],
+        check=True,
+        capture_output=True,
+        timeout=90,
+    )
+    try:
+        yield {
+            "host": "127.0.0.1",
+            "port": str(port),
+            "user": "postgres",
+            "password": "right-password",
+            "dbname": "postgres",
+        }
+    finally:
+        subprocess.run([*ctl, "-m", "immediate", "stop"], capture_output=True, timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)
