@@ -12,7 +12,12 @@ from nilus_dagster.dagster.definitions import (
     default_resources,
 )
 from nilus_dagster.dagster.partitions import build_partitions_def, sensor_partition_range
-from nilus_dagster.dagster.resources import DeltaSinkResource, NatsResource, engine_call
+from nilus_dagster.dagster.resources import (
+    DeltaSinkResource,
+    NatsResource,
+    PostgresResource,
+    engine_call,
+)
 from nilus_dagster.dagster.sensor import build_nilus_sensor
 from nilus_dagster.dagster.translator import DagsterNilusTranslator
 
@@ -22,6 +27,7 @@ __all__ = [
     "NatsResource",
     "NilusPipelinesComponent",
     "NilusRunConfig",
+    "PostgresResource",
     "build_check_specs",
     "build_nilus_asset",
     "build_nilus_definitions",

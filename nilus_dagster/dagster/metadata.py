@@ -79,7 +79,8 @@ def column_schema(location: TableLocation) -> dg.TableSchema | None:
         columns=[
             dg.TableColumn(
                 name=f.name,
-                type=str(f.type),
+                # A database's own type name where the writer gives one (PostgreSQL's jsonb).
+                type=(f.metadata or {}).get(b"postgresql.type", str(f.type).encode()).decode(),
                 constraints=dg.TableColumnConstraints(nullable=f.nullable),
             )
             for f in schema

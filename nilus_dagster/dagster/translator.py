@@ -28,6 +28,7 @@ from nilus_dagster.redaction import redact
 
 _NOT_NAME_CHARS = re.compile(r"[^A-Za-z0-9_]")
 _NOT_TAG_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
+_KINDS = {"postgresql": "postgres"}  # depot type -> Dagster's name for the kind
 
 
 def dagster_name(text: str) -> str:
@@ -101,7 +102,12 @@ class DagsterNilusTranslator:
         return {_tag_key(tag): "" for tag in pipeline.manifest.tags if tag.strip()}
 
     def get_kinds(self, pipeline: Pipeline) -> set[str]:
-        return {"nats", "delta"}
+        """``nats`` and the sink's store: ``delta`` or ``postgres`` (Dagster's kind names)."""
+        try:
+            kind = pipeline.table_location(self.display_env, fill_secrets=False).kind
+        except NilusError:
+            kind = "delta"
+        return {"nats", _KINDS.get(kind, kind)}
 
     def get_partitions_def(self, pipeline: Pipeline) -> dg.TimeWindowPartitionsDefinition | None:
         return build_partitions_def(pipeline)
