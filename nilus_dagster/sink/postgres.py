@@ -20,7 +20,6 @@ import pyarrow.compute as pc
 from nilus_dagster.errors import SinkError
 from nilus_dagster.manifest.depots import DEAD_LETTER_SUFFIX, TableLocation
 from nilus_dagster.messages import MessageBatch
-from nilus_dagster.redaction import redact
 from nilus_dagster.sink import postgres_catalog as catalog
 from nilus_dagster.sink.decode import BatchDecoder, Decoded, PayloadFormat
 from nilus_dagster.sink.postgres_catalog import POSITIONS_TABLE
@@ -31,10 +30,10 @@ from nilus_dagster.sink.postgres_types import (
     postgres_type,
     qualified,
     quote,
-    too_long,
+    without_long_names,
 )
 from nilus_dagster.sink.rows import after_position, in_window, latest_per_key, up_to_position, utc
-from nilus_dagster.sink.schema import METADATA_SCHEMA, dead_letter_table
+from nilus_dagster.sink.schema import METADATA_SCHEMA
 from nilus_dagster.sink.writer import (
     STREAM_CREATED_KEY,
     CommitResult,
@@ -48,8 +47,6 @@ from nilus_dagster.sink.writer import (
 logger = logging.getLogger("nilus_dagster.sink")
 
 _STAGE = "nilus_stage"
-# SQLSTATEs of a lost race with another writer creating the same table, column or index.
-_RACES = ("23505", "42P07", "42701", "40P01", "40001")
 _NAME_FIX = "shorten it (PostgreSQL names hold 63 bytes)"
 
 
@@ -243,29 +240,7 @@ class PostgresSink(SinkWriter):
         decoder: BatchDecoder | None = None,
     ) -> Decoded:
         decoded = super().prepare(batch, format=format, decoder=decoder)
-        long = [name for name in decoded.rows.column_names if too_long(name)]
-        if not long:
-            return decoded
-        # A field name PostgreSQL would truncate cannot become a column: the messages that
-        # carry it are dead letters, the rest are written without it.
-        rows = decoded.rows
-        carries = pc.is_valid(rows.column(long[0]))
-        for name in long[1:]:
-            carries = pc.or_(carries, pc.is_valid(rows.column(name)))
-        index = {seq: i for i, seq in enumerate(batch.sequences)}
-        failures = [
-            (
-                index[seq],
-                f"field name(s) {', '.join(repr(n) for n in long)} longer than PostgreSQL's "
-                "63-byte limit: shorten the field in the messages",
-            )
-            for seq in rows.filter(carries).column("_nats_seq").to_pylist()
-        ]
-        dead = dead_letter_table(batch, failures)
-        kept = rows.filter(pc.invert(carries)).drop_columns(long)
-        if decoded.dead_letters.num_rows:
-            dead = pa.concat_tables([decoded.dead_letters, dead])
-        return Decoded(kept, dead)
+        return without_long_names(decoded, batch)
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -316,7 +291,7 @@ class PostgresSink(SinkWriter):
             raise
         except Exception as exc:
             conn.rollback()
-            raise self._error(exc, "commit to") from None
+            raise catalog.write_error(exc, f"cannot commit to {self.location.uri}") from None
         self._columns, self._dead_columns = columns, dead_columns
         self._position, self._stream_created, self._newest = last_seq, created, newest
         return CommitResult(rows.num_rows, dead_count, None, last_seq)
@@ -362,7 +337,9 @@ class PostgresSink(SinkWriter):
             raise
         except Exception as exc:
             conn.rollback()
-            raise self._error(exc, "replace the window of") from None
+            raise catalog.write_error(
+                exc, f"cannot replace the window of {self.location.uri}"
+            ) from None
         self._columns, self._dead_columns = columns, dead_columns
         return CommitResult(rows.num_rows, dead_count, None, self._position)
 
@@ -474,30 +451,6 @@ class PostgresSink(SinkWriter):
         columns = self._ensure_table(self.dead_table, dead, self._dead_columns)
         self._load(self.dead_table, dead, columns)
         return columns, dead.num_rows
-
-    def _error(self, exc: Exception, action: str) -> SinkError:
-        if isinstance(exc, SinkError):
-            return exc
-        text = error_text(exc)
-        state = str(getattr(exc, "sqlstate", "") or "")
-        where = f"cannot {action} {self.location.uri}"
-        if state in _RACES:
-            # Another writer created the same table, column or index at the same moment.
-            return PositionConflict(f"{where}: {text}; open() again")
-        if state == "25006" or "read-only transaction" in text:
-            return SinkError(
-                f"{where}: the server is read-only (a standby, or default_transaction_read_only "
-                f"is on): point the sink at the primary server ({text})"
-            )
-        if state == "42501" or "permission denied" in text or "must be owner" in text:
-            return SinkError(
-                f"{where}: a privilege is missing ({text}). The sink user needs USAGE and "
-                "CREATE on the schema, INSERT (merge: SELECT, UPDATE, DELETE; replace: "
-                "TRUNCATE) on the table, and ownership of the table to add columns"
-            )
-        if state.startswith("08") or "server closed the connection" in text:
-            return SinkError(f"{where}: the connection to PostgreSQL was lost ({text}); retry")
-        return SinkError(f"{where}: {redact(text)}")
 
 
 def _for_postgres(rows: pa.Table, columns: Mapping[str, str]) -> pa.Table:

@@ -12,7 +12,7 @@ from typing import Any
 from nilus_dagster.errors import SinkError
 from nilus_dagster.manifest.postgres_url import connection_uri
 from nilus_dagster.sink.postgres_types import qualified, quote
-from nilus_dagster.sink.writer import error_text
+from nilus_dagster.sink.writer import PositionConflict, error_text
 
 POSITIONS_TABLE = "nilus_positions"
 """Per schema: one row per (pipeline, table) holding the committed position."""
@@ -228,3 +228,31 @@ def ensure_positions_table(conn: Any, schema: str, where: str) -> None:
         "the pipeline's position is kept there",
         where,
     )
+
+
+# SQLSTATEs of a lost race with another writer creating the same table, column or index.
+_RACES = ("23505", "42P07", "42701", "40P01", "40001")
+
+
+def write_error(exc: Exception, where: str) -> SinkError:
+    """The clear error for a failed commit (rolled back: nothing was written)."""
+    if isinstance(exc, SinkError):
+        return exc
+    text = error_text(exc)
+    state = str(getattr(exc, "sqlstate", "") or "")
+    if state in _RACES:
+        return PositionConflict(f"{where}: another writer changed the table ({text}); open() again")
+    if state == "25006" or "read-only transaction" in text:
+        return SinkError(
+            f"{where}: the server is read-only (a standby, or default_transaction_read_only "
+            f"is on): point the sink at the primary server ({text})"
+        )
+    if state == "42501" or "permission denied" in text or "must be owner" in text:
+        return SinkError(
+            f"{where}: a privilege is missing ({text}). The sink user needs USAGE and CREATE "
+            "on the schema, INSERT (merge: SELECT, UPDATE, DELETE; replace: TRUNCATE) on the "
+            "table, and ownership of the table to add columns"
+        )
+    if state.startswith("08") or "server closed the connection" in text:
+        return SinkError(f"{where}: the connection to PostgreSQL was lost ({text}); retry")
+    return SinkError(f"{where}: {text}")

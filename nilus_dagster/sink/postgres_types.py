@@ -7,14 +7,17 @@ straight into the table.
 """
 
 import json
-from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from nilus_dagster.errors import SinkError
 from nilus_dagster.sink.schema import TIMESTAMP_TYPE
+
+if TYPE_CHECKING:
+    from nilus_dagster.messages import MessageBatch
+    from nilus_dagster.sink.decode import Decoded
 
 MAX_IDENTIFIER_BYTES = 63
 """PostgreSQL truncates longer names (NAMEDATALEN - 1): two names could become one."""
@@ -210,14 +213,26 @@ def _iso_text(array: pa.Array) -> pa.Array:
     return array.cast(pa.string())
 
 
-def py_json(value: Any) -> str:
-    """One Python value as JSON text, for the few statements that bind single values."""
+def without_long_names(decoded: "Decoded", batch: "MessageBatch") -> "Decoded":
+    """Messages carrying a field whose name PostgreSQL would truncate become dead letters (the
+    name cannot be a column); the others are kept without that field."""
+    from nilus_dagster.sink.decode import Decoded
+    from nilus_dagster.sink.schema import dead_letter_table
 
-    def default(obj: Any) -> Any:
-        if isinstance(obj, datetime):
-            return obj.isoformat()
-        if isinstance(obj, bytes):
-            return obj.hex()
-        raise TypeError(type(obj).__name__)
-
-    return json.dumps(value, default=default, separators=(",", ":"))
+    rows = decoded.rows
+    long = [name for name in rows.column_names if too_long(name)]
+    if not long:
+        return decoded
+    carries = pc.is_valid(rows.column(long[0]))
+    for name in long[1:]:
+        carries = pc.or_(carries, pc.is_valid(rows.column(name)))
+    index = {seq: i for i, seq in enumerate(batch.sequences)}
+    error = (
+        f"field name(s) {', '.join(repr(n) for n in long)} longer than PostgreSQL's "
+        f"{MAX_IDENTIFIER_BYTES}-byte limit: shorten the field in the messages"
+    )
+    seqs = rows.filter(carries).column("_nats_seq").to_pylist()
+    dead = dead_letter_table(batch, [(index[seq], error) for seq in seqs])
+    if decoded.dead_letters.num_rows:
+        dead = pa.concat_tables([decoded.dead_letters, dead])
+    return Decoded(rows.filter(pc.invert(carries)).drop_columns(long), dead)
