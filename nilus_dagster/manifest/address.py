@@ -427,8 +427,10 @@ def parse_nats_address(raw: str) -> NatsAddress:
 
 @dataclass(frozen=True)
 class SinkAddress:
-    """A parsed sink address: a ``dataos://`` depot, a direct storage root URI, or a
-    ``postgresql://`` database (``postgres``, placeholders unfilled)."""
+    """A parsed sink address: a depot, a storage root URI, or a ``postgresql://`` database.
+
+    ``postgres`` holds the database's address as written (placeholders unfilled).
+    """
 
     raw: str
     depot: str | None = None

@@ -27,6 +27,7 @@ class PostgresUrl:
     params: tuple[tuple[str, str], ...] = ()
 
     def placeholders(self) -> list[str]:
+        """The placeholder names of every part, in order of first appearance."""
         parts = [self.user, self.password, self.host, self.port, self.dbname]
         parts += [value for _, value in self.params]
         return list(dict.fromkeys(name for part in parts for name in placeholders_in(part)))
@@ -37,7 +38,7 @@ class PostgresUrl:
         return f"postgresql://{user}{self.host}:{self.port}/{self.dbname}"
 
     def connection_options(self, env: Mapping[str, str], *, where: str) -> dict[str, str]:
-        """libpq connection parameters with the placeholders filled from ``env``.
+        """The libpq connection parameters, placeholders filled from ``env``.
 
         Raises:
             PlaceholderError: A placeholder's variable is not set (named in the message).
@@ -64,6 +65,7 @@ class PostgresUrl:
 
 
 def is_postgres_url(raw: str) -> bool:
+    """Whether ``raw`` is a ``postgresql://`` (or ``postgres://``) address."""
     scheme, sep, _ = raw.strip().partition("://")
     return bool(sep) and scheme.lower() in POSTGRES_SCHEMES
 

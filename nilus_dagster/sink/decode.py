@@ -358,8 +358,10 @@ def decode(
     decoder: BatchDecoder | None = None,
     table_schema: pa.Schema | None = None,
 ) -> Decoded:
-    """Decode one batch (see :meth:`BatchDecoder.decode`; pass a decoder to reuse what it
-    learnt about the payloads)."""
+    """Decode one batch (see :meth:`BatchDecoder.decode`).
+
+    Pass a decoder to reuse what it learnt about the payloads.
+    """
     return (decoder or BatchDecoder(format)).decode(batch, table_schema)
 
 

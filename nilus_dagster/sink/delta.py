@@ -104,6 +104,7 @@ class DeltaSink(SinkWriter):
 
     @classmethod
     def read_schema(cls, location: TableLocation) -> pa.Schema | None:
+        """The Delta table's schema from its log (no data files), ``None`` without a table."""
         return read_delta_schema(location)
 
     # -- reading -------------------------------------------------------------------------------
@@ -141,6 +142,7 @@ class DeltaSink(SinkWriter):
 
     @property
     def table_version(self) -> int | None:
+        """The Delta table's version as of the snapshot, ``None`` without a table."""
         return self._table.version() if self._table is not None else None
 
     def schema(self) -> pa.Schema | None:

@@ -132,6 +132,7 @@ def _override_type(dtype: pa.DataType) -> pa.DataType | None:
 
 
 def merge_hints(old: pa.Schema | None, new: pa.Schema) -> pa.Schema:
+    """``old`` hints with ``new`` ones added (struct and list children merged, others replaced)."""
     if old is None:
         return new
     fields = {f.name: f for f in old}
@@ -182,8 +183,10 @@ def group_by_types(part: list[int], parsed: Mapping[int, object]) -> list[list[i
 
 
 def value_depth(value: object) -> int:
-    """Container levels below a parsed object's top level (as Arrow counts struct and list
-    nesting), found without recursion."""
+    """Container levels below a parsed object's top level, found without recursion.
+
+    Counted as Arrow counts struct and list nesting.
+    """
     deepest = 0
     stack: list[tuple[object, int]] = []
     if isinstance(value, dict):

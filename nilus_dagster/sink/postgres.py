@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 
 from nilus_dagster.errors import SinkError
 from nilus_dagster.manifest.depots import DEAD_LETTER_SUFFIX, TableLocation
+from nilus_dagster.manifest.model import IncrementalStrategy
 from nilus_dagster.messages import MessageBatch
 from nilus_dagster.sink import postgres_catalog as catalog
 from nilus_dagster.sink.decode import BatchDecoder, Decoded, PayloadFormat
@@ -32,7 +33,7 @@ from nilus_dagster.sink.postgres_types import (
     quote,
     without_long_names,
 )
-from nilus_dagster.sink.rows import after_position, in_window, latest_per_key, up_to_position, utc
+from nilus_dagster.sink.rows import after_position, in_window, latest_per_key, up_to_position
 from nilus_dagster.sink.schema import METADATA_SCHEMA
 from nilus_dagster.sink.writer import (
     STREAM_CREATED_KEY,
@@ -40,9 +41,9 @@ from nilus_dagster.sink.writer import (
     PositionConflict,
     SinkState,
     SinkWriter,
-    Strategy,
     error_text,
 )
+from nilus_dagster.times import as_utc
 
 logger = logging.getLogger("nilus_dagster.sink")
 
@@ -71,7 +72,7 @@ class PostgresSink(SinkWriter):
         location: TableLocation,
         *,
         app_id: str,
-        strategy: Strategy = "append",
+        strategy: IncrementalStrategy = "append",
         primary_key: Sequence[str] | None = None,
         create_table: bool = True,
     ):
@@ -172,9 +173,11 @@ class PostgresSink(SinkWriter):
 
     @property
     def position(self) -> int:
+        """Last stream sequence committed (0 when none), as of :meth:`open` or the last commit."""
         return self._position
 
     def schema(self) -> pa.Schema | None:
+        """The table's columns as Arrow, each with its PostgreSQL type in the field metadata."""
         if self._columns is None:
             return None
         return pa.schema(
@@ -185,6 +188,7 @@ class PostgresSink(SinkWriter):
         )
 
     def conform_schema(self) -> pa.Schema | None:
+        """The table's columns but its json(b) ones, which take any value."""
         # A json(b) column takes any value: rows keep what they decoded to and are written as
         # JSON text, so only the other columns are conformed (and can conflict).
         schema = self.schema()
@@ -195,6 +199,7 @@ class PostgresSink(SinkWriter):
 
     @classmethod
     def read_schema(cls, location: TableLocation) -> pa.Schema | None:
+        """The table's columns from the catalog, ``None`` without a table or a connection."""
         schema_name, _, table = location.table.partition(".")
         try:
             conn = catalog.connect(location.storage_options, f"PostgreSQL sink {location.uri}")
@@ -215,6 +220,7 @@ class PostgresSink(SinkWriter):
         )
 
     def row_count(self) -> int:
+        """Rows in the table (``count(*)``), 0 without a table."""
         if self._columns is None:
             return 0
         conn = self._require_conn()
@@ -225,10 +231,11 @@ class PostgresSink(SinkWriter):
         return int(count)
 
     def newest_timestamp(self) -> datetime | None:
+        """The newest ``_nats_timestamp`` committed, from the position row."""
         # Kept in the position row by every commit: no scan of the table.
         if self._newest is None:
             return None
-        return utc(self._newest)
+        return as_utc(self._newest)
 
     # -- decoding ------------------------------------------------------------------------------
 
@@ -239,6 +246,7 @@ class PostgresSink(SinkWriter):
         format: PayloadFormat = "json",
         decoder: BatchDecoder | None = None,
     ) -> Decoded:
+        """Decode and conform ``batch``; fields with names over 63 bytes make dead letters."""
         decoded = super().prepare(batch, format=format, decoder=decoder)
         return without_long_names(decoded, batch)
 
@@ -253,6 +261,7 @@ class PostgresSink(SinkWriter):
         overwrite: bool = False,
         commit_metadata: Mapping[str, str] | None = None,
     ) -> CommitResult:
+        """Rows, dead letters and the position row in one transaction (see the class)."""
         conn = self._require_conn()
         if last_seq <= self._position:
             raise SinkError(
@@ -305,8 +314,9 @@ class PostgresSink(SinkWriter):
         end: datetime,
         commit_metadata: Mapping[str, str] | None = None,
     ) -> CommitResult:
+        """Delete and reload (merge: upsert) the window's rows in one transaction."""
         conn = self._require_conn()
-        start, end = utc(start), utc(end)
+        start, end = as_utc(start), as_utc(end)
         if end <= start:
             raise SinkError(f"empty window {start.isoformat()}..{end.isoformat()}")
         # Messages past the position are the next normal run's to write.
@@ -344,6 +354,7 @@ class PostgresSink(SinkWriter):
         return CommitResult(rows.num_rows, dead_count, None, self._position)
 
     def close(self) -> None:
+        """Close the connection (open() connects again)."""
         if self._conn is not None:
             try:
                 self._conn.close()
@@ -419,8 +430,10 @@ class PostgresSink(SinkWriter):
             cur.adbc_ingest(table, data, mode="append", db_schema_name=self.schema_name)
 
     def _merge(self, rows: pa.Table, columns: Mapping[str, str], newer: str) -> None:
-        """Upsert through a staging table; a row is replaced only by a newer message
-        (``newer`` is ``<`` for runs, ``<=`` for window replays)."""
+        """Upsert through a staging table; a row is replaced only by a newer message.
+
+        ``newer`` is ``<`` for runs, ``<=`` for window replays.
+        """
         if rows.num_rows == 0:
             return
         data = _for_postgres(latest_per_key(rows, self.primary_key), columns)
@@ -471,8 +484,8 @@ def _newest(rows: pa.Table, newest: datetime | None) -> datetime | None:
     found = pc.max(rows.column("_nats_timestamp")).as_py()
     if found is None:
         return newest
-    found = utc(found)
-    return found if newest is None or found > utc(newest) else utc(newest)
+    found = as_utc(found)
+    return found if newest is None or found > as_utc(newest) else as_utc(newest)
 
 
 def _short(name: str) -> str:

@@ -82,12 +82,14 @@ def connect_error(exc: Exception, options: Mapping[str, str], where: str) -> Sin
 
 
 def query(conn: Any, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    """The rows ``sql`` returns (``$1``-style parameters)."""
     with conn.cursor() as cur:
         cur.execute(sql, tuple(params) if params else None)
         return list(cur.fetchall())
 
 
 def execute(conn: Any, sql: str, params: Sequence[Any] = ()) -> None:
+    """Run a statement that returns nothing (``$1``-style parameters)."""
     with conn.cursor() as cur:
         cur.execute(sql, tuple(params) if params else None)
 

@@ -52,10 +52,12 @@ def quote(name: str) -> str:
 
 
 def qualified(schema: str, table: str) -> str:
+    """``"schema"."table"``."""
     return f"{quote(schema)}.{quote(table)}"
 
 
 def too_long(name: str) -> bool:
+    """Whether PostgreSQL would truncate ``name``."""
     return len(name.encode("utf-8")) > MAX_IDENTIFIER_BYTES
 
 
@@ -214,8 +216,10 @@ def _iso_text(array: pa.Array) -> pa.Array:
 
 
 def without_long_names(decoded: "Decoded", batch: "MessageBatch") -> "Decoded":
-    """Messages carrying a field whose name PostgreSQL would truncate become dead letters (the
-    name cannot be a column); the others are kept without that field."""
+    """Make dead letters of the messages carrying a field name PostgreSQL would truncate.
+
+    Such a name cannot be a column; the other messages are kept without that field.
+    """
     from nilus_dagster.sink.decode import Decoded
     from nilus_dagster.sink.schema import dead_letter_table
 

@@ -44,6 +44,7 @@ def latest_per_key(rows: pa.Table, keys: Sequence[str]) -> pa.Table:
 
 
 def after_position(table: pa.Table, position: int) -> pa.Table:
+    """The rows past ``position`` (the rest were committed already)."""
     if table.num_rows == 0 or position <= 0 or "_nats_seq" not in table.column_names:
         return table
     seq = table.column("_nats_seq")
@@ -53,12 +54,14 @@ def after_position(table: pa.Table, position: int) -> pa.Table:
 
 
 def up_to_position(table: pa.Table | None, position: int) -> pa.Table | None:
+    """The rows at or below ``position`` (what a window replay may write)."""
     if table is None or table.num_rows == 0:
         return table
     return table.filter(pc.less_equal(table.column("_nats_seq").cast(pa.int64()), position))
 
 
 def in_window(table: pa.Table | None, start: datetime, end: datetime) -> pa.Table | None:
+    """The rows whose ``_nats_timestamp`` is in ``[start, end)``."""
     if table is None or table.num_rows == 0:
         return table
     ts = table.column("_nats_timestamp").cast(TIMESTAMP_TYPE)

@@ -200,8 +200,10 @@ class SinkWriter(ABC):
     @classmethod
     @abstractmethod
     def read_schema(cls, location: TableLocation) -> pa.Schema | None:
-        """The schema of the table at ``location`` without opening a writer, ``None`` when
-        there is no table or it cannot be read (for the asset's column schema)."""
+        """The schema of the table at ``location``, without opening a writer.
+
+        ``None`` when there is no table or it cannot be read (for the asset's column schema).
+        """
 
     # -- decoding ------------------------------------------------------------------------------
 
