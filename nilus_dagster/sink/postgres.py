@@ -287,13 +287,7 @@ class PostgresSink(SinkWriter):
                     )
                 self._load(self.table_name, rows, columns)
             dead_columns, dead_count = self._write_dead_letters(dead)
-            catalog.execute(
-                conn,
-                f"UPDATE {qualified(self.schema_name, POSITIONS_TABLE)} SET last_seq = $3, "
-                "stream_created = $4, newest_timestamp = $5, updated_at = now() "
-                "WHERE pipeline = $1 AND table_name = $2",
-                [self.app_id, self.table_name, last_seq, created, newest],
-            )
+            self._move_position(last_seq, created, newest)
             conn.commit()
         except PositionConflict:
             conn.rollback()
@@ -391,6 +385,23 @@ class PostgresSink(SinkWriter):
                 f"{self.location.uri}: another writer moved the position of {self.app_id!r} "
                 f"from {self._position} to {current}; open() again"
             )
+
+    def _move_position(self, last_seq: int, created: str | None, newest: datetime | None) -> None:
+        params: list[object] = [self.app_id, self.table_name, last_seq]
+        sets = ["last_seq = $3", "updated_at = now()"]
+        for column, value in (("stream_created", created), ("newest_timestamp", newest)):
+            # ADBC 1.6 and older cannot bind a None (Arrow's null type): write NULL.
+            if value is None:
+                sets.append(f"{column} = NULL")
+            else:
+                params.append(value)
+                sets.append(f"{column} = ${len(params)}")
+        catalog.execute(
+            self._conn,
+            f"UPDATE {qualified(self.schema_name, POSITIONS_TABLE)} SET {', '.join(sets)} "
+            "WHERE pipeline = $1 AND table_name = $2",
+            params,
+        )
 
     def _ensure_table(
         self, table: str, rows: pa.Table, columns: dict[str, str] | None
