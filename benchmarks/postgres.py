@@ -95,8 +95,7 @@ def run_path(bench: Any, key: str, round_: int) -> dict[str, Any]:
                 "pipelines_dir": str(bench.work / f"dlt-{round_}"),
             }
             env = bench.env(bench.work / "lake-pg")
-            # The orchestrator's launcher of path processes: this module is one of its parts.
-            proc = bench._child(key.replace("-", "_"), params, env)  # noqa: SLF001
+            proc = bench.run_child(key.replace("-", "_"), params, env)
             if key == "pg-peer":
                 table = "nats_orders.orders"
         error = None
