@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import latency as lat
+from benchmarks import postgres as pg
 from benchmarks import workload
 from benchmarks.measure import ProcessResult, run_process
 from benchmarks.report import machine, markdown
@@ -60,6 +61,7 @@ ALL_PATHS = (
     "dagster",
     "latency",
     "latency-sensor",
+    *pg.PATHS,
 )
 LATENCY_PATHS = ("latency", "latency-sensor")
 
@@ -120,6 +122,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         default=0.1,
         help="seconds between runs that found nothing, the sensor interval stand-in (0.1)",
+    )
+    parser.add_argument(
+        "--pg-url",
+        default=pg.DEFAULT_URL,
+        help="PostgreSQL server (and database to create the runs' databases from) of the "
+        f"pg-* paths ({pg.DEFAULT_URL})",
     )
     parser.add_argument("--profile", action="store_true", help="also profile the engine (cProfile)")
     parser.add_argument("--quick", action="store_true", help="smoke: a few thousand messages")
@@ -221,6 +229,8 @@ class Bench:
         return run_process(argv, env=env, cwd=REPO, timeout=self.args.timeout)
 
     def run(self, key: str, round_: int) -> dict[str, Any]:
+        if key in pg.PATHS:
+            return pg.run_path(self, key, round_)
         spec = SPECS[key]
         data = "large" if key in ("cli-large", "dagster") and self.args.large else "main"
         stream, subject = (
@@ -469,6 +479,8 @@ def _add_ratios(
     runs of one round are close in time and so see about the same load from whatever else the
     machine is doing."""
     for key, row in by_key.items():
+        if key in pg.PATHS:
+            continue  # against the PostgreSQL ceiling and peer: pg.add_ratios
         for name, references in (
             ("x_ceiling", ("ceiling", "source")),
             ("x_baseline", ("baseline",)),
@@ -613,6 +625,7 @@ def main(argv: list[str] | None = None) -> int:
 
     by_key = {key: _median_run(r) for key, r in runs.items()}
     _add_ratios(by_key, runs, args.repeat)
+    pg.add_ratios(by_key, runs)
     for row in by_key.values():
         failed = failed or not row["rows_ok"] or bool(row["error"])
     results = {
@@ -630,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
         "skipped": skipped,
         "latency": latencies.get("latency"),
         "latency_sensor": latencies.get("latency-sensor"),
-        "targets": _targets(by_key),
+        "targets": _targets(by_key) + pg.targets(by_key),
         "load_after": [round(x, 2) for x in os.getloadavg()],
         "ok": not failed,
     }

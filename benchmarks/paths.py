@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchmarks.postgres import pg_ceiling, pg_peer
+
 Params = dict[str, Any]
 
 
@@ -200,6 +202,8 @@ PATHS: dict[str, Callable[[Params], Any]] = {
     "engine": engine,
     "engine_profile": engine_profile,
     "engine_loop": engine_loop,
+    "pg_ceiling": pg_ceiling,
+    "pg_peer": pg_peer,
 }
 
 

@@ -92,6 +92,7 @@ def write_manifest(
     commit_rows: int,
     dest_table: str = "bench.orders",
     sensor_interval: int | None = None,
+    sink_address: str = "dataos://bench?purpose=rw",
 ) -> Path:
     """A pipeline manifest over the benchmark stream, without partitions (drains in one run)."""
     path.write_text(
@@ -108,7 +109,7 @@ spec:
       source_table: {stream}
       run_in_loop: true
   sink:
-    address: dataos://bench?purpose=rw
+    address: "{sink_address}"
     options:
       dest_table: {dest_table}
       incremental_strategy: append

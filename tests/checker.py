@@ -96,22 +96,86 @@ class CheckResult:
         )
 
 
-def _load(uri: str) -> DeltaTable | None:
-    try:
-        return DeltaTable(uri)
-    except Exception:  # no table yet: nothing written
-        return None
+class _DeltaReader:
+    """A Delta table's columns and ``txn`` position (``None`` for a table not created yet)."""
+
+    def __init__(self, uri: str):
+        try:
+            self.table: DeltaTable | None = DeltaTable(uri)
+        except Exception:  # no table yet: nothing written
+            self.table = None
+
+    def columns(self, names: list[str]) -> dict[str, list[object]]:
+        if self.table is None:
+            return {name: [] for name in names}
+        present = set(self.table.schema().to_arrow().names)
+        data = self.table.to_pyarrow_table(columns=[n for n in names if n in present])
+        return {
+            name: data.column(name).to_pylist() if name in present else [None] * data.num_rows
+            for name in names
+        }
+
+    def position(self, app_id: str) -> int | None:
+        return self.table.transaction_version(app_id) if self.table is not None else None
 
 
-def _columns(table: DeltaTable | None, names: list[str]) -> dict[str, list[object]]:
-    if table is None:
-        return {name: [] for name in names}
-    present = set(table.schema().to_arrow().names)
-    data = table.to_pyarrow_table(columns=[n for n in names if n in present])
-    return {
-        name: data.column(name).to_pylist() if name in present else [None] * data.num_rows
-        for name in names
-    }
+class _PostgresReader:
+    """A PostgreSQL table (``postgresql://...?table=schema.table``, as the sink reports it)
+    and its row in ``<schema>.nilus_positions``."""
+
+    def __init__(self, uri: str):
+        import psycopg
+
+        dsn, _, query = uri.partition("?table=")
+        self.schema, _, self.table = query.partition(".")
+        self.conn = psycopg.connect(dsn, autocommit=True)
+
+    def _exists(self, table: str) -> bool:
+        found = self.conn.execute(
+            "SELECT to_regclass(format('%%I.%%I', %s::text, %s::text))", (self.schema, table)
+        ).fetchone()
+        return found is not None and found[0] is not None
+
+    def columns(self, names: list[str]) -> dict[str, list[object]]:
+        if not self._exists(self.table):
+            return {name: [] for name in names}
+        present = {
+            r[0]
+            for r in self.conn.execute(
+                "SELECT column_name FROM information_schema.columns "
+                "WHERE table_schema = %s AND table_name = %s",
+                (self.schema, self.table),
+            )
+        }
+        select = ", ".join(
+            ('"' + n.replace('"', '""') + '"') if n in present else "NULL" for n in names
+        )
+        name = '"{}"."{}"'.format(self.schema.replace('"', '""'), self.table.replace('"', '""'))
+        rows = self.conn.execute(f"SELECT {select} FROM {name}").fetchall()
+        return {n: [r[i] for r in rows] for i, n in enumerate(names)}
+
+    def position(self, app_id: str) -> int | None:
+        if not self._exists("nilus_positions"):
+            return None
+        name = '"{}".nilus_positions'.format(self.schema.replace('"', '""'))
+        found = self.conn.execute(
+            f"SELECT last_seq FROM {name} WHERE pipeline = %s AND table_name = %s",
+            (app_id, self.table),
+        ).fetchone()
+        return int(found[0]) if found else None
+
+    def dead_letters(self) -> "_PostgresReader":
+        dead = object.__new__(_PostgresReader)
+        dead.schema, dead.table, dead.conn = self.schema, self.table + DEAD_LETTER_SUFFIX, self.conn
+        return dead
+
+
+def _readers(table_uri: str) -> tuple[object, object]:
+    """The table and its dead letters, read the way their sink wrote them."""
+    if table_uri.startswith("postgresql://"):
+        table = _PostgresReader(table_uri)
+        return table, table.dead_letters()
+    return _DeltaReader(table_uri), _DeltaReader(table_uri + DEAD_LETTER_SUFFIX)
 
 
 def order_keys(published: list[int], payloads: list[object]) -> dict[int, object]:
@@ -142,9 +206,10 @@ def check_exactly_once(
     else may be there, and the committed position must equal the last sequence written.
 
     Args:
-        table_uri: The pipeline's table (its dead letters are ``<uri>__dead_letters``).
+        table_uri: The pipeline's table (its dead letters are ``<uri>__dead_letters``), a
+            Delta URI or a ``postgresql://HOST:PORT/DB?table=SCHEMA.TABLE`` location.
         published: Every sequence published on the pipeline's subject.
-        app_id: The pipeline's transaction app id.
+        app_id: The pipeline's transaction app id (PostgreSQL: its ``nilus_positions`` key).
         expect_dead: Sequences that must be dead letters (missing ones count as lost).
         retention_lost: Sequences the stream removed before they could be ingested; missing
             is expected for them.
@@ -154,12 +219,11 @@ def check_exactly_once(
     """
     published_set = set(published) | set(retention_lost)
     gone = set(retention_lost)
-    table = _load(table_uri)
-    dead_table = _load(table_uri + DEAD_LETTER_SUFFIX)
+    table, dead_table = _readers(table_uri)
     columns = ["_nats_seq", *([key_column] if key_column else [])]
-    data = _columns(table, columns)
+    data = table.columns(columns)  # type: ignore[attr-defined]
     rows = [int(v) for v in data["_nats_seq"]]  # type: ignore[arg-type]
-    dead = [int(v) for v in _columns(dead_table, ["_nats_seq"])["_nats_seq"]]  # type: ignore[arg-type]
+    dead = [int(v) for v in dead_table.columns(["_nats_seq"])["_nats_seq"]]  # type: ignore[attr-defined]
     counts = Counter(rows + dead)
     result = CheckResult(
         published=len(published_set), in_table=len(rows), in_dead_letters=len(dead)
@@ -178,10 +242,10 @@ def check_exactly_once(
             for seq, value in zip(rows, data[key_column], strict=True)
             if seq in keys and keys[seq] != value
         )
-    result.position = table.transaction_version(app_id) if table is not None else None
-    result.dead_position = (
-        dead_table.transaction_version(app_id) if dead_table is not None else None
-    )
+    result.position = table.position(app_id)  # type: ignore[attr-defined]
+    # PostgreSQL commits dead letters with the rows: they have no position of their own.
+    if isinstance(dead_table, _DeltaReader):
+        result.dead_position = dead_table.position(app_id)
     written = rows + dead
     result.last_written = max(written) if written else None
     return result

@@ -4,8 +4,10 @@ import asyncio
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
@@ -259,6 +261,7 @@ def write_manifest(tmp_path: Path) -> Callable[..., Path]:
         extra_sink_options: str = "",
         filename: str | None = None,
         run_mode: str = "",
+        sink_address: str = "dataos://lake?purpose=rw",
     ) -> Path:
         path = tmp_path / (filename or f"{name}.yaml")
         path.write_text(
@@ -275,7 +278,7 @@ def write_manifest(tmp_path: Path) -> Callable[..., Path]:
                       source_table: {stream}
                       run_in_loop: {str(run_in_loop).lower()}
                   sink:
-                    address: dataos://lake?purpose=rw
+                    address: "{sink_address}"
                     options:
                       dest_table: {dest_table}
                       incremental_strategy: {strategy}
@@ -309,11 +312,17 @@ def stream_pipeline(
     reads ``<stream_name>.<name>`` from it; returns the subject and the parsed pipeline.
 
     ``query`` is appended to the address (``&batch_size=500``), ``sink_options`` are extra
-    lines under the sink's options, other keywords go to the stream's config (``max_age``).
+    lines under the sink's options, ``sink_address`` replaces ``dataos://lake`` (a
+    ``postgresql://`` database), other keywords go to the stream's config (``max_age``).
     """
 
     def make(
-        name: str = "orders", *, query: str = "", sink_options: str = "", **stream_config: object
+        name: str = "orders",
+        *,
+        query: str = "",
+        sink_options: str = "",
+        sink_address: str = "dataos://lake?purpose=rw",
+        **stream_config: object,
     ) -> tuple[str, Pipeline]:
         subject = f"{stream_name}.{name}"
         publisher.create_stream(stream_name, [f"{stream_name}.>"], **stream_config)
@@ -321,6 +330,7 @@ def stream_pipeline(
             address=f"nats+jetstream://{nats_server.hostport}?subject={subject}{query}",
             stream=stream_name,
             extra_sink_options=sink_options,
+            sink_address=sink_address,
         )
         return subject, parse_pipeline(path)
 
@@ -334,3 +344,138 @@ def isolated_secrets() -> Iterator[None]:
 
     with isolated_secret_registry():
         yield
+
+
+# --- PostgreSQL: the machine's server on 127.0.0.1:5432 (trust auth), a fresh database per test.
+
+POSTGRES_HOST = os.environ.get("NILUS_TEST_PG_HOST", "127.0.0.1")
+POSTGRES_PORT = os.environ.get("NILUS_TEST_PG_PORT", "5432")
+POSTGRES_ADMIN = os.environ.get("NILUS_TEST_PG_USER", "postgres")
+
+
+class PostgresDatabase:
+    """A database of its own for one test, on the machine's PostgreSQL; dropped afterwards."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.host, self.port, self.user = POSTGRES_HOST, POSTGRES_PORT, POSTGRES_ADMIN
+        self.roles: list[str] = []
+
+    def role(self, *grants: str) -> str:
+        """A login role of this test (trust auth: no password), with ``GRANT``s run as the
+        admin in this database (``{role}`` in them is the role's quoted name)."""
+        name = f"{self.name}_r{len(self.roles)}"
+        _postgres_admin(f'CREATE ROLE "{name}" LOGIN')
+        self.roles.append(name)
+        for grant in grants:
+            self.query(grant.format(role=f'"{name}"'))
+        return name
+
+    @property
+    def url(self) -> str:
+        """``postgresql://postgres@127.0.0.1:5432/<db>``: a sink address (trust auth)."""
+        return f"postgresql://{self.user}@{self.host}:{self.port}/{self.name}"
+
+    def options(self, **override: str) -> dict[str, str]:
+        """libpq connection parameters (a ``TableLocation``'s storage options)."""
+        base = {"host": self.host, "port": self.port, "user": self.user, "dbname": self.name}
+        return {**base, **override}
+
+    def location(self, table: str = "analytics.orders", **override: str):  # type: ignore[no-untyped-def]
+        """The ``TableLocation`` of ``table`` in this database."""
+        from nilus_dagster.manifest.depots import TableLocation
+
+        return TableLocation(
+            f"postgresql://{self.host}:{self.port}/{self.name}?table={table}",
+            self.options(**override),
+            kind="postgresql",
+            table=table,
+        )
+
+    def query(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            cur = conn.execute(sql, params)  # type: ignore[arg-type]
+            return cur.fetchall() if cur.description else []
+
+
+def _postgres_admin(sql: str) -> None:
+    import psycopg
+
+    url = f"postgresql://{POSTGRES_ADMIN}@{POSTGRES_HOST}:{POSTGRES_PORT}/postgres"
+    try:
+        with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(sql)  # type: ignore[arg-type]
+    except psycopg.OperationalError as exc:
+        pytest.fail(
+            f"PostgreSQL does not answer on {POSTGRES_HOST}:{POSTGRES_PORT} ({exc}); start it "
+            "(.ci/run installs and starts Debian's postgresql when it is missing)"
+        )
+
+
+@pytest.fixture
+def postgres_database() -> Iterator[PostgresDatabase]:
+    """A fresh, empty database (``nilus_t<pid>_<n>``) on the machine's PostgreSQL."""
+    database = PostgresDatabase(f"nilus_t{os.getpid()}_{next(_counter)}")
+    _postgres_admin(f'CREATE DATABASE "{database.name}"')
+    try:
+        yield database
+    finally:
+        _postgres_admin(f'DROP DATABASE IF EXISTS "{database.name}" WITH (FORCE)')
+        for role in database.roles:
+            _postgres_admin(f'DROP ROLE IF EXISTS "{role}"')
+
+
+@pytest.fixture
+def password_postgres() -> Iterator[dict[str, str]]:
+    """A PostgreSQL server of the test's own that checks passwords (scram-sha-256), on a free
+    port: the machine's server trusts every local user. Yields host, port, user, password."""
+    from nilus_dagster.jetstream.local_server import free_port
+
+    binaries = Path("/usr/lib/postgresql/15/bin")
+    if not (binaries / "initdb").exists():
+        pytest.skip("PostgreSQL 15's server binaries are not installed")
+    # Not under pytest's temp folder: the postgres user must reach it, and that one is 0700.
+    folder = Path(tempfile.mkdtemp(prefix="nilus-pg-"))
+    (folder / "pw").write_text("right-password\n")
+    as_owner: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses root: run the server as the postgres user
+        shutil.chown(folder, "postgres")
+        shutil.chown(folder / "pw", "postgres")
+        as_owner = ["runuser", "-u", "postgres", "--"]
+    data, port = folder / "data", free_port()
+    subprocess.run(
+        [
+            *as_owner,
+            str(binaries / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            "postgres",
+            "--auth=scram-sha-256",
+            f"--pwfile={folder / 'pw'}",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off"
+    ctl = [*as_owner, str(binaries / "pg_ctl"), "-D", str(data), "-w", "-t", "60"]
+    subprocess.run(
+        [*ctl, "-o", options, "-l", str(folder / "log"), "start"],
+        check=True,
+        capture_output=True,
+        timeout=90,
+    )
+    try:
+        yield {
+            "host": "127.0.0.1",
+            "port": str(port),
+            "user": "postgres",
+            "password": "right-password",
+            "dbname": "postgres",
+        }
+    finally:
+        subprocess.run([*ctl, "-m", "immediate", "stop"], capture_output=True, timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)

@@ -21,7 +21,7 @@ def test_quick_benchmark_runs_every_path_and_each_produces_every_row(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=180,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (result_file,) = tmp_path.glob("bench-*.json")
@@ -30,6 +30,7 @@ def test_quick_benchmark_runs_every_path_and_each_produces_every_row(tmp_path):
     assert results["skipped"] == {}, results["skipped"]
     by_key = {row["key"]: row for row in results["paths"]}
     expected = {"ceiling", "source", "baseline", "engine", "cli", "dagster"}
+    expected |= {"pg-cli", "pg-ceiling", "pg-peer"}  # NATS -> PostgreSQL, its ceiling, dlt
     assert set(by_key) == expected
     for key, row in by_key.items():
         assert row["error"] is None, (key, row["error"])

@@ -199,7 +199,7 @@ def test_unknown_depot(tmp_path: Path) -> None:
         (
             "depots:\n  lake:\n    root: /x\n    region: eu\n",
             "depots.lake.region",
-            "is not a known depot key; a depot has root and storage_options",
+            "is not a known key of a delta depot; it has type, root, storage_options",
         ),
         (
             "depots:\n  lake:\n    root: /x\n    storage_options: [a]\n",

@@ -16,7 +16,12 @@ from nilus_dagster.dagster.definitions import (
     default_resources,
 )
 from nilus_dagster.dagster.io_manager import NilusTableIOManager
-from nilus_dagster.dagster.resources import DeltaSinkResource, NatsResource, NilusResourceKeys
+from nilus_dagster.dagster.resources import (
+    DeltaSinkResource,
+    NatsResource,
+    NilusResourceKeys,
+    PostgresResource,
+)
 from nilus_dagster.dagster.translator import DagsterNilusTranslator
 
 __all__ = [
@@ -27,6 +32,7 @@ __all__ = [
     "NilusResourceKeys",
     "NilusRunConfig",
     "NilusTableIOManager",
+    "PostgresResource",
     "build_nilus_asset",
     "build_nilus_definitions",
     "build_pipeline_definitions",

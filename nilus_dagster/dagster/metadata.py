@@ -66,27 +66,21 @@ def lag_metadata(lag: LagReport) -> dict[str, dg.MetadataValue]:
 
 
 def column_schema(location: TableLocation) -> dg.TableSchema | None:
-    """The Delta table's columns, or ``None`` when there is no table (yet) or it cannot be read.
+    """The table's columns, or ``None`` when there is no table (yet) or it cannot be read.
 
-    Only the table's log is read (no data files).
+    The sink writer reads only what describes the table (a Delta log, a database catalog).
     """
-    import pyarrow as pa
-    from deltalake import DeltaTable
-    from deltalake.exceptions import DeltaError
+    from nilus_dagster.sink import read_table_schema
 
-    options = dict(location.storage_options) or None
-    try:
-        if not DeltaTable.is_deltatable(location.uri, options):
-            return None
-        schema = pa.schema(DeltaTable(location.uri, storage_options=options).schema().to_arrow())
-    except (DeltaError, OSError, ValueError) as exc:
-        logger.debug("no column schema for %s: %s", location.uri, type(exc).__name__)
+    schema = read_table_schema(location)
+    if schema is None:
         return None
     return dg.TableSchema(
         columns=[
             dg.TableColumn(
                 name=f.name,
-                type=str(f.type),
+                # A database's own type name where the writer gives one (PostgreSQL's jsonb).
+                type=(f.metadata or {}).get(b"postgresql.type", str(f.type).encode()).decode(),
                 constraints=dg.TableColumnConstraints(nullable=f.nullable),
             )
             for f in schema

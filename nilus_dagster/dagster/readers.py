@@ -93,4 +93,17 @@ def read_delta(location: TableLocation, window: Window | None) -> pa.Table:
     return dataset.to_table(filter=(column >= start) & (column < end))
 
 
+def read_postgres(location: TableLocation, window: Window | None) -> pa.Table:
+    """A PostgreSQL table (or one window of it) as Arrow, in one query."""
+    from nilus_dagster.sink.postgres_catalog import read_table
+
+    schema, _, table = location.table.partition(".")
+    return read_table(
+        location.storage_options, schema, table, window, f"PostgreSQL table {location.uri}"
+    )
+
+
 register_sink_kind(SinkKind(name=DELTA, dagster_kind="deltalake", label="Delta", read=read_delta))
+register_sink_kind(
+    SinkKind(name="postgresql", dagster_kind="postgres", label="PostgreSQL", read=read_postgres)
+)

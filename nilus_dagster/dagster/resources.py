@@ -18,6 +18,7 @@ from nilus_dagster.engine.settings import FAILOVER_TIMEOUT_ENV
 from nilus_dagster.errors import SourceError
 from nilus_dagster.manifest.depots import DEPOTS_ENV, LAKEHOUSE_ENV, TableLocation
 from nilus_dagster.manifest.loader import Pipeline
+from nilus_dagster.redaction import register_secret
 
 # Reserved variables through which explicit credentials reach the address. Going through a
 # placeholder means the value is filled exactly once (braces in a password stay literal) and is
@@ -101,11 +102,50 @@ class NatsResource(dg.ConfigurableResource):
         return {name: value for name, value in values.items() if value}
 
 
+class PostgresResource(dg.ConfigurableResource):
+    """Connection settings for every PostgreSQL sink in this deployment.
+
+    Each value set here replaces that part of every ``postgresql://`` address and
+    ``type: postgresql`` depot (so manifests need not carry credentials). Secrets go in as
+    ``dg.EnvVar``: the UI shows the variable's name only.
+
+    Examples:
+        .. code-block:: python
+
+            DeltaSinkResource(
+                postgres=PostgresResource(user="loader", password=dg.EnvVar("PG_PASSWORD"))
+            )
+    """
+
+    host: str | None = Field(default=None, description="Server host name or address.")
+    port: int | None = Field(default=None, description="Server port (5432 by default).")
+    dbname: str | None = Field(default=None, description="Database.")
+    user: str | None = Field(default=None, description="User the sink connects as.")
+    password: str | None = Field(default=None, description="The user's password. Use EnvVar.")
+    sslmode: str | None = Field(
+        default=None, description="libpq sslmode (disable, require, verify-full...)."
+    )
+
+    def connection_overrides(self) -> dict[str, str]:
+        """The connection parameters set on the resource (the password registered as a secret)."""
+        register_secret(self.password)
+        values = {
+            "host": self.host,
+            "port": str(self.port) if self.port else None,
+            "dbname": self.dbname,
+            "user": self.user,
+            "password": self.password,
+            "sslmode": self.sslmode,
+        }
+        return {name: value for name, value in values.items() if value}
+
+
 class DeltaSinkResource(dg.ConfigurableResource):
-    """Where every pipeline's Delta table lives in this deployment.
+    """Where every pipeline's table lives in this deployment.
 
     ``depots_file`` and ``lakehouse`` stand for ``NILUS_DEPOTS`` and ``NILUS_LAKEHOUSE``;
-    ``storage_options`` are added to (and win over) the depot's ``deltalake`` storage options.
+    ``storage_options`` are added to (and win over) a Delta depot's ``deltalake`` storage
+    options; ``postgres`` replaces parts of every PostgreSQL sink's connection.
     """
 
     depots_file: str | None = Field(
@@ -121,6 +161,9 @@ class DeltaSinkResource(dg.ConfigurableResource):
     env: dict[str, str] = Field(
         default_factory=dict,
         description="Values for the depots file's {PLACEHOLDER}s. Use EnvVar for secrets.",
+    )
+    postgres: PostgresResource | None = Field(
+        default=None, description="Connection settings for PostgreSQL sinks (EnvVar secrets)."
     )
 
 
@@ -145,17 +188,20 @@ class NilusResourceKeys:
 
 @dataclass(frozen=True)
 class DeployedPipeline(Pipeline):
-    """A pipeline with the deployment's storage options added to its table location."""
+    """A pipeline with the deployment's storage options (Delta) or connection settings
+    (PostgreSQL) added to its table location."""
 
     storage_options: Mapping[str, str] = field(default_factory=dict)
+    postgres_options: Mapping[str, str] = field(default_factory=dict)
 
     def table_location(
         self, env: Mapping[str, str] | None = None, *, fill_secrets: bool = True
     ) -> TableLocation:
         location = super().table_location(env, fill_secrets=fill_secrets)
-        if not self.storage_options:
+        extra = self.postgres_options if location.kind == "postgresql" else self.storage_options
+        if not extra or (location.kind == "postgresql" and not fill_secrets):
             return location
-        return TableLocation(location.uri, {**location.storage_options, **self.storage_options})
+        return replace(location, storage_options={**location.storage_options, **extra})
 
 
 @dataclass(frozen=True)
@@ -221,9 +267,13 @@ def engine_call(
             }
         )
     deployed: Pipeline = pipeline
-    if manifest is not pipeline.manifest or sink.storage_options:
+    postgres = sink.postgres.connection_overrides() if sink.postgres else {}
+    if manifest is not pipeline.manifest or sink.storage_options or postgres:
         deployed = DeployedPipeline(
-            manifest=manifest, path=pipeline.path, storage_options=dict(sink.storage_options)
+            manifest=manifest,
+            path=pipeline.path,
+            storage_options=dict(sink.storage_options),
+            postgres_options=postgres,
         )
     servers = list(nats.servers) if nats.servers else None
     return EngineCall(pipeline=deployed, env=env, servers=servers)

@@ -10,7 +10,7 @@ from nilus_dagster.engine.report import RunReport
 from nilus_dagster.engine.settings import RuntimeSettings
 from nilus_dagster.jetstream import JetStreamSource, StreamState
 from nilus_dagster.messages import MessageBatch
-from nilus_dagster.sink import STREAM_CREATED_KEY, DeltaSink, PositionConflict
+from nilus_dagster.sink import STREAM_CREATED_KEY, PositionConflict, SinkWriter
 from nilus_dagster.times import as_utc
 
 WINDOW_COMMIT_ATTEMPTS = 20
@@ -19,7 +19,7 @@ WINDOW_COMMIT_ATTEMPTS = 20
 
 async def replay_window(
     settings: RuntimeSettings,
-    sink: DeltaSink,
+    sink: SinkWriter,
     src: JetStreamSource,
     stream: StreamState,
     window: tuple[datetime, datetime],

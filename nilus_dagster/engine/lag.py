@@ -29,26 +29,26 @@ async def measure_lag_async(
     """
     settings = runtime_settings(pipeline, env=env, servers=servers)
     sink = open_sink(settings)
-    state = await asyncio.to_thread(sink.open)
-    async with JetStreamSource(
-        settings.address,
-        pipeline.stream,
-        servers=settings.servers,
-        connect_timeout=connect_timeout,
-        failover_timeout=settings.failover_timeout,
-    ) as source:
-        stream = await source.stream_state()
-        position = state.position
-        problem = None
-        try:
-            check_stream_identity(pipeline, stream, position, state.stream_created)
-        except PositionError as exc:
-            problem = str(exc)
-        pending = gap = 0
-        if problem is None and position < stream.last_seq:
-            pending = await source.pending_after(position)
-            gap = await source.removed_after(position, stream)
-    newest = await asyncio.to_thread(sink.newest_timestamp) if state.exists else None
+    with sink:
+        state = await asyncio.to_thread(sink.open)
+        async with JetStreamSource(
+            settings.address,
+            pipeline.stream,
+            servers=settings.servers,
+            connect_timeout=connect_timeout,
+        ) as source:
+            stream = await source.stream_state()
+            position = state.position
+            problem = None
+            try:
+                check_stream_identity(pipeline, stream, position, state.stream_created)
+            except PositionError as exc:
+                problem = str(exc)
+            pending = gap = 0
+            if problem is None and position < stream.last_seq:
+                pending = await source.pending_after(position)
+                gap = await source.removed_after(position, stream)
+        newest = await asyncio.to_thread(sink.newest_timestamp) if state.exists else None
     return LagReport(
         stream=pipeline.stream,
         subject=settings.address.subject,

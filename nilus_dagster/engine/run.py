@@ -1,8 +1,8 @@
 """One run of a pipeline: position -> pull -> decode -> commit -> report.
 
-The Delta table is the only place the position lives. A run reads the committed version ``v``
-through the snapshot it will write through, pulls from ``v+1``, drops anything at or below the
-position, and commits each chunk with the new position in the same Delta transaction. Pulling
+The sink is the only place the position lives. A run reads the committed position ``v``
+through the writer it will commit through, pulls from ``v+1``, drops anything at or below the
+position, and commits each chunk with the new position in the same transaction. Pulling
 goes on while a chunk is decoded and committed in a worker thread.
 """
 
@@ -27,7 +27,7 @@ from nilus_dagster.engine.table import check_stream_identity, open_sink
 from nilus_dagster.jetstream import JetStreamSource, StreamState
 from nilus_dagster.manifest.loader import Pipeline
 from nilus_dagster.messages import MessageBatch
-from nilus_dagster.sink import STREAM_CREATED_KEY, Decoded, DeltaSink, PositionConflict
+from nilus_dagster.sink import STREAM_CREATED_KEY, Decoded, PositionConflict, SinkWriter
 
 logger = logging.getLogger("nilus_dagster.engine")
 P = ParamSpec("P")
@@ -56,7 +56,7 @@ class Progress:
 class _Committer:
     """Decodes and commits chunks, in order, in a worker thread; tracks what was committed."""
 
-    def __init__(self, sink: DeltaSink, settings: RuntimeSettings, created: str):
+    def __init__(self, sink: SinkWriter, settings: RuntimeSettings, created: str):
         self.sink = sink
         self.settings = settings
         self.pipeline = settings.pipeline
@@ -193,7 +193,7 @@ class Ingestion:
     """
 
     settings: RuntimeSettings
-    sink: DeltaSink
+    sink: SinkWriter
     src: JetStreamSource
     committer: _Committer
     started: float
@@ -223,7 +223,7 @@ async def open_pipeline(
     *,
     env: Mapping[str, str] | None = None,
     servers: Sequence[str] | None = None,
-) -> AsyncIterator[tuple[RuntimeSettings, DeltaSink, JetStreamSource, StreamState]]:
+) -> AsyncIterator[tuple[RuntimeSettings, SinkWriter, JetStreamSource, StreamState]]:
     """Open the sink (read the position) and the source, and check they belong together.
 
     Raises:
@@ -234,17 +234,18 @@ async def open_pipeline(
     """
     settings = runtime_settings(pipeline, env=env, servers=servers)
     sink = open_sink(settings)
-    state = await asyncio.to_thread(sink.open)
-    async with JetStreamSource(
-        settings.address,
-        pipeline.stream,
-        servers=settings.servers,
-        failover_timeout=settings.failover_timeout,
-    ) as src:
-        stream = await src.stream_state()
-        await src.check_subject(stream)
-        check_stream_identity(pipeline, stream, state.position, state.stream_created)
-        yield settings, sink, src, stream
+    with sink:
+        state = await asyncio.to_thread(sink.open)
+        async with JetStreamSource(
+            settings.address,
+            pipeline.stream,
+            servers=settings.servers,
+            failover_timeout=settings.failover_timeout,
+        ) as src:
+            stream = await src.stream_state()
+            await src.check_subject(stream)
+            check_stream_identity(pipeline, stream, state.position, state.stream_created)
+            yield settings, sink, src, stream
 
 
 async def log_gap(log: logging.Logger, run: "Ingestion", stream: StreamState, position: int) -> int:

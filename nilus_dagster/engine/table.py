@@ -9,21 +9,13 @@ from nilus_dagster.engine.settings import RuntimeSettings
 from nilus_dagster.errors import PositionError
 from nilus_dagster.jetstream import StreamState
 from nilus_dagster.manifest.loader import Pipeline
-from nilus_dagster.sink import DeltaSink
+from nilus_dagster.sink import SinkWriter, sink_writer
 
 
-def open_sink(settings: RuntimeSettings) -> DeltaSink:
-    """The pipeline's Delta sink (not opened yet)."""
-    options = settings.pipeline.manifest.sink.options
-    return DeltaSink(
-        settings.location,
-        app_id=settings.pipeline.app_id,
-        strategy=options.incremental_strategy,
-        primary_key=options.primary_key,
-        create_table=options.create_table,
-        compact_every=options.compact_every,
-        checkpoint_every=options.checkpoint_every,
-    )
+def open_sink(settings: RuntimeSettings) -> SinkWriter:
+    """The pipeline's sink writer, for the store its address resolved to (not opened yet)."""
+    pipeline = settings.pipeline
+    return sink_writer(settings.location, pipeline.manifest.sink.options, app_id=pipeline.app_id)
 
 
 def check_stream_identity(

@@ -13,6 +13,7 @@ from typing import Literal
 from urllib.parse import parse_qsl, unquote
 
 from nilus_dagster.manifest.placeholders import fill, placeholders_in
+from nilus_dagster.manifest.postgres_url import POSTGRES_SCHEMES, PostgresUrl, parse_postgres_url
 from nilus_dagster.redaction import register_secret
 
 NATS_SCHEME = "nats+jetstream"
@@ -435,12 +436,16 @@ def parse_nats_address(raw: str) -> NatsAddress:
 
 @dataclass(frozen=True)
 class SinkAddress:
-    """A parsed sink address: a ``dataos://`` depot or a direct storage root URI."""
+    """A parsed sink address: a depot, a storage root URI, or a ``postgresql://`` database.
+
+    ``postgres`` holds the database's address as written (placeholders unfilled).
+    """
 
     raw: str
     depot: str | None = None
     root: str | None = None
     params: tuple[tuple[str, str], ...] = ()
+    postgres: PostgresUrl | None = None
 
     @property
     def is_depot(self) -> bool:
@@ -483,8 +488,10 @@ def parse_sink_address(raw: str) -> SinkAddress:
         return SinkAddress(raw=text, depot=depot, params=params)
     if scheme in DIRECT_SCHEMES:
         return SinkAddress(raw=text, root=text.rstrip("/"))
+    if scheme in POSTGRES_SCHEMES:
+        return SinkAddress(raw=text, postgres=parse_postgres_url(text))
     raise AddressError(
         "scheme",
         f"{scheme!r} is not a supported sink; use dataos://<depot>, s3://, gs://, az://, "
-        "file:// or a local folder",
+        "file://, a local folder or postgresql://USER[:PASSWORD]@HOST[:PORT]/DB",
     )

@@ -20,13 +20,14 @@ Delta table at ``<root>/<schema>/<table>``.
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from nilus_dagster.errors import ManifestError, Problem
-from nilus_dagster.manifest.address import DIRECT_SCHEMES
+from nilus_dagster.manifest.address import DIRECT_SCHEMES, AddressError
 from nilus_dagster.manifest.model import Sink
 from nilus_dagster.manifest.placeholders import fill
+from nilus_dagster.manifest.postgres_url import PostgresUrl, parse_postgres_url
 from nilus_dagster.manifest.yaml_text import field_key, load_yaml
 
 DEPOTS_ENV = "NILUS_DEPOTS"
@@ -37,10 +38,21 @@ DEAD_LETTER_SUFFIX = "__dead_letters"
 
 @dataclass(frozen=True)
 class TableLocation:
-    """A Delta table's URI and the storage options ``deltalake`` needs to reach it."""
+    """Where a sink's table is, and what its writer needs to reach it.
+
+    Attributes:
+        uri: The table's location as people and downstream loaders see it: the Delta table's
+            URI, or for a database the server, database and table (never a secret).
+        storage_options: What the writer connects with, secrets filled at run time:
+            ``deltalake`` storage options for Delta, connection parameters for a database.
+        kind: The writer that serves it: the depot ``type`` (``delta`` by default).
+        table: ``schema.table`` inside the store, for stores that name tables (databases).
+    """
 
     uri: str
     storage_options: Mapping[str, str] = field(default_factory=dict)
+    kind: str = "delta"
+    table: str = ""
 
     @property
     def is_local(self) -> bool:
@@ -50,7 +62,19 @@ class TableLocation:
 
     def sibling(self, suffix: str) -> "TableLocation":
         """The location of a table next to this one (the dead-letter table)."""
-        return TableLocation(self.uri.rstrip("/") + suffix, self.storage_options)
+        return replace(
+            self,
+            uri=self.uri.rstrip("/") + suffix,
+            table=self.table + suffix if self.table else "",
+        )
+
+
+DEPOT_TYPES = ("delta", "postgresql")
+"""The depot ``type``s a sink writer serves (``delta`` when a depot names none)."""
+_DEPOT_KEYS = {
+    "delta": ("type", "root", "storage_options"),
+    "postgresql": ("type", "url"),
+}
 
 
 @dataclass(frozen=True)
@@ -60,6 +84,8 @@ class Depot:
     name: str
     root: str
     storage_options: Mapping[str, str] = field(default_factory=dict)
+    type: str = "delta"
+    url: PostgresUrl | None = None
 
 
 def _absolute_root(root: str, base: Path) -> str:
@@ -116,15 +142,31 @@ def load_depots(path: str | os.PathLike[str]) -> dict[str, Depot]:
                 Problem(where, field_name, "must be a mapping: {root: <URI or folder>}")
             )
             continue
-        unknown = sorted(str(k) for k in entry if k not in ("root", "storage_options"))
+        kind = entry.get("type", "delta")
+        if kind not in DEPOT_TYPES:
+            problems.append(
+                Problem(
+                    where,
+                    f"{field_name}.type",
+                    f"must be one of {', '.join(DEPOT_TYPES)} (delta when left out), got {kind!r}",
+                )
+            )
+            continue
+        keys = _DEPOT_KEYS[kind]
+        unknown = sorted(str(k) for k in entry if k not in keys)
         if unknown:
             problems.append(
                 Problem(
                     where,
                     f"{field_name}.{field_key(unknown[0])}",
-                    "is not a known depot key; a depot has root and storage_options",
+                    f"is not a known key of a {kind} depot; it has {', '.join(keys)}",
                 )
             )
+        if kind == "postgresql":
+            depot = _postgres_depot(str(name), entry, where, field_name, problems)
+            if depot is not None:
+                depots[depot.name] = depot
+            continue
         root = entry.get("root")
         if not isinstance(root, str) or not root.strip():
             problems.append(
@@ -163,6 +205,48 @@ def load_depots(path: str | os.PathLike[str]) -> dict[str, Depot]:
     if problems:
         raise ManifestError(problems)
     return depots
+
+
+def _postgres_depot(
+    name: str, entry: Mapping[str, object], where: str, field_name: str, problems: list[Problem]
+) -> Depot | None:
+    url = entry.get("url")
+    if not isinstance(url, str) or not url.strip():
+        problems.append(
+            Problem(
+                where,
+                f"{field_name}.url",
+                "is required: postgresql://USER[:PASSWORD]@HOST[:PORT]/DB (a secret goes in as "
+                '"{VARIABLE}")',
+            )
+        )
+        return None
+    try:
+        parsed = parse_postgres_url(url)
+    except AddressError as exc:
+        problems.append(Problem(where, f"{field_name}.url", f"{exc.part}: {exc}"))
+        return None
+    return Depot(name=name, root="", type="postgresql", url=parsed)
+
+
+def postgres_location(
+    url: PostgresUrl,
+    sink: Sink,
+    env: Mapping[str, str],
+    *,
+    where: str,
+    fill_secrets: bool = True,
+) -> TableLocation:
+    """The PostgreSQL table ``dest_table`` names in the database ``url`` names.
+
+    Raises:
+        PlaceholderError: A part of the address needs a variable that is not set.
+    """
+    opts = sink.options
+    table = f"{opts.schema_name}.{opts.table_name}"
+    options = url.connection_options(env, where=where) if fill_secrets else url.template_options()
+    uri = f"{url.display()}?table={table}"
+    return TableLocation(uri=uri, storage_options=options, kind="postgresql", table=table)
 
 
 def resolve_table_location(
@@ -206,11 +290,21 @@ def resolve_table_location(
                         )
                     ]
                 )
+            if depot.url is not None:
+                where = f"{depots_file}: depots.{depot.name}.url (for {file})"
+                return postgres_location(
+                    depot.url, sink, env, where=where, fill_secrets=fill_secrets
+                )
             root, options = depot.root, depot.storage_options
             options_where = f"{depots_file}: depots.{depot.name}.storage_options"
         else:
             lakehouse = env.get(LAKEHOUSE_ENV) or DEFAULT_LAKEHOUSE
             root = _absolute_root(str(Path(lakehouse) / (address.depot or "")), Path.cwd())
+    elif address.postgres is not None:
+        where = f"{file}: spec.sink.address"
+        return postgres_location(
+            address.postgres, sink, env, where=where, fill_secrets=fill_secrets
+        )
     else:
         raw_root = address.root or ""
         scheme = raw_root.partition("://")[0].lower() if "://" in raw_root else "file"

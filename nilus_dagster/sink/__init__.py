@@ -1,30 +1,41 @@
-"""The Delta Lake side: decode batches to Arrow, write them exactly once, dead letters aside.
+"""Sink writers: decode batches to Arrow, write them exactly once, dead letters aside.
 
-No Dagster here. :func:`~nilus_dagster.sink.decode.decode` turns a
-:class:`~nilus_dagster.messages.MessageBatch` into Arrow rows and dead letters;
-:class:`~nilus_dagster.sink.delta.DeltaSink` conforms them to the table and commits them with the
-stream position (a Delta ``txn``) in the same transaction.
+No Dagster here. :class:`~nilus_dagster.sink.writer.SinkWriter` is what the engine writes
+through, whatever the store: :func:`~nilus_dagster.sink.factory.sink_writer` picks the writer
+from the resolved location's kind. :func:`~nilus_dagster.sink.decode.decode` (shared by every
+writer) turns a :class:`~nilus_dagster.messages.MessageBatch` into Arrow rows and dead letters;
+each writer conforms them to its table and commits them with the stream position in the same
+transaction. :class:`~nilus_dagster.sink.delta.DeltaSink` keeps the position in a Delta ``txn``.
 """
 
 from nilus_dagster.sink.decode import BatchDecoder, Decoded, decode
-from nilus_dagster.sink.delta import (
+from nilus_dagster.sink.delta import DeltaSink
+from nilus_dagster.sink.factory import WRITERS, read_table_schema, sink_writer, writer_class
+from nilus_dagster.sink.schema import DEAD_LETTER_SCHEMA, METADATA_COLUMNS
+from nilus_dagster.sink.writer import (
     STREAM_CREATED_KEY,
     CommitResult,
-    DeltaSink,
     PositionConflict,
     SinkState,
+    SinkWriter,
+    TableFacts,
 )
-from nilus_dagster.sink.schema import DEAD_LETTER_SCHEMA, METADATA_COLUMNS
 
 __all__ = [
     "DEAD_LETTER_SCHEMA",
     "METADATA_COLUMNS",
     "STREAM_CREATED_KEY",
+    "WRITERS",
     "BatchDecoder",
     "CommitResult",
     "Decoded",
     "DeltaSink",
     "PositionConflict",
     "SinkState",
+    "SinkWriter",
+    "TableFacts",
     "decode",
+    "read_table_schema",
+    "sink_writer",
+    "writer_class",
 ]

@@ -10,7 +10,7 @@ become dead letters while every good row of the batch is kept.
 
 import io
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -20,6 +20,14 @@ import pyarrow.json as pj
 from nilus_dagster.manifest.address import PayloadFormat
 from nilus_dagster.messages import MessageBatch
 from nilus_dagster.sink.conform import split_conflicts
+from nilus_dagster.sink.json_types import (
+    as_json_types,
+    group_by_types,
+    merge_hints,
+    string_overrides,
+    value_depth,
+    with_valid_null_lists,
+)
 from nilus_dagster.sink.schema import (
     DATA_COLUMN,
     DEAD_LETTER_SCHEMA,
@@ -47,7 +55,6 @@ _MIN_BLOCK = 4 << 20  # several blocks per commit-sized batch let Arrow parse on
 # without the malformed ones; valid rows Arrow still rejects are halved down to single reads.
 _CHECK_RANGE = 2048
 _SMALL_RANGE = 32
-_MAX_GROUPS = 16
 _RAW, _VALID, _GROUPED = 0, 1, 2  # how far a failed part of the slow path was examined
 
 
@@ -143,9 +150,9 @@ class BatchDecoder:
         table = pj.read_json(
             io.BytesIO(joined), read_options=read_options, parse_options=self._parse_options()
         )
-        overrides = _string_overrides(table.schema)
+        overrides = string_overrides(table.schema)
         if overrides is not None:
-            self._hints = _merge_hints(self._hints, overrides)
+            self._hints = merge_hints(self._hints, overrides)
             table = pj.read_json(
                 io.BytesIO(joined), read_options=read_options, parse_options=self._parse_options()
             )
@@ -175,7 +182,7 @@ class BatchDecoder:
             table = pj.read_json(
                 io.BytesIO(joined), read_options=read_options, parse_options=options
             )
-            table = _with_valid_null_lists(table)
+            table = with_valid_null_lists(table)
             table.validate()
         return table
 
@@ -192,9 +199,9 @@ class BatchDecoder:
             found = pj.read_json(io.BytesIO(sample))
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
             return
-        overrides = _string_overrides(found.schema)
+        overrides = string_overrides(found.schema)
         if overrides is not None:
-            self._hints = _merge_hints(self._hints, overrides)
+            self._hints = merge_hints(self._hints, overrides)
 
     def _parse_options(self) -> pj.ParseOptions:
         if self._hints is None:
@@ -224,7 +231,7 @@ class BatchDecoder:
                 payload = payload.replace(b"\r", b" ").replace(b"\n", b" ")
             lines.append(payload)
             indices.append(i)
-        parts, bad = self._bisect(lines, _as_json_types(table_schema))
+        parts, bad = self._bisect(lines, as_json_types(table_schema))
         for position, error in bad:
             failures[indices[position]] = error
         good = [i for i in range(len(batch)) if i not in failures]
@@ -277,7 +284,7 @@ class BatchDecoder:
                     if problem is None:
                         # Deeper than a row may be: a dead letter now, before the shape
                         # helpers below recurse into it (RecursionError at ~500 levels).
-                        depth = _value_depth(value)
+                        depth = value_depth(value)
                         if depth > self.max_nesting:
                             problem = (
                                 f"payload is nested {depth} levels deep (at most "
@@ -291,7 +298,7 @@ class BatchDecoder:
                 if valid:
                     stack.append((valid, _VALID))
             elif state == _VALID:
-                groups = _group_by_types(part, parsed)
+                groups = group_by_types(part, parsed)
                 if len(groups) > 1:
                     stack.extend((g, _GROUPED) for g in reversed(groups))
                 else:
@@ -351,8 +358,10 @@ def decode(
     decoder: BatchDecoder | None = None,
     table_schema: pa.Schema | None = None,
 ) -> Decoded:
-    """Decode one batch (see :meth:`BatchDecoder.decode`; pass a decoder to reuse what it
-    learnt about the payloads)."""
+    """Decode one batch (see :meth:`BatchDecoder.decode`).
+
+    Pass a decoder to reuse what it learnt about the payloads.
+    """
     return (decoder or BatchDecoder(format)).decode(batch, table_schema)
 
 
@@ -382,92 +391,6 @@ def _parse(payload: bytes) -> tuple[object, str | None]:
     return value, None
 
 
-class _Clash(Exception):
-    pass
-
-
-def _group_by_types(part: list[int], parsed: Mapping[int, object]) -> list[list[int]]:
-    """Split ``part`` into groups whose fields' JSON types agree (first fit, in order).
-
-    Missing and null fields agree with anything; numbers agree with numbers (Arrow promotes
-    integers to doubles). Groups are returned in the order of their first line.
-    """
-    shapes: list[object] = []  # per open group: the merged shape of its lines
-    groups: list[list[int]] = []
-    open_groups: list[int] = []  # groups that take more lines, by index into groups
-    for i in part:
-        try:
-            shape = _shape(parsed[i])
-        except _Clash:  # a list mixing types: Arrow rejects this line on its own
-            groups.append([i])
-            continue
-        for slot, g in enumerate(open_groups):
-            try:
-                shapes[slot] = _merge_shapes(shapes[slot], shape)
-            except _Clash:
-                continue
-            groups[g].append(i)
-            break
-        else:
-            groups.append([i])
-            if len(open_groups) < _MAX_GROUPS:  # beyond that many shapes, one line per read
-                open_groups.append(len(groups) - 1)
-                shapes.append(shape)
-    return groups
-
-
-def _value_depth(value: object) -> int:
-    """Container levels below a parsed object's top level (as Arrow counts struct and list
-    nesting), found without recursion."""
-    deepest = 0
-    stack: list[tuple[object, int]] = []
-    if isinstance(value, dict):
-        stack.extend((v, 0) for v in value.values())
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict | list):
-            deepest = max(deepest, depth + 1)
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, depth + 1) for child in children)
-    return deepest
-
-
-def _shape(value: object) -> object:
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, int | float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        element: object = None
-        for item in value:
-            element = _merge_shapes(element, _shape(item))
-        return ("list", element)
-    if isinstance(value, dict):
-        return {k: _shape(v) for k, v in value.items()}
-    return "other"
-
-
-def _merge_shapes(a: object, b: object) -> object:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    if isinstance(a, dict) and isinstance(b, dict):
-        merged = dict(a)
-        for key, value in b.items():
-            merged[key] = _merge_shapes(merged.get(key), value)
-        return merged
-    if isinstance(a, tuple) and isinstance(b, tuple):
-        return ("list", _merge_shapes(a[1], b[1]))
-    if a == b:
-        return a
-    raise _Clash
-
-
 def _halves(part: list[int], state: int) -> list[tuple[list[int], int]]:
     mid = len(part) // 2
     return [(part[mid:], state), (part[:mid], state)]  # popped left first
@@ -493,145 +416,12 @@ def _with_metadata(table: pa.Table, batch: MessageBatch, indices: list[int] | No
     return table
 
 
-def _with_valid_null_lists(table: pa.Table) -> pa.Table:
-    """Pad the lists of nulls Arrow's JSON reader returns too short.
-
-    pyarrow 26 reads ``[null, null]`` as a ``list<null>`` whose child holds fewer nulls than
-    the lists span ("Length spanned by list offsets (2) larger than values array (length
-    1)"), even with an explicit schema. Every element is null, so padding is exact.
-    """
-    for index, field in enumerate(table.schema):
-        if _has_null_list(field.type):
-            column = table.column(index)
-            chunks = [_valid_null_lists(chunk) for chunk in column.chunks]
-            table = table.set_column(index, field, pa.chunked_array(chunks, type=field.type))
-    return table
-
-
-def _has_null_list(dtype: pa.DataType) -> bool:
-    if pa.types.is_list(dtype) or pa.types.is_large_list(dtype):
-        return pa.types.is_null(dtype.value_type) or _has_null_list(dtype.value_type)
-    if pa.types.is_struct(dtype):
-        return any(_has_null_list(dtype.field(i).type) for i in range(dtype.num_fields))
-    return False
-
-
-def _valid_null_lists(array: pa.Array) -> pa.Array:
-    dtype = array.type
-    if not _has_null_list(dtype):
-        return array
-    if pa.types.is_struct(dtype):
-        children = [_valid_null_lists(child) for child in array.flatten()]
-        return pa.StructArray.from_arrays(children, fields=list(dtype), mask=array.is_null())
-    offsets = array.offsets  # type: ignore[attr-defined]
-    if pa.types.is_null(dtype.value_type):
-        values = pa.nulls(offsets[-1].as_py() if len(offsets) else 0)
-    else:
-        values = _valid_null_lists(array.values)  # type: ignore[attr-defined]
-    kind = pa.LargeListArray if pa.types.is_large_list(dtype) else pa.ListArray
-    return kind.from_arrays(offsets, values, type=dtype, mask=array.is_null())
-
-
-def _as_json_types(schema: pa.Schema | None) -> pa.Schema | None:
-    """The table's payload columns as the types Arrow infers from JSON holding their values."""
-    if schema is None:
-        return None
-    fields = []
-    for field in schema:
-        if field.name in METADATA_COLUMNS or (
-            field.name == DATA_COLUMN and pa.types.is_binary(field.type)
-        ):
-            continue
-        dtype = _as_json_type(field.type)
-        if dtype is not None:
-            fields.append(pa.field(field.name, dtype))
-    return pa.schema(fields) if fields else None
-
-
-def _as_json_type(dtype: pa.DataType) -> pa.DataType | None:
-    if pa.types.is_boolean(dtype):
-        return dtype
-    if pa.types.is_integer(dtype):
-        return pa.int64()
-    if pa.types.is_floating(dtype) or pa.types.is_decimal(dtype):
-        return pa.float64()
-    if (
-        pa.types.is_string(dtype)
-        or pa.types.is_large_string(dtype)
-        or pa.types.is_temporal(dtype)
-        or pa.types.is_binary(dtype)
-    ):
-        return pa.string()  # dates and times arrive as ISO text
-    if pa.types.is_struct(dtype):
-        children = [
-            pa.field(dtype.field(i).name, t)
-            for i in range(dtype.num_fields)
-            if (t := _as_json_type(dtype.field(i).type)) is not None
-        ]
-        return pa.struct(children)
-    if pa.types.is_list(dtype) or pa.types.is_large_list(dtype):
-        inner = _as_json_type(dtype.value_type)
-        return pa.list_(inner) if inner is not None else None
-    return None  # no JSON value is inferred as this type: let conform() judge it
-
-
 def _many_brackets(payload: bytes) -> bool:
     return payload.count(b"{") + payload.count(b"[") > _ARROW_SAFE_BRACKETS
 
 
 def _too_deep(schema: pa.Schema, limit: int) -> bool:
     return any(nesting_depth(f.type) > limit for f in schema)
-
-
-def _string_overrides(schema: pa.Schema) -> pa.Schema | None:
-    """The fields of ``schema`` that hold an inferred timestamp, typed as strings instead.
-
-    Structs keep only their children that need an override, so that the rest of the
-    struct is still inferred.
-    """
-    fields = []
-    for field in schema:
-        override = _override_type(field.type)
-        if override is not None:
-            fields.append(pa.field(field.name, override))
-    return pa.schema(fields) if fields else None
-
-
-def _override_type(dtype: pa.DataType) -> pa.DataType | None:
-    if pa.types.is_timestamp(dtype):
-        return pa.string()
-    if pa.types.is_struct(dtype):
-        children = []
-        for i in range(dtype.num_fields):
-            child = dtype.field(i)
-            override = _override_type(child.type)
-            if override is not None:
-                children.append(pa.field(child.name, override))
-        return pa.struct(children) if children else None
-    if pa.types.is_list(dtype):
-        inner = _override_type(dtype.value_type)
-        return pa.list_(inner) if inner is not None else None
-    return None
-
-
-def _merge_hints(old: pa.Schema | None, new: pa.Schema) -> pa.Schema:
-    if old is None:
-        return new
-    fields = {f.name: f for f in old}
-    for field in new:
-        previous = fields.get(field.name)
-        merged = field.type if previous is None else _merge_hint_types(previous.type, field.type)
-        fields[field.name] = pa.field(field.name, merged)
-    return pa.schema(list(fields.values()))
-
-
-def _merge_hint_types(old: pa.DataType, new: pa.DataType) -> pa.DataType:
-    if pa.types.is_struct(old) and pa.types.is_struct(new):
-        merged = _merge_hints(pa.schema(list(old)), pa.schema(list(new)))
-        return pa.struct(list(merged))
-    if pa.types.is_list(old) and pa.types.is_list(new):
-        return pa.list_(_merge_hint_types(old.value_type, new.value_type))
-    return new  # the payloads changed shape; the newest shape is the better guess
 
 
 __all__ = [

@@ -9,14 +9,11 @@ duplicate through (measured on deltalake 1.6.6).
 """
 
 import logging
-import re
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import ClassVar, Literal
 
 import pyarrow as pa
-import pyarrow.compute as pc
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
@@ -27,66 +24,34 @@ from nilus_dagster.manifest.model import (
     DEFAULT_COMPACT_EVERY,
     IncrementalStrategy,
 )
-from nilus_dagster.messages import MessageBatch
 from nilus_dagster.redaction import redact
-from nilus_dagster.sink.conform import conform
-from nilus_dagster.sink.decode import BatchDecoder, Decoded, PayloadFormat, decode
-from nilus_dagster.sink.schema import METADATA_COLUMNS, METADATA_SCHEMA, TIMESTAMP_TYPE
+from nilus_dagster.sink.delta_facts import newest_timestamp, read_delta_schema
+from nilus_dagster.sink.rows import (
+    after_position,
+    in_window,
+    latest_per_key,
+    up_to_position,
+)
+from nilus_dagster.sink.schema import METADATA_SCHEMA
+from nilus_dagster.sink.writer import (
+    STREAM_CREATED_KEY,
+    CommitResult,
+    PositionConflict,
+    SinkState,
+    SinkWriter,
+    error_text,
+)
 from nilus_dagster.times import as_utc
 
 logger = logging.getLogger("nilus_dagster.sink")
 
-STREAM_CREATED_KEY = "nilus.stream_created"
-"""Commit metadata key holding the creation time of the stream the position belongs to."""
-
-
 _HISTORY_SCAN = 20  # recent commits searched first for the stream's creation time
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # What deltalake raises for a failed write (object stores surface as OSError); anything else
 # is a bug and propagates as is.
 _WRITE_ERRORS = (DeltaError, OSError, pa.ArrowException)
 
 
-class PositionConflict(SinkError):
-    """Another writer committed to the table since it was opened: re-open, re-read the position."""
-
-
-@dataclass(frozen=True)
-class SinkState:
-    """What :meth:`DeltaSink.open` found.
-
-    Attributes:
-        exists: Whether the table exists yet.
-        position: Last stream sequence committed by this app id, 0 when none.
-        stream_created: The ``nilus.stream_created`` commit metadata of the newest commit that
-            has it (the stream the position belongs to), or ``None``.
-        schema: The table's schema, ``None`` when it does not exist.
-    """
-
-    exists: bool
-    position: int
-    stream_created: str | None
-    schema: pa.Schema | None
-
-
-@dataclass(frozen=True)
-class CommitResult:
-    """What one commit wrote.
-
-    Attributes:
-        rows_written: Rows written to the table (source rows, for merge).
-        dead_letters: Rows written to the dead-letter table.
-        table_version: The table's version after the commit.
-        position: The committed position.
-    """
-
-    rows_written: int
-    dead_letters: int
-    table_version: int | None
-    position: int
-
-
-class DeltaSink:
+class DeltaSink(SinkWriter):
     """Writes decoded batches to one Delta table (and its dead-letter table), exactly once.
 
     Args:
@@ -102,6 +67,9 @@ class DeltaSink:
         checkpoint_every: Write a checkpoint every this many commits (0 disables).
     """
 
+    kind: ClassVar[str] = "delta"
+    writer_options: ClassVar[tuple[str, ...]] = ("compact_every", "checkpoint_every")
+
     def __init__(
         self,
         location: TableLocation,
@@ -113,16 +81,14 @@ class DeltaSink:
         compact_every: int = DEFAULT_COMPACT_EVERY,
         checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
     ):
-        if strategy not in ("append", "merge", "replace"):
-            raise SinkError(f"incremental_strategy must be append, merge or replace: {strategy!r}")
-        if strategy == "merge" and not primary_key:
-            raise SinkError("incremental_strategy merge needs a primary_key to merge on")
-        self.location = location
+        super().__init__(
+            location,
+            app_id=app_id,
+            strategy=strategy,
+            primary_key=primary_key,
+            create_table=create_table,
+        )
         self.dead_letter_location = location.sibling(DEAD_LETTER_SUFFIX)
-        self.app_id = app_id
-        self.strategy: IncrementalStrategy = strategy
-        self.primary_key = tuple(primary_key or ())
-        self.create_table = create_table
         self.compact_every = compact_every
         self.checkpoint_every = checkpoint_every
         self._options = {str(k): str(v) for k, v in location.storage_options.items()} or None
@@ -135,8 +101,11 @@ class DeltaSink:
         self._stale = False
         self._commits = 0
         self._schema: tuple[int, pa.Schema] | None = None
-        self._decoders: dict[str, BatchDecoder] = {}
-        self._required = self.primary_key if strategy == "merge" else ()
+
+    @classmethod
+    def read_schema(cls, location: TableLocation) -> pa.Schema | None:
+        """The Delta table's schema from its log (no data files), ``None`` without a table."""
+        return read_delta_schema(location)
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -173,6 +142,7 @@ class DeltaSink:
 
     @property
     def table_version(self) -> int | None:
+        """The Delta table's version as of the snapshot, ``None`` without a table."""
         return self._table.version() if self._table is not None else None
 
     def schema(self) -> pa.Schema | None:
@@ -192,77 +162,7 @@ class DeltaSink:
 
     def newest_timestamp(self) -> datetime | None:
         """The newest ``_nats_timestamp`` in the table (from file statistics when present)."""
-        if self._table is None:
-            return None
-        actions = pa.table(self._table.get_add_actions(flatten=True))
-        if actions.num_rows == 0:
-            return None
-        column = "max._nats_timestamp"
-        if column in actions.column_names and actions.column(column).null_count == 0:
-            newest = pc.max(actions.column(column)).as_py()
-        else:
-            # No statistics for some file: read just that column.
-            data = self._table.to_pyarrow_dataset().to_table(columns=["_nats_timestamp"])
-            newest = pc.max(data.column(0)).as_py()
-        if newest is None:
-            return None
-        if isinstance(newest, datetime) and newest.tzinfo is None:
-            newest = newest.replace(tzinfo=timezone.utc)
-        return newest.astimezone(timezone.utc)
-
-    def prepare(
-        self,
-        batch: MessageBatch,
-        *,
-        format: PayloadFormat = "json",
-        decoder: BatchDecoder | None = None,
-    ) -> Decoded:
-        """Decode ``batch`` for this table: :func:`decode` then :meth:`conform`, in one call.
-
-        Better than the two calls apart: when the batch's messages disagree on a field's
-        type, the table's type decides which are dead letters, and dead letters found by
-        conforming keep their exact payload bytes.
-
-        Args:
-            batch: The messages to write.
-            format: The pipeline's payload format.
-            decoder: The decoder to use; by default the sink keeps one per format, which
-                learns the payloads' fields across batches.
-
-        Returns:
-            Conformed rows and all dead letters (decoding's, then conforming's).
-        """
-        schema = self.schema()
-        if decoder is None:
-            decoder = self._decoders.setdefault(format, BatchDecoder(format))
-        decoded = decode(batch, format, decoder=decoder, table_schema=schema)
-        rows, conflicts = conform(
-            decoded.rows, schema, payloads=_Payloads(batch), required=self._required
-        )
-        dead = decoded.dead_letters
-        if conflicts.num_rows:
-            dead = pa.concat_tables([dead, conflicts]) if dead.num_rows else conflicts
-        return Decoded(rows, dead)
-
-    def conform(
-        self, rows: pa.Table, *, payloads: Mapping[int, bytes] | None = None
-    ) -> tuple[pa.Table, pa.Table]:
-        """Align a decoded batch with the table's current schema.
-
-        Missing columns become nulls, new columns are kept (the table's schema grows on
-        commit), castable types are cast, and rows whose values conflict with the table's
-        types are returned as dead letters naming the column and both types. For ``merge``,
-        rows without a primary key value are dead letters too: they could never be merged.
-
-        Args:
-            rows: Decoded rows.
-            payloads: Raw payloads by stream sequence, so that dead letters keep the exact
-                bytes; without it they hold the row re-encoded as JSON.
-
-        Returns:
-            ``(rows, dead_letters)``.
-        """
-        return conform(rows, self.schema(), payloads=payloads, required=self._required)
+        return newest_timestamp(self._table) if self._table is not None else None
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -303,7 +203,7 @@ class DeltaSink:
         metadata = self._metadata(commit_metadata)
         if rows is None or rows.num_columns == 0:
             rows = METADATA_SCHEMA.empty_table()
-        rows = _after(rows, self.position)
+        rows = after_position(rows, self.position)
         dead_count = self._write_dead_letters(dead_letters, last_seq, metadata)
         properties = self._properties(last_seq, metadata)
         try:
@@ -363,8 +263,8 @@ class DeltaSink:
         )
         # Messages past the position are the next normal run's to write; writing them here
         # would write them twice.
-        rows = _up_to(_in_window(rows, start, end), up_to)
-        dead = _up_to(_in_window(dead_letters, start, end), up_to)
+        rows = up_to_position(in_window(rows, start, end), up_to)
+        dead = up_to_position(in_window(dead_letters, start, end), up_to)
         dead_count = 0
         if dead is not None and (self._dead is not None or dead.num_rows):
             props = self._properties(self._dead_version, metadata)
@@ -428,7 +328,7 @@ class DeltaSink:
             return None
         except Exception as exc:
             raise SinkError(
-                f"cannot open Delta table {redact(uri)}: {_clean(exc)}. Check the storage root "
+                f"cannot open Delta table {redact(uri)}: {error_text(exc)}. Check the storage root "
                 "and its storage options (credentials, region, endpoint)"
             ) from None
 
@@ -511,9 +411,9 @@ class DeltaSink:
         if rows.num_rows and not set(self.primary_key) <= target:
             # No table row has a key yet, so nothing can match: insert (merge would fail to
             # resolve the key column on the target side).
-            self._write(self._table, _latest_per_key(rows, self.primary_key), "append", properties)
+            self._write(self._table, latest_per_key(rows, self.primary_key), "append", properties)
         elif rows.num_rows:
-            source = _one_chunk_layout(_latest_per_key(rows, self.primary_key))
+            source = _one_chunk_layout(latest_per_key(rows, self.primary_key))
             on = " AND ".join(f"t.{_quote(k)} = s.{_quote(k)}" for k in self.primary_key)
             (
                 self._table.merge(
@@ -540,7 +440,7 @@ class DeltaSink:
             return 0
         if self._dead_version is not None:
             # Written already by an attempt whose main commit then failed.
-            dead = _after(dead, self._dead_version)
+            dead = after_position(dead, self._dead_version)
             if dead.num_rows == 0:
                 return 0
         properties = self._properties(last_seq, metadata)
@@ -567,16 +467,20 @@ class DeltaSink:
                 )
             except (CommitFailedError, DeltaError) as exc:
                 # Compaction is an optimisation; a concurrent merge or overwrite wins.
-                logger.warning("%s: compaction skipped: %s", redact(self.location.uri), _clean(exc))
+                logger.warning(
+                    "%s: compaction skipped: %s", redact(self.location.uri), error_text(exc)
+                )
         if self.checkpoint_every and self._commits % self.checkpoint_every == 0:
             try:
                 table.create_checkpoint()
             except DeltaError as exc:
-                logger.warning("%s: checkpoint skipped: %s", redact(self.location.uri), _clean(exc))
+                logger.warning(
+                    "%s: checkpoint skipped: %s", redact(self.location.uri), error_text(exc)
+                )
 
     def _error(self, exc: Exception, action: str, dead: bool = False) -> SinkError:
         uri = (self.dead_letter_location if dead else self.location).uri
-        text = _clean(exc)
+        text = error_text(exc)
         if isinstance(exc, CommitFailedError) or "already exists" in text:
             self._stale = True
             return PositionConflict(
@@ -586,61 +490,6 @@ class DeltaSink:
         if isinstance(exc, SinkError):
             return exc
         return SinkError(f"cannot {action} Delta table {redact(uri)}: {text}")
-
-
-class _Payloads(Mapping[int, bytes]):
-    """A batch's payloads by sequence, indexed only if a dead letter needs one."""
-
-    def __init__(self, batch: MessageBatch):
-        self._batch = batch
-        self._index: dict[int, bytes] | None = None
-
-    def _lookup(self) -> dict[int, bytes]:
-        if self._index is None:
-            self._index = dict(zip(self._batch.sequences, self._batch.payloads, strict=True))
-        return self._index
-
-    def __getitem__(self, seq: int) -> bytes:
-        return self._lookup()[seq]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._batch.sequences)
-
-    def __len__(self) -> int:
-        return len(self._batch)
-
-
-def _latest_per_key(rows: pa.Table, keys: Sequence[str]) -> pa.Table:
-    """Keep, for each key, only the row of the latest message (highest ``_nats_seq``).
-
-    Rows with a null key never match a table row, so they are all kept.
-    """
-    missing = [k for k in keys if k not in rows.column_names]
-    if missing:
-        raise SinkError(
-            f"primary_key column(s) {missing} are not in the rows: every message of a merge "
-            "pipeline must carry its key fields"
-        )
-    seq = rows.column("_nats_seq")
-    order = pc.sort_indices(seq)  # stable; batches arrive sorted, so this is usually identity
-    rows = rows.take(order)
-    numbered = rows.select(list(keys)).append_column(
-        "__row", pa.array(range(rows.num_rows), pa.int64())
-    )
-    null_key = pc.is_null(numbered.column(keys[0]))
-    for key in keys[1:]:
-        null_key = pc.or_(null_key, pc.is_null(numbered.column(key)))
-    keyed = numbered.filter(pc.invert(null_key))
-    latest = keyed.group_by(list(keys), use_threads=False).aggregate([("__row", "max")])
-    if latest.num_rows == rows.num_rows:
-        return rows
-    keep = pa.concat_arrays(
-        [
-            latest.column("__row_max").combine_chunks(),
-            numbered.filter(null_key).column("__row").combine_chunks(),
-        ]
-    )
-    return rows.take(keep.take(pc.sort_indices(keep)))
 
 
 def _one_chunk_layout(rows: pa.Table) -> pa.Table:
@@ -653,30 +502,6 @@ def _one_chunk_layout(rows: pa.Table) -> pa.Table:
     """
     layouts = {tuple(len(chunk) for chunk in column.chunks) for column in rows.columns}
     return rows if len(layouts) <= 1 else rows.combine_chunks()
-
-
-def _after(table: pa.Table, position: int) -> pa.Table:
-    if table.num_rows == 0 or position <= 0 or "_nats_seq" not in table.column_names:
-        return table
-    seq = table.column("_nats_seq")
-    if pc.min(seq).as_py() > position:
-        return table
-    return table.filter(pc.greater(seq.cast(pa.int64()), position))
-
-
-def _up_to(table: pa.Table | None, position: int) -> pa.Table | None:
-    if table is None or table.num_rows == 0:
-        return table
-    return table.filter(pc.less_equal(table.column("_nats_seq").cast(pa.int64()), position))
-
-
-def _in_window(table: pa.Table | None, start: datetime, end: datetime) -> pa.Table | None:
-    if table is None or table.num_rows == 0:
-        return table
-    ts = table.column("_nats_timestamp").cast(TIMESTAMP_TYPE)
-    lo = pa.scalar(start, TIMESTAMP_TYPE)
-    hi = pa.scalar(end, TIMESTAMP_TYPE)
-    return table.filter(pc.and_(pc.greater_equal(ts, lo), pc.less(ts, hi)))
 
 
 def _created_in(history: Sequence[Mapping[str, object]]) -> str | None:
@@ -695,13 +520,7 @@ def _iso(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _clean(exc: BaseException) -> str:
-    text = _ANSI.sub("", str(exc))
-    return redact(" ".join(text.split()))
-
-
 __all__ = [
-    "METADATA_COLUMNS",
     "STREAM_CREATED_KEY",
     "CommitResult",
     "DeltaSink",

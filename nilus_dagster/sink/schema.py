@@ -67,6 +67,7 @@ def metadata_arrays(batch: MessageBatch, indices: Sequence[int] | None = None) -
 
 
 def truncate_error(text: str) -> str:
+    """``text`` on one line, cut to :data:`MAX_ERROR_CHARS`."""
     text = " ".join(str(text).split())
     if len(text) <= MAX_ERROR_CHARS:
         return text

@@ -1,0 +1,515 @@
+"""The PostgreSQL sink: rows, dead letters and the position in one database transaction.
+
+The position is a row of ``<schema>.nilus_positions`` (pipeline, table, last sequence, the
+stream's creation time). Every commit locks that row (``SELECT ... FOR UPDATE``), checks that it
+still holds the position this writer read, bulk-loads the rows from Arrow (ADBC's PostgreSQL
+driver: binary ``COPY``, never a statement per row), moves the position and commits. A second
+writer waits on the lock and then finds the position moved (:class:`PositionConflict`); a
+process killed at any point leaves either the whole commit or none of it.
+"""
+
+import hashlib
+import logging
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any, ClassVar
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from nilus_dagster.errors import SinkError
+from nilus_dagster.manifest.depots import DEAD_LETTER_SUFFIX, TableLocation
+from nilus_dagster.manifest.model import IncrementalStrategy
+from nilus_dagster.messages import MessageBatch
+from nilus_dagster.sink import postgres_catalog as catalog
+from nilus_dagster.sink.decode import BatchDecoder, Decoded, PayloadFormat
+from nilus_dagster.sink.postgres_catalog import POSITIONS_TABLE
+from nilus_dagster.sink.postgres_types import (
+    arrow_type,
+    check_identifier,
+    column_for,
+    postgres_type,
+    qualified,
+    quote,
+    without_long_names,
+)
+from nilus_dagster.sink.rows import after_position, in_window, latest_per_key, up_to_position
+from nilus_dagster.sink.schema import METADATA_SCHEMA
+from nilus_dagster.sink.writer import (
+    STREAM_CREATED_KEY,
+    CommitResult,
+    PositionConflict,
+    SinkState,
+    SinkWriter,
+    error_text,
+)
+from nilus_dagster.times import as_utc
+
+logger = logging.getLogger("nilus_dagster.sink")
+
+_STAGE = "nilus_stage"
+_NAME_FIX = "shorten it (PostgreSQL names hold 63 bytes)"
+
+
+class PostgresSink(SinkWriter):
+    """Writes decoded batches to one PostgreSQL table (and its dead-letter table), exactly once.
+
+    Args:
+        location: The database's connection parameters and ``schema.table``.
+        app_id: The pipeline: its position row is keyed by it and the table.
+        strategy: ``append``, ``merge`` on ``primary_key`` (a staging table and an upsert in
+            which only a higher ``_nats_seq`` replaces a row) or ``replace`` (the first commit
+            of a run empties the table in the same transaction that refills it).
+        primary_key: Merge key columns (required for ``merge``).
+        create_table: Create the table with the first commit; ``False`` makes a missing table
+            an error.
+    """
+
+    kind: ClassVar[str] = "postgresql"
+
+    def __init__(
+        self,
+        location: TableLocation,
+        *,
+        app_id: str,
+        strategy: IncrementalStrategy = "append",
+        primary_key: Sequence[str] | None = None,
+        create_table: bool = True,
+    ):
+        super().__init__(
+            location,
+            app_id=app_id,
+            strategy=strategy,
+            primary_key=primary_key,
+            create_table=create_table,
+        )
+        self.schema_name, _, self.table_name = location.table.partition(".")
+        self.dead_table = self.table_name + DEAD_LETTER_SUFFIX
+        self._where = f"PostgreSQL sink {location.uri}"
+        check_identifier(self.schema_name, "the schema of dest_table", _NAME_FIX)
+        check_identifier(
+            self.dead_table,
+            f"the dead-letter table of dest_table {location.table!r}",
+            f"shorten the table name to {63 - len(DEAD_LETTER_SUFFIX)} bytes or fewer",
+        )
+        self._conn: Any = None
+        self._columns: dict[str, str] | None = None  # name -> type; None: no table yet
+        self._dead_columns: dict[str, str] | None = None
+        self._position = 0
+        self._stream_created: str | None = None
+        self._newest: datetime | None = None
+        self._opened = False
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def open(self) -> SinkState:
+        """Connect, check the database can take the rows, and read the committed position.
+
+        Raises:
+            SinkError: The server cannot be reached or refuses the user, is read-only, the
+                schema is missing and may not be created, a privilege is missing, the table
+                is missing with ``create_table`` false, or it has incompatible columns.
+        """
+        self.close()
+        self._conn = catalog.connect(self.location.storage_options, self._where)
+        try:
+            self._check_and_read()
+        except Exception:
+            self.close()
+            raise
+        self._opened = True
+        return SinkState(
+            exists=self._columns is not None,
+            position=self._position,
+            stream_created=self._stream_created,
+            schema=self.schema(),
+        )
+
+    def _check_and_read(self) -> None:
+        conn, schema, table, where = self._conn, self.schema_name, self.table_name, self._where
+        catalog.check_writable(conn, where)
+        catalog.ensure_schema(conn, schema, where=where)
+        catalog.ensure_positions_table(conn, schema, where)
+        self._columns = catalog.table_columns(conn, schema, table)
+        if self._columns is None:
+            if not self.create_table:
+                raise SinkError(
+                    f"{where}: table {schema}.{table} does not exist and create_table is false: "
+                    "create the table first, or set create_table: true under spec.sink.options "
+                    "to let the first run create it"
+                )
+            catalog.check_create(conn, schema, f"table {schema}.{table}", where)
+        else:
+            catalog.check_compatible(self._columns, schema, table, where)
+            catalog.check_table_privileges(
+                conn, schema, table, self._needed_privileges(), self._why(), where
+            )
+        self._dead_columns = catalog.table_columns(conn, schema, self.dead_table)
+        if self._dead_columns is not None:
+            catalog.check_table_privileges(
+                conn, schema, self.dead_table, ("INSERT",), "dead letters go there", where
+            )
+        found = catalog.query(
+            conn,
+            f"SELECT last_seq, stream_created, newest_timestamp FROM "
+            f"{qualified(schema, POSITIONS_TABLE)} WHERE pipeline = $1 AND table_name = $2",
+            [self.app_id, table],
+        )
+        conn.commit()
+        self._position, self._stream_created, self._newest = found[0] if found else (0, None, None)
+
+    def _needed_privileges(self) -> tuple[str, ...]:
+        if self.strategy == "merge":
+            return ("INSERT", "SELECT", "UPDATE", "DELETE")
+        if self.strategy == "replace":
+            return ("INSERT", "TRUNCATE")
+        return ("INSERT",)
+
+    def _why(self) -> str:
+        return {
+            "merge": "merge inserts and updates rows",
+            "replace": "replace empties the table with TRUNCATE and refills it",
+        }.get(self.strategy, "rows are appended")
+
+    @property
+    def position(self) -> int:
+        """Last stream sequence committed (0 when none), as of :meth:`open` or the last commit."""
+        return self._position
+
+    def schema(self) -> pa.Schema | None:
+        """The table's columns as Arrow, each with its PostgreSQL type in the field metadata."""
+        if self._columns is None:
+            return None
+        return pa.schema(
+            [
+                pa.field(name, arrow_type(kind), metadata={"postgresql.type": kind})
+                for name, kind in self._columns.items()
+            ]
+        )
+
+    def conform_schema(self) -> pa.Schema | None:
+        """The table's columns but its json(b) ones, which take any value."""
+        # A json(b) column takes any value: rows keep what they decoded to and are written as
+        # JSON text, so only the other columns are conformed (and can conflict).
+        schema = self.schema()
+        if schema is None:
+            return None
+        keep = [f for f in schema if f.metadata[b"postgresql.type"] not in (b"jsonb", b"json")]
+        return pa.schema(keep)
+
+    @classmethod
+    def read_schema(cls, location: TableLocation) -> pa.Schema | None:
+        """The table's columns from the catalog, ``None`` without a table or a connection."""
+        schema_name, _, table = location.table.partition(".")
+        try:
+            conn = catalog.connect(location.storage_options, f"PostgreSQL sink {location.uri}")
+        except SinkError as exc:
+            logger.debug("no schema for %s: %s", location.uri, exc)
+            return None
+        try:
+            columns = catalog.table_columns(conn, schema_name, table)
+        finally:
+            conn.close()
+        if columns is None:
+            return None
+        return pa.schema(
+            [
+                pa.field(n, arrow_type(k), metadata={"postgresql.type": k})
+                for n, k in columns.items()
+            ]
+        )
+
+    def row_count(self) -> int:
+        """Rows in the table (``count(*)``), 0 without a table."""
+        if self._columns is None:
+            return 0
+        conn = self._require_conn()
+        count = catalog.query(
+            conn, f"SELECT count(*) FROM {qualified(self.schema_name, self.table_name)}"
+        )[0][0]
+        conn.commit()
+        return int(count)
+
+    def newest_timestamp(self) -> datetime | None:
+        """The newest ``_nats_timestamp`` committed, from the position row."""
+        # Kept in the position row by every commit: no scan of the table.
+        if self._newest is None:
+            return None
+        return as_utc(self._newest)
+
+    # -- decoding ------------------------------------------------------------------------------
+
+    def prepare(
+        self,
+        batch: MessageBatch,
+        *,
+        format: PayloadFormat = "json",
+        decoder: BatchDecoder | None = None,
+    ) -> Decoded:
+        """Decode and conform ``batch``; fields with names over 63 bytes make dead letters."""
+        decoded = super().prepare(batch, format=format, decoder=decoder)
+        return without_long_names(decoded, batch)
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def commit(
+        self,
+        rows: pa.Table | None,
+        dead_letters: pa.Table | None,
+        *,
+        last_seq: int,
+        overwrite: bool = False,
+        commit_metadata: Mapping[str, str] | None = None,
+    ) -> CommitResult:
+        """Rows, dead letters and the position row in one transaction (see the class)."""
+        conn = self._require_conn()
+        if last_seq <= self._position:
+            raise SinkError(
+                f"refusing to commit up to sequence {last_seq}: {self.location.uri} already "
+                f"holds everything up to {self._position} (drop what is at or below the "
+                "position before committing)"
+            )
+        if rows is None or rows.num_columns == 0:
+            rows = METADATA_SCHEMA.empty_table()
+        rows = after_position(rows, self._position)
+        dead = after_position(dead_letters, self._position) if dead_letters is not None else None
+        created = (commit_metadata or {}).get(STREAM_CREATED_KEY, self._stream_created)
+        newest = _newest(rows, self._newest)
+        try:
+            self._lock_position()
+            columns = self._ensure_table(self.table_name, rows, self._columns)
+            if self.strategy == "merge":
+                self._merge(rows, columns, "<")
+            else:
+                if self.strategy == "replace" and overwrite:
+                    catalog.execute(
+                        conn, f"TRUNCATE {qualified(self.schema_name, self.table_name)}"
+                    )
+                self._load(self.table_name, rows, columns)
+            dead_columns, dead_count = self._write_dead_letters(dead)
+            self._move_position(last_seq, created, newest)
+            conn.commit()
+        except PositionConflict:
+            conn.rollback()
+            raise
+        except Exception as exc:
+            conn.rollback()
+            raise catalog.write_error(exc, f"cannot commit to {self.location.uri}") from None
+        self._columns, self._dead_columns = columns, dead_columns
+        self._position, self._stream_created, self._newest = last_seq, created, newest
+        return CommitResult(rows.num_rows, dead_count, None, last_seq)
+
+    def replace_window(
+        self,
+        rows: pa.Table | None,
+        dead_letters: pa.Table | None,
+        *,
+        start: datetime,
+        end: datetime,
+        up_to: int | None = None,
+        commit_metadata: Mapping[str, str] | None = None,
+    ) -> CommitResult:
+        """Delete and reload (merge: upsert) the window's rows in one transaction.
+
+        Only rows with ``_nats_seq <= up_to`` (default: the position) are replaced; rows after
+        it belong to the writer that keeps appending (a service run).
+        """
+        conn = self._require_conn()
+        start, end = as_utc(start), as_utc(end)
+        if end <= start:
+            raise SinkError(f"empty window {start.isoformat()}..{end.isoformat()}")
+        up_to = self._position if up_to is None else min(up_to, self._position)
+        # Messages past the position are the next normal run's to write.
+        rows = up_to_position(in_window(rows, start, end), up_to)
+        dead = up_to_position(in_window(dead_letters, start, end), up_to)
+        if self._columns is None and (rows is None or rows.num_rows == 0):
+            return CommitResult(0, 0, None, self._position)
+        rows = rows if rows is not None else METADATA_SCHEMA.empty_table()
+        window = f"_nats_timestamp >= $1 AND _nats_timestamp < $2 AND _nats_seq <= {int(up_to)}"
+        try:
+            self._lock_position()
+            columns = self._ensure_table(self.table_name, rows, self._columns)
+            if self.strategy == "merge":
+                self._merge(rows, columns, "<=")
+            else:
+                target = qualified(self.schema_name, self.table_name)
+                catalog.execute(conn, f"DELETE FROM {target} WHERE {window}", [start, end])
+                self._load(self.table_name, rows, columns)
+            dead_columns, dead_count = self._dead_columns, 0
+            if dead is not None and dead.num_rows:
+                if self._dead_columns is not None:
+                    target = qualified(self.schema_name, self.dead_table)
+                    catalog.execute(conn, f"DELETE FROM {target} WHERE {window}", [start, end])
+                dead_columns, dead_count = self._write_dead_letters(dead)
+            conn.commit()
+        except PositionConflict:
+            conn.rollback()
+            raise
+        except Exception as exc:
+            conn.rollback()
+            raise catalog.write_error(
+                exc, f"cannot replace the window of {self.location.uri}"
+            ) from None
+        self._columns, self._dead_columns = columns, dead_columns
+        return CommitResult(rows.num_rows, dead_count, None, self._position)
+
+    def close(self) -> None:
+        """Close the connection (open() connects again)."""
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception as exc:  # closing a broken connection must not hide the real error
+                logger.debug("closing %s: %s", self.location.uri, error_text(exc))
+            self._conn = None
+        self._opened = False
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _require_conn(self) -> Any:
+        if not self._opened or self._conn is None:
+            raise SinkError("PostgresSink.open() must be called before writing")
+        return self._conn
+
+    def _lock_position(self) -> None:
+        """Lock this pipeline's position row for the transaction; check it did not move."""
+        positions = qualified(self.schema_name, POSITIONS_TABLE)
+        key = [self.app_id, self.table_name]
+        catalog.execute(
+            self._conn,
+            f"INSERT INTO {positions} (pipeline, table_name, last_seq) VALUES ($1, $2, 0) "
+            "ON CONFLICT (pipeline, table_name) DO NOTHING",
+            key,
+        )
+        found = catalog.query(
+            self._conn,
+            f"SELECT last_seq FROM {positions} WHERE pipeline = $1 AND table_name = $2 FOR UPDATE",
+            key,
+        )
+        current = int(found[0][0])
+        if current != self._position:
+            raise PositionConflict(
+                f"{self.location.uri}: another writer moved the position of {self.app_id!r} "
+                f"from {self._position} to {current}; open() again"
+            )
+
+    def _move_position(self, last_seq: int, created: str | None, newest: datetime | None) -> None:
+        params: list[object] = [self.app_id, self.table_name, last_seq]
+        sets = ["last_seq = $3", "updated_at = now()"]
+        for column, value in (("stream_created", created), ("newest_timestamp", newest)):
+            # ADBC 1.6 and older cannot bind a None (Arrow's null type): write NULL.
+            if value is None:
+                sets.append(f"{column} = NULL")
+            else:
+                params.append(value)
+                sets.append(f"{column} = ${len(params)}")
+        catalog.execute(
+            self._conn,
+            f"UPDATE {qualified(self.schema_name, POSITIONS_TABLE)} SET {', '.join(sets)} "
+            "WHERE pipeline = $1 AND table_name = $2",
+            params,
+        )
+
+    def _ensure_table(
+        self, table: str, rows: pa.Table, columns: dict[str, str] | None
+    ) -> dict[str, str]:
+        """Create the table, or add the rows' new columns; returns the columns after that."""
+        name = qualified(self.schema_name, table)
+        wanted = {
+            f.name: kind
+            for f in rows.schema
+            if (kind := postgres_type(f.type)) is not None
+            and (columns is None or f.name not in columns)
+        }
+        if columns is None:
+            body = ", ".join(f"{quote(n)} {k}" for n, k in wanted.items())
+            catalog.execute(self._conn, f"CREATE TABLE {name} ({body})")
+            columns = {}
+        elif wanted:
+            adds = ", ".join(f"ADD COLUMN IF NOT EXISTS {quote(n)} {k}" for n, k in wanted.items())
+            catalog.execute(self._conn, f"ALTER TABLE {name} {adds}")
+        columns = {**columns, **wanted}
+        if table == self.table_name and self.strategy == "merge":
+            self._ensure_key_index(name, columns)
+        return columns
+
+    def _ensure_key_index(self, name: str, columns: Mapping[str, str]) -> None:
+        if not all(k in columns for k in self.primary_key):
+            return  # no key column yet: the first keyed rows create it
+        index = quote(_short(f"{self.table_name}__nilus_key"))
+        keys = ", ".join(quote(k) for k in self.primary_key)
+        catalog.execute(self._conn, f"CREATE UNIQUE INDEX IF NOT EXISTS {index} ON {name} ({keys})")
+
+    def _load(self, table: str, rows: pa.Table, columns: Mapping[str, str]) -> None:
+        if rows.num_rows == 0:
+            return
+        data = _for_postgres(rows, columns)
+        with self._conn.cursor() as cur:
+            cur.adbc_ingest(table, data, mode="append", db_schema_name=self.schema_name)
+
+    def _merge(self, rows: pa.Table, columns: Mapping[str, str], newer: str) -> None:
+        """Upsert through a staging table; a row is replaced only by a newer message.
+
+        ``newer`` is ``<`` for runs, ``<=`` for window replays.
+        """
+        if rows.num_rows == 0:
+            return
+        data = _for_postgres(latest_per_key(rows, self.primary_key), columns)
+        target = qualified(self.schema_name, self.table_name)
+        catalog.execute(
+            self._conn,
+            f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} (LIKE {target}) ON COMMIT DROP",
+        )
+        with self._conn.cursor() as cur:
+            cur.adbc_ingest(_STAGE, data, mode="append", temporary=True)
+        names = ", ".join(quote(n) for n in data.column_names)
+        keys = ", ".join(quote(k) for k in self.primary_key)
+        updates = ", ".join(
+            f"{quote(n)} = EXCLUDED.{quote(n)}"
+            for n in data.column_names
+            if n not in self.primary_key
+        )
+        catalog.execute(
+            self._conn,
+            f"INSERT INTO {target} AS t ({names}) SELECT {names} FROM {_STAGE} "
+            f"ON CONFLICT ({keys}) DO UPDATE SET {updates} "
+            f"WHERE t._nats_seq {newer} EXCLUDED._nats_seq",
+        )
+
+    def _write_dead_letters(self, dead: pa.Table | None) -> tuple[dict[str, str] | None, int]:
+        if dead is None or dead.num_rows == 0:
+            return self._dead_columns, 0
+        columns = self._ensure_table(self.dead_table, dead, self._dead_columns)
+        self._load(self.dead_table, dead, columns)
+        return columns, dead.num_rows
+
+
+def _for_postgres(rows: pa.Table, columns: Mapping[str, str]) -> pa.Table:
+    """``rows`` with each column in the form the bulk load writes into its table column."""
+    arrays, names = [], []
+    for field, column in zip(rows.schema, rows.columns, strict=True):
+        kind = columns.get(field.name)
+        if kind is None:  # only nulls so far: no column was made for it
+            continue
+        arrays.append(column_for(column, kind))
+        names.append(field.name)
+    return pa.table(arrays, names=names)
+
+
+def _newest(rows: pa.Table, newest: datetime | None) -> datetime | None:
+    if rows.num_rows == 0 or "_nats_timestamp" not in rows.column_names:
+        return newest
+    found = pc.max(rows.column("_nats_timestamp")).as_py()
+    if found is None:
+        return newest
+    found = as_utc(found)
+    return found if newest is None or found > as_utc(newest) else as_utc(newest)
+
+
+def _short(name: str) -> str:
+    if len(name.encode()) <= 63:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    return name.encode()[:50].decode("utf-8", "ignore") + "_" + digest
+
+
+__all__ = ["PostgresSink"]

@@ -1,0 +1,295 @@
+"""Connecting to PostgreSQL and reading its catalog, each failure as an error that says what to do.
+
+Everything here runs before a row is written: the connection (unreachable server, wrong
+password, missing database, no CONNECT), a read-only server, the schema (created when the user
+may), the privileges each strategy needs (named, with the ``GRANT`` that fixes them) and the
+table's columns, checked against what the rows need.
+"""
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from nilus_dagster.errors import SinkError
+from nilus_dagster.manifest.postgres_url import connection_uri
+from nilus_dagster.sink.postgres_types import qualified, quote
+from nilus_dagster.sink.writer import PositionConflict, error_text
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+POSITIONS_TABLE = "nilus_positions"
+"""Per schema: one row per (pipeline, table) holding the committed position."""
+
+CONNECT_TIMEOUT_SECONDS = "10"
+
+# The metadata columns every table needs, and the column types that can hold them.
+REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
+    "_nats_subject": ("text", "character varying"),
+    "_nats_seq": ("bigint", "numeric"),
+    "_nats_timestamp": ("timestamp with time zone", "timestamp without time zone"),
+    "_nats_headers": ("jsonb", "json"),
+}
+
+
+def connect(options: Mapping[str, str], where: str) -> Any:
+    """An ADBC connection (autocommit off) to the database ``options`` name.
+
+    Raises:
+        SinkError: The server cannot be reached, refuses the user, or lacks the database.
+    """
+    import adbc_driver_manager
+    import adbc_driver_postgresql.dbapi as adbc
+
+    params = dict(options)
+    params.setdefault("connect_timeout", CONNECT_TIMEOUT_SECONDS)
+    try:
+        return adbc.connect(connection_uri(params))
+    except adbc_driver_manager.Error as exc:
+        raise connect_error(exc, options, where) from None
+
+
+def connect_error(exc: Exception, options: Mapping[str, str], where: str) -> SinkError:
+    """The clear error for a failed connection: which cause, and what to change."""
+    text = error_text(exc)
+    host, port = options.get("host", "localhost"), options.get("port", "5432")
+    db, user = options.get("dbname", ""), options.get("user", "(default user)")
+    lowered = text.lower()
+    if "password authentication failed" in lowered or "no password supplied" in lowered:
+        cause = (
+            f"PostgreSQL at {host}:{port} refused the password of user {user!r}: set the right "
+            "password in the address's password variable (or the resource's password)"
+        )
+    elif "role" in lowered and "does not exist" in lowered:
+        cause = f"PostgreSQL at {host}:{port} has no user {user!r}: fix the user in the address"
+    elif "database" in lowered and "does not exist" in lowered:
+        cause = (
+            f"database {db!r} does not exist on {host}:{port}: create it (CREATE DATABASE "
+            f"{quote(db)}) or fix the database in the address"
+        )
+    elif "permission denied for database" in lowered or "connect privilege" in lowered:
+        cause = (
+            f"user {user!r} lacks CONNECT on database {db!r}: GRANT CONNECT ON DATABASE "
+            f"{quote(db)} TO {quote(user)}"
+        )
+    elif any(
+        word in lowered
+        for word in ("refused", "could not translate", "timeout", "no route", "unreachable")
+    ):
+        cause = (
+            f"cannot reach PostgreSQL at {host}:{port}: check the host and port in the address "
+            "and that the server is running and accepts TCP connections"
+        )
+    else:
+        cause = f"cannot connect to PostgreSQL at {host}:{port}/{db}"
+    return SinkError(f"{where}: {cause} ({text})")
+
+
+def query(conn: Any, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    """The rows ``sql`` returns (``$1``-style parameters)."""
+    with conn.cursor() as cur:
+        cur.execute(sql, tuple(params) if params else None)
+        return list(cur.fetchall())
+
+
+def execute(conn: Any, sql: str, params: Sequence[Any] = ()) -> None:
+    """Run a statement that returns nothing (``$1``-style parameters)."""
+    with conn.cursor() as cur:
+        cur.execute(sql, tuple(params) if params else None)
+
+
+def check_writable(conn: Any, where: str) -> None:
+    """Raises: SinkError: The server or database only allows reading."""
+    if query(conn, "SELECT current_setting('transaction_read_only')")[0][0] == "on":
+        raise SinkError(
+            f"{where}: the PostgreSQL server is read-only (a standby, or "
+            "default_transaction_read_only is on): point the sink at the primary server"
+        )
+
+
+def ensure_schema(conn: Any, schema: str, *, where: str) -> None:
+    """Create ``schema`` when it is missing and the user may; check USAGE on it.
+
+    Raises:
+        SinkError: It is missing and may not be created, or the user lacks USAGE.
+    """
+    rows = query(
+        conn,
+        "SELECT has_schema_privilege(oid, 'USAGE'), current_user, current_database() "
+        "FROM pg_namespace WHERE nspname = $1",
+        [schema],
+    )
+    if not rows:
+        user, db = query(conn, "SELECT current_user, current_database()")[0]
+        may_create = query(conn, "SELECT has_database_privilege(current_database(), 'CREATE')")
+        if not may_create[0][0]:
+            raise SinkError(
+                f"{where}: schema {schema!r} does not exist in database {db!r} and user "
+                f"{user!r} may not create it (no CREATE on the database): create it "
+                f"(CREATE SCHEMA {quote(schema)}) or GRANT CREATE ON DATABASE {quote(db)} "
+                f"TO {quote(user)}"
+            )
+        execute(conn, f"CREATE SCHEMA IF NOT EXISTS {quote(schema)}")
+        conn.commit()
+        return
+    usage, user, _ = rows[0]
+    if not usage:
+        raise SinkError(
+            f"{where}: user {user!r} lacks USAGE on schema {schema!r}: "
+            f"GRANT USAGE ON SCHEMA {quote(schema)} TO {quote(user)}"
+        )
+
+
+def check_create(conn: Any, schema: str, what: str, where: str) -> None:
+    """Raises: SinkError: The user may not create ``what`` in ``schema`` (CREATE missing)."""
+    may, user = query(conn, "SELECT has_schema_privilege($1, 'CREATE'), current_user", [schema])[0]
+    if not may:
+        raise SinkError(
+            f"{where}: user {user!r} lacks CREATE on schema {schema!r}, needed to create "
+            f"{what}: GRANT CREATE ON SCHEMA {quote(schema)} TO {quote(user)}, or create it "
+            "first"
+        )
+
+
+def check_table_privileges(
+    conn: Any, schema: str, table: str, privileges: Sequence[str], why: str, where: str
+) -> None:
+    """Raises: SinkError: naming the first privilege on the table the user lacks, and why."""
+    name = qualified(schema, table)
+    for privilege in privileges:
+        has, user = query(
+            conn, "SELECT has_table_privilege($1, $2), current_user", [name, privilege]
+        )[0]
+        if not has:
+            raise SinkError(
+                f"{where}: user {user!r} lacks {privilege} on table {schema}.{table} ({why}): "
+                f"GRANT {privilege} ON {name} TO {quote(user)}"
+            )
+
+
+def table_columns(conn: Any, schema: str, table: str) -> dict[str, str] | None:
+    """The table's columns and their types in order, ``None`` when there is no such table."""
+    rows = query(
+        conn,
+        "SELECT a.attname, format_type(a.atttypid, NULL) FROM pg_attribute a "
+        "JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p') "
+        "AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+        [schema, table],
+    )
+    if not rows:
+        exists = query(
+            conn,
+            "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = $1 AND c.relname = $2",
+            [schema, table],
+        )
+        return {} if exists else None
+    return {str(name): str(kind) for name, kind in rows}
+
+
+def check_compatible(columns: Mapping[str, str], schema: str, table: str, where: str) -> None:
+    """Raises: SinkError: The existing table cannot hold the rows' metadata columns."""
+    problems = []
+    for name, types in REQUIRED_COLUMNS.items():
+        found = columns.get(name)
+        if found is None:
+            problems.append(f"{name} is missing")
+        elif found not in types:
+            problems.append(f"{name} is {found}, not {' or '.join(types)}")
+    if problems:
+        raise SinkError(
+            f"{where}: the existing table {schema}.{table} has incompatible columns "
+            f"({'; '.join(problems)}): it was not made for this pipeline's rows. Write to "
+            "another dest_table, or drop or fix that table (the metadata columns are "
+            "_nats_subject text, _nats_seq bigint, _nats_timestamp timestamptz, "
+            "_nats_headers jsonb)"
+        )
+
+
+def ensure_positions_table(conn: Any, schema: str, where: str) -> None:
+    """Create ``<schema>.nilus_positions`` when missing; check the user may read and move it."""
+    if table_columns(conn, schema, POSITIONS_TABLE) is None:
+        check_create(conn, schema, f"the position table {schema}.{POSITIONS_TABLE}", where)
+        try:
+            execute(
+                conn,
+                f"CREATE TABLE IF NOT EXISTS {qualified(schema, POSITIONS_TABLE)} ("
+                "pipeline text NOT NULL, table_name text NOT NULL, last_seq bigint NOT NULL, "
+                "stream_created text, newest_timestamp timestamptz, "
+                "updated_at timestamptz NOT NULL DEFAULT now(), "
+                "PRIMARY KEY (pipeline, table_name))",
+            )
+            conn.commit()
+        except Exception:
+            # Another writer created it at the same moment (a unique violation on the type).
+            conn.rollback()
+            if table_columns(conn, schema, POSITIONS_TABLE) is None:
+                raise
+    check_table_privileges(
+        conn,
+        schema,
+        POSITIONS_TABLE,
+        ("SELECT", "INSERT", "UPDATE"),
+        "the pipeline's position is kept there",
+        where,
+    )
+
+
+# SQLSTATEs of a lost race with another writer creating the same table, column or index.
+_RACES = ("23505", "42P07", "42701", "40P01", "40001")
+
+
+def write_error(exc: Exception, where: str) -> SinkError:
+    """The clear error for a failed commit (rolled back: nothing was written)."""
+    if isinstance(exc, SinkError):
+        return exc
+    text = error_text(exc)
+    state = str(getattr(exc, "sqlstate", "") or "")
+    if state in _RACES:
+        return PositionConflict(f"{where}: another writer changed the table ({text}); open() again")
+    if state == "25006" or "read-only transaction" in text:
+        return SinkError(
+            f"{where}: the server is read-only (a standby, or default_transaction_read_only "
+            f"is on): point the sink at the primary server ({text})"
+        )
+    if state == "42501" or "permission denied" in text or "must be owner" in text:
+        return SinkError(
+            f"{where}: a privilege is missing ({text}). The sink user needs USAGE and CREATE "
+            "on the schema, INSERT (merge: SELECT, UPDATE, DELETE; replace: TRUNCATE) on the "
+            "table, and ownership of the table to add columns"
+        )
+    if state.startswith("08") or "server closed the connection" in text:
+        return SinkError(f"{where}: the connection to PostgreSQL was lost ({text}); retry")
+    return SinkError(f"{where}: {text}")
+
+
+def read_table(
+    options: Mapping[str, str],
+    schema: str,
+    table: str,
+    window: "tuple[datetime, datetime] | None",
+    where: str,
+) -> "pa.Table":
+    """The table (or the rows whose ``_nats_timestamp`` is in ``[start, end)``) as Arrow.
+
+    For downstream assets: one query, read as Arrow by the driver, so no row becomes a Python
+    object. ``jsonb`` columns come back as their JSON text.
+
+    Raises:
+        SinkError: The server cannot be reached or the table cannot be read.
+    """
+    conn = connect(options, where)
+    sql = f"SELECT * FROM {qualified(schema, table)}"
+    params: tuple[Any, ...] | None = None
+    if window is not None:
+        sql += " WHERE _nats_timestamp >= $1 AND _nats_timestamp < $2"
+        params = window
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.fetch_arrow_table()
+    except Exception as exc:
+        raise SinkError(f"cannot read {where}: {error_text(exc)}") from None
+    finally:
+        conn.close()
