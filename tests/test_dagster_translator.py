@@ -13,7 +13,14 @@ from nilus_dagster.manifest import parse_pipeline
 SECRET = "s3cr3t-Pa55word"
 
 
-def _manifest(tmp_path, *, dagster_block="", address=None, tags="[nilus-stream, Demo Tag]"):
+def _manifest(
+    tmp_path,
+    *,
+    dagster_block="",
+    address=None,
+    tags="[nilus-stream, Demo Tag]",
+    dest_table="analytics.orders",
+):
     address = address or "nats+jetstream://localhost:4222?subject=orders.created&timeout=7"
     path = tmp_path / "orders-flow.yaml"
     path.write_text(
@@ -29,7 +36,7 @@ def _manifest(tmp_path, *, dagster_block="", address=None, tags="[nilus-stream, 
                 options: {{source_table: ORDERS, run_in_loop: true}}
               sink:
                 address: dataos://lake?purpose=rw
-                options: {{dest_table: analytics.orders}}
+                options: {{dest_table: "{dest_table}"}}
             """
         )
         + textwrap.indent(textwrap.dedent(dagster_block), "  ")
@@ -128,6 +135,15 @@ def test_static_metadata_is_redacted_and_points_at_the_manifest(tmp_path, monkey
         .value
     )
     assert "***" in metadata["nilus/source_address"].value
+
+
+def test_a_table_given_by_location_is_named_by_its_last_two_folders(tmp_path):
+    location = tmp_path / "tables" / "raw" / "orders"
+
+    metadata = DagsterNilusTranslator().get_metadata(_manifest(tmp_path, dest_table=str(location)))
+
+    assert metadata["dagster/table_name"] == dg.MetadataValue.text("raw.orders")
+    assert metadata["nilus/table_uri"] == dg.MetadataValue.path(str(location))
 
 
 def test_column_schema_appears_once_the_table_exists(tmp_path):

@@ -26,14 +26,18 @@ spec:
   sink:
     address: {sink}
     options:
-      dest_table: analytics.orders
+      dest_table: {dest_table}
 """
 
 
-def pipeline(tmp_path: Path, sink: str = "dataos://orders-lakehouse?purpose=rw") -> Pipeline:
+def pipeline(
+    tmp_path: Path,
+    sink: str = "dataos://orders-lakehouse?purpose=rw",
+    dest_table: str = "analytics.orders",
+) -> Pipeline:
     path = tmp_path / "manifests" / "located.yaml"
     path.parent.mkdir(exist_ok=True)
-    path.write_text(MANIFEST.format(sink=sink))
+    path.write_text(MANIFEST.format(sink=sink, dest_table=dest_table))
     return parse_pipeline(path)
 
 
@@ -156,7 +160,7 @@ def test_storage_option_from_the_projection(tmp_path: Path) -> None:
         '    storage_options:\n      TOKEN: "{T}"\n',
     )
     path = tmp_path / "p.yaml"
-    text = MANIFEST.format(sink="dataos://orders-lakehouse")
+    text = MANIFEST.format(sink="dataos://orders-lakehouse", dest_table="analytics.orders")
     path.write_text(
         text.replace(
             "  source:",
@@ -278,3 +282,83 @@ def test_dead_letter_sibling() -> None:
     assert location.sibling("__dead_letters") == TableLocation(
         "s3://b/analytics/orders__dead_letters", {"K": "v"}
     )
+
+
+S3_DEPOT = (
+    "depots:\n"
+    "  orders-lakehouse:\n"
+    "    root: s3://analytics-lake/nilus\n"
+    "    storage_options:\n"
+    '      AWS_ACCESS_KEY_ID: "{LAKE_KEY}"\n'
+    '      AWS_SECRET_ACCESS_KEY: "{LAKE_SECRET}"\n'
+    "      AWS_REGION: eu-west-1\n"
+)
+
+
+def test_a_fully_qualified_dest_table_is_the_table_location(tmp_path: Path) -> None:
+    depots = depots_file(tmp_path, S3_DEPOT)
+    located = pipeline(tmp_path, dest_table="s3://other-bucket/raw/orders/")
+    env = {"NILUS_DEPOTS": str(depots), "LAKE_KEY": "AKIA2", "LAKE_SECRET": "s3cr3t-value"}
+
+    location = located.table_location(env)
+    options = located.manifest.sink.options
+
+    # Not under the depot's root: the location is the table; the depot gives the credentials.
+    assert location.uri == "s3://other-bucket/raw/orders"
+    assert location.storage_options["AWS_SECRET_ACCESS_KEY"] == "s3cr3t-value"
+    assert location.sibling("__dead_letters").uri == "s3://other-bucket/raw/orders__dead_letters"
+    assert (options.schema_name, options.table_name) == ("raw", "orders")
+    assert options.qualified_name == "raw.orders"
+    assert location.options_source == (
+        f"{depots}: depots.orders-lakehouse.storage_options (AWS_ACCESS_KEY_ID from {{LAKE_KEY}}; "
+        "AWS_SECRET_ACCESS_KEY from {LAKE_SECRET})"
+    )
+
+
+def test_an_absolute_path_dest_table_is_a_local_table(tmp_path: Path) -> None:
+    table = tmp_path / "tables" / "orders"
+
+    location = pipeline(tmp_path, dest_table=str(table)).table_location()
+    file_uri = pipeline(tmp_path, dest_table=f"file://{table}").table_location()
+
+    assert location.uri == file_uri.uri == str(table)
+    assert location.is_local
+
+
+@pytest.mark.parametrize(
+    ("depots_text", "dest_table", "words"),
+    [
+        (None, "s3://lake/x/orders", "'s3://lake/x/orders' is on S3, but the sink's storage root"),
+        (S3_DEPOT, "/data/lake/orders", "'/data/lake/orders' is on a local folder, but the sink"),
+        (S3_DEPOT, "gs://lake/x/orders", "is on Google Cloud Storage, but the sink's storage root"),
+    ],
+)
+def test_a_dest_table_location_on_another_store_than_the_depot_is_refused(
+    tmp_path: Path, depots_text: str | None, dest_table: str, words: str
+) -> None:
+    env = {"LAKE_KEY": "k", "LAKE_SECRET": "s"}
+    if depots_text:
+        env["NILUS_DEPOTS"] = str(depots_file(tmp_path, depots_text))
+    located = pipeline(tmp_path, dest_table=dest_table)
+
+    with pytest.raises(ManifestError) as caught:
+        located.table_location(env)
+
+    (problem,) = caught.value.problems
+    assert (problem.file, problem.field) == (str(located.path), "spec.sink.options.dest_table")
+    assert words in problem.message
+    assert "address a depot whose root is on the same store" in problem.message
+
+
+def test_a_literal_secret_storage_option_is_redacted(tmp_path: Path) -> None:
+    secret = f"literal-{uuid.uuid4().hex}"
+    depots = depots_file(
+        tmp_path,
+        "depots:\n  orders-lakehouse:\n    root: s3://b\n"
+        f"    storage_options:\n      AWS_SECRET_ACCESS_KEY: {secret}\n      AWS_REGION: eu\n",
+    )
+
+    pipeline(tmp_path).table_location({"NILUS_DEPOTS": str(depots)})
+
+    assert redact(f"refused {secret}") == "refused ***"
+    assert redact("region eu") == "region eu"

@@ -163,8 +163,8 @@ CASES: list[tuple[str, str, str, str]] = [
     ),
     (
         "unknown-sink-option",
-        sink_option("partition_by", "day"),
-        "spec.sink.options.partition_by",
+        sink_option("cluster_by", "day"),
+        "spec.sink.options.cluster_by",
         "is not a known option; known options: checkpoint_every, commit_max_bytes",
     ),
     (
@@ -316,8 +316,35 @@ CASES: list[tuple[str, str, str, str]] = [
         "dest-table-without-dot",
         sink_option("dest_table", "orders"),
         "spec.sink.options.dest_table",
-        "must be <schema>.<table> (letters, digits, '_' or '-', one dot), got 'orders': write e.g. "
+        "must be <schema>.<table> (letters, digits, '_' or '-', one dot), or for object stores the "
+        "table's location (s3://bucket/path/table or an absolute path), got 'orders': write e.g. "
         "dest_table: analytics.orders",
+    ),
+    (
+        "dest-table-location-of-another-scheme",
+        sink_option("dest_table", "https://lake.example/x/orders"),
+        "spec.sink.options.dest_table",
+        "'https://lake.example/x/orders' is not an object-store location: a fully qualified "
+        "dest_table starts with one of file://, s3://",
+    ),
+    (
+        "dest-table-location-without-a-folder",
+        sink_option("dest_table", "s3://lake"),
+        "spec.sink.options.dest_table",
+        "'s3://lake' is not a table location: give the table's folder, e.g. "
+        "s3://analytics-lake/nilus/orders",
+    ),
+    (
+        "partition-by-not-names",
+        sink_option("partition_by", 5),
+        "spec.sink.options.partition_by",
+        "must be a column name or a list of column names, got 5",
+    ),
+    (
+        "partition-by-column-twice",
+        sink_option("partition_by", ["day", "day"]),
+        "spec.sink.options.partition_by",
+        "names a column twice: ['day', 'day']",
     ),
     (
         "create-table-not-bool",

@@ -133,7 +133,8 @@ class DagsterNilusTranslator:
         ``<schema>.<table>`` otherwise."""
         sink = pipeline.manifest.sink
         depot = sink.address.depot if sink.address.is_depot else None
-        return f"{depot}.{sink.options.dest_table}" if depot else sink.options.dest_table
+        name = sink.options.qualified_name
+        return f"{depot}.{name}" if depot else name
 
     def get_partitions_def(self, pipeline: Pipeline) -> dg.TimeWindowPartitionsDefinition | None:
         return build_partitions_def(pipeline)

@@ -15,10 +15,13 @@ With ``NILUS_DEPOTS`` pointing at a YAML file, each depot maps to a storage root
 
 A relative ``root`` is relative to the depots file. Without a depots file every depot is a folder
 under ``NILUS_LAKEHOUSE`` (default ``./.lakehouse``). Either way ``dest_table: schema.table`` is the
-Delta table at ``<root>/<schema>/<table>``.
+Delta table at ``<root>/<schema>/<table>``. A fully qualified ``dest_table`` (``s3://lake/x/orders``
+or ``/data/lake/orders``) is the table's location itself, on the same store as the depot's root
+(whose storage options reach it); its dead letters are the sibling ``<location>__dead_letters``.
 """
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,14 +29,32 @@ from pathlib import Path
 from nilus_dagster.errors import ManifestError, Problem
 from nilus_dagster.manifest.address import DIRECT_SCHEMES, AddressError
 from nilus_dagster.manifest.model import Sink
-from nilus_dagster.manifest.placeholders import fill
+from nilus_dagster.manifest.placeholders import fill, placeholders_in
 from nilus_dagster.manifest.postgres_url import PostgresUrl, parse_postgres_url
 from nilus_dagster.manifest.yaml_text import field_key, load_yaml
+from nilus_dagster.redaction import register_secret
 
 DEPOTS_ENV = "NILUS_DEPOTS"
 LAKEHOUSE_ENV = "NILUS_LAKEHOUSE"
 DEFAULT_LAKEHOUSE = ".lakehouse"
 DEAD_LETTER_SUFFIX = "__dead_letters"
+
+# Schemes that reach one kind of store: a fully qualified dest_table must be on the store its
+# depot's storage options are for.
+_STORES = {
+    "file": "a local folder",
+    "s3": "S3",
+    "s3a": "S3",
+    "gs": "Google Cloud Storage",
+    "gcs": "Google Cloud Storage",
+    "az": "Azure storage",
+    "abfs": "Azure storage",
+    "abfss": "Azure storage",
+    "adl": "Azure storage",
+    "azure": "Azure storage",
+}
+# Storage options whose literal values are secrets (placeholders are registered when filled).
+_SECRET_OPTION = re.compile(r"SECRET|TOKEN|PASSWORD|ACCOUNT_KEY|SAS|SERVICE_ACCOUNT_KEY", re.I)
 
 
 @dataclass(frozen=True)
@@ -47,12 +68,16 @@ class TableLocation:
             ``deltalake`` storage options for Delta, connection parameters for a database.
         kind: The writer that serves it: the depot ``type`` (``delta`` by default).
         table: ``schema.table`` inside the store, for stores that name tables (databases).
+        options_source: Where the storage options are written and the variables that fill
+            them (``depots.yaml: depots.lake.storage_options (AWS_SECRET_ACCESS_KEY from
+            {S3_SECRET})``), for errors that must say what to fix; empty when there are none.
     """
 
     uri: str
     storage_options: Mapping[str, str] = field(default_factory=dict)
     kind: str = "delta"
     table: str = ""
+    options_source: str = field(default="", compare=False)
 
     @property
     def is_local(self) -> bool:
@@ -309,11 +334,53 @@ def resolve_table_location(
         raw_root = address.root or ""
         scheme = raw_root.partition("://")[0].lower() if "://" in raw_root else "file"
         root = _absolute_root(raw_root, Path.cwd()) if scheme in DIRECT_SCHEMES else raw_root
+    source = _options_source(options_where, options)
     if fill_secrets:
-        options = {
-            k: fill(v, env, where=f"{options_where}.{k} (for {file})", secret=True)
-            for k, v in options.items()
-        }
+        filled = {}
+        for key, value in options.items():
+            filled[key] = fill(value, env, where=f"{options_where}.{key} (for {file})", secret=True)
+            if _SECRET_OPTION.search(key):
+                register_secret(filled[key])
+        options = filled
     opts = sink.options
-    uri = f"{root.rstrip('/')}/{opts.schema_name}/{opts.table_name}"
-    return TableLocation(uri=uri, storage_options=dict(options))
+    if opts.location:
+        uri = _dest_location(opts.location, root, file)
+    else:
+        uri = f"{root.rstrip('/')}/{opts.schema_name}/{opts.table_name}"
+    return TableLocation(uri=uri, storage_options=dict(options), options_source=source)
+
+
+def _store_of(uri: str) -> str:
+    scheme = uri.partition("://")[0].lower() if "://" in uri else "file"
+    return _STORES.get(scheme, scheme)
+
+
+def _dest_location(location: str, root: str, file: str) -> str:
+    """A fully qualified ``dest_table``: the table's location, on its depot's store."""
+    if _store_of(location) != _store_of(root):
+        raise ManifestError(
+            [
+                Problem(
+                    file,
+                    "spec.sink.options.dest_table",
+                    f"{location!r} is on {_store_of(location)}, but the sink's storage root "
+                    f"{root} is on {_store_of(root)}, so its storage options cannot reach it: "
+                    "address a depot whose root is on the same store (NILUS_DEPOTS), or write "
+                    "dest_table: <schema>.<table> to place the table under the root",
+                )
+            ]
+        )
+    if _store_of(location) == "a local folder":
+        return _absolute_root(location, Path.cwd())
+    return location
+
+
+def _options_source(where: str, options: Mapping[str, str]) -> str:
+    if not where:
+        return ""
+    filled = [
+        f"{key} from {', '.join('{' + name + '}' for name in names)}"
+        for key, value in options.items()
+        if (names := placeholders_in(value))
+    ]
+    return f"{where} ({'; '.join(filled)})" if filled else where

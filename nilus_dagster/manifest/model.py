@@ -15,6 +15,7 @@ from pydantic import (
 )
 
 from nilus_dagster.manifest.address import (
+    DIRECT_SCHEMES,
     NatsAddress,
     SinkAddress,
     parse_nats_address,
@@ -58,12 +59,48 @@ class SourceOptions(_Strict):
     )
 
 
+def is_table_location(dest_table: str) -> bool:
+    """Whether ``dest_table`` is a fully qualified location (a URI or an absolute path)."""
+    return "://" in dest_table or dest_table.startswith("/")
+
+
+def _check_table_location(value: str) -> str:
+    scheme, sep, rest = value.partition("://")
+    if sep and scheme.lower() not in DIRECT_SCHEMES:
+        raise ValueError(
+            f"{value!r:.80} is not an object-store location: a fully qualified dest_table "
+            f"starts with one of {', '.join(s + '://' for s in DIRECT_SCHEMES)} or is an "
+            "absolute path (or write <schema>.<table>)"
+        )
+    path = rest if sep else value
+    if scheme.lower() != "file" and sep:
+        path = path.partition("/")[2]  # after the bucket or container
+    if any(c.isspace() or c in "?#" for c in value) or not path.strip("/"):
+        raise ValueError(
+            f"{value!r:.80} is not a table location: give the table's folder, e.g. "
+            "s3://analytics-lake/nilus/orders or /data/lake/orders (no spaces, no ?query)"
+        )
+    return value.rstrip("/")
+
+
+def _location_parts(location: str) -> tuple[str, str]:
+    """(parent folder, last folder) of a table location: its schema and table names."""
+    path = location.partition("://")[2] if "://" in location else location
+    parts = [p for p in path.split("/") if p]
+    return (parts[-2] if len(parts) > 1 else ""), parts[-1]
+
+
 class SinkOptions(_Strict):
     """``spec.sink.options``."""
 
-    dest_table: str = Field(description="schema.table")
+    dest_table: str = Field(
+        description="schema.table, or for object stores the table's location (URI or absolute path)"
+    )
     incremental_strategy: IncrementalStrategy = "append"
     primary_key: tuple[str, ...] | None = Field(default=None, validate_default=True)
+    partition_by: tuple[str, ...] | None = Field(
+        default=None, description="Partition columns of a lakehouse table, set when it is created."
+    )
     create_table: bool = True
     commit_max_rows: PositiveInt = Field(
         default=100_000, description="Rows per Delta commit at most."
@@ -85,15 +122,18 @@ class SinkOptions(_Strict):
     @field_validator("dest_table")
     @classmethod
     def _schema_dot_table(cls, value: str) -> str:
+        if is_table_location(value):
+            return _check_table_location(value)
         parts = value.split(".")
         if len(parts) != 2 or not all(_IDENT.match(p) for p in parts):
             raise ValueError(
-                f"must be <schema>.<table> (letters, digits, '_' or '-', one dot), got "
+                f"must be <schema>.<table> (letters, digits, '_' or '-', one dot), or for object "
+                f"stores the table's location (s3://bucket/path/table or an absolute path), got "
                 f"{value!r:.80}: write e.g. dest_table: analytics.orders"
             )
         return value
 
-    @field_validator("primary_key", mode="before")
+    @field_validator("primary_key", "partition_by", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         if value is None:
@@ -104,6 +144,8 @@ class SinkOptions(_Strict):
             raise ValueError(f"must be a column name or a list of column names, got {value!r:.80}")
         if not value:
             raise ValueError("is an empty list: give a column name or a list of column names")
+        if len(set(value)) != len(value):
+            raise ValueError(f"names a column twice: {list(value)!r:.80}")
         return value
 
     @field_validator("primary_key")
@@ -120,14 +162,31 @@ class SinkOptions(_Strict):
         return value
 
     @property
+    def location(self) -> str | None:
+        """The table's location when ``dest_table`` is fully qualified, else ``None``."""
+        return self.dest_table if is_table_location(self.dest_table) else None
+
+    @property
     def schema_name(self) -> str:
-        """The schema part of ``dest_table``."""
+        """The schema: before the dot, or a location's parent folder (its bucket at the top,
+        empty for a folder at the file system's root)."""
+        if self.location:
+            return _location_parts(self.location)[0]
         return self.dest_table.split(".")[0]
 
     @property
     def table_name(self) -> str:
-        """The table part of ``dest_table``."""
+        """The table: after the dot, or a location's last folder."""
+        if self.location:
+            return _location_parts(self.location)[1]
         return self.dest_table.split(".")[1]
+
+    @property
+    def qualified_name(self) -> str:
+        """``<schema>.<table>``: ``dest_table`` itself, or derived from a location's folders."""
+        if not self.location:
+            return self.dest_table
+        return ".".join(p for p in (self.schema_name, self.table_name) if p)
 
 
 def _nats_address(value: Any) -> NatsAddress:

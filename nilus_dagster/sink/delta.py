@@ -26,6 +26,7 @@ from nilus_dagster.manifest.model import (
 )
 from nilus_dagster.redaction import redact
 from nilus_dagster.sink.delta_facts import newest_timestamp, read_delta_schema
+from nilus_dagster.sink.partitioning import check_partition_columns, check_partitioning
 from nilus_dagster.sink.rows import (
     after_position,
     in_window,
@@ -33,6 +34,7 @@ from nilus_dagster.sink.rows import (
     up_to_position,
 )
 from nilus_dagster.sink.schema import METADATA_SCHEMA
+from nilus_dagster.sink.storage_errors import storage_error
 from nilus_dagster.sink.writer import (
     STREAM_CREATED_KEY,
     CommitResult,
@@ -65,10 +67,16 @@ class DeltaSink(SinkWriter):
             an error.
         compact_every: Run ``optimize.compact()`` every this many commits (0 disables).
         checkpoint_every: Write a checkpoint every this many commits (0 disables).
+        partition_by: Partition columns, set when the table is created (checked against the
+            first rows' columns then, and against an existing table's partitioning on open).
     """
 
     kind: ClassVar[str] = "delta"
-    writer_options: ClassVar[tuple[str, ...]] = ("compact_every", "checkpoint_every")
+    writer_options: ClassVar[tuple[str, ...]] = (
+        "compact_every",
+        "checkpoint_every",
+        "partition_by",
+    )
 
     def __init__(
         self,
@@ -80,6 +88,7 @@ class DeltaSink(SinkWriter):
         create_table: bool = True,
         compact_every: int = DEFAULT_COMPACT_EVERY,
         checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+        partition_by: Sequence[str] | None = None,
     ):
         super().__init__(
             location,
@@ -91,6 +100,7 @@ class DeltaSink(SinkWriter):
         self.dead_letter_location = location.sibling(DEAD_LETTER_SUFFIX)
         self.compact_every = compact_every
         self.checkpoint_every = checkpoint_every
+        self.partition_by = tuple(partition_by or ())
         self._options = {str(k): str(v) for k, v in location.storage_options.items()} or None
         self._table: DeltaTable | None = None
         self._dead: DeltaTable | None = None
@@ -121,6 +131,10 @@ class DeltaSink(SinkWriter):
                 f"Delta table {redact(self.location.uri)} does not exist and create_table is "
                 "false: create the table first, or set create_table: true under "
                 "spec.sink.options to let the first run create it"
+            )
+        if self._table is not None:
+            check_partitioning(
+                self.partition_by, self._table.metadata().partition_columns, self.location.uri
             )
         self._version = self._table.transaction_version(self.app_id) if self._table else None
         self._dead = self._load(self.dead_letter_location.uri)
@@ -204,6 +218,8 @@ class DeltaSink(SinkWriter):
         if rows is None or rows.num_columns == 0:
             rows = METADATA_SCHEMA.empty_table()
         rows = after_position(rows, self.position)
+        if self._table is None:
+            check_partition_columns(self.partition_by, rows, self.location.uri)  # before writing
         dead_count = self._write_dead_letters(dead_letters, last_seq, metadata)
         properties = self._properties(last_seq, metadata)
         try:
@@ -327,9 +343,12 @@ class DeltaSink(SinkWriter):
         except TableNotFoundError:
             return None
         except Exception as exc:
+            explained = storage_error(f"cannot open Delta table {redact(uri)}", exc, self.location)
+            if explained:
+                raise explained from None
             raise SinkError(
-                f"cannot open Delta table {redact(uri)}: {error_text(exc)}. Check the storage root "
-                "and its storage options (credentials, region, endpoint)"
+                f"cannot open Delta table {redact(uri)}: {error_text(exc)}. Check the storage "
+                "root and its storage options (credentials, region, endpoint)"
             ) from None
 
     def _find_stream_created(self) -> str | None:
@@ -364,7 +383,16 @@ class DeltaSink(SinkWriter):
         first without the txn check), writing the first batch twice. An empty create is
         harmless twice over; the data then goes through a snapshot whose txn is checked.
         """
-        write_deltalake(uri, rows.slice(0, 0), mode="ignore", storage_options=self._options)
+        main = uri == self.location.uri
+        if main:
+            check_partition_columns(self.partition_by, rows, uri)
+        write_deltalake(
+            uri,
+            rows.slice(0, 0),
+            mode="ignore",
+            partition_by=list(self.partition_by) if main and self.partition_by else None,
+            storage_options=self._options,
+        )
         table = DeltaTable(uri, storage_options=self._options)
         found = table.transaction_version(self.app_id)
         if found != version:
@@ -489,7 +517,8 @@ class DeltaSink(SinkWriter):
             )
         if isinstance(exc, SinkError):
             return exc
-        return SinkError(f"cannot {action} Delta table {redact(uri)}: {text}")
+        explained = storage_error(f"cannot {action} Delta table {redact(uri)}", exc, self.location)
+        return explained or SinkError(f"cannot {action} Delta table {redact(uri)}: {text}")
 
 
 def _one_chunk_layout(rows: pa.Table) -> pa.Table:

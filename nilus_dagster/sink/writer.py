@@ -137,7 +137,16 @@ class SinkWriter(ABC):
     def from_options(
         cls, location: TableLocation, options: SinkOptions, *, app_id: str
     ) -> "SinkWriter":
-        """A writer for a manifest's ``spec.sink.options`` (each writer takes what it uses)."""
+        """A writer for a manifest's ``spec.sink.options`` (each writer takes what it uses).
+
+        Raises:
+            SinkError: ``partition_by`` is set for a store whose tables are not partitioned.
+        """
+        if options.partition_by and "partition_by" not in cls.writer_options:
+            raise SinkError(
+                f"partition_by is for lakehouse tables; the {cls.kind} sink does not partition "
+                "its tables: remove partition_by from spec.sink.options"
+            )
         return cls(
             location,
             app_id=app_id,

@@ -1,0 +1,56 @@
+"""``partition_by``: the partition columns of a lakehouse table, checked when it is created."""
+
+from collections.abc import Sequence
+
+import pyarrow as pa
+
+from nilus_dagster.errors import SinkError
+from nilus_dagster.redaction import redact
+
+
+def check_partition_columns(partition_by: Sequence[str], rows: pa.Table, uri: str) -> None:
+    """The columns ``partition_by`` names must be in the rows that create the table at ``uri``,
+    each of a type that one partition value can hold.
+
+    Raises:
+        SinkError: A column is missing or nested/binary; the message names it and the fields
+            the rows do have.
+    """
+    missing = [c for c in partition_by if c not in rows.column_names]
+    if missing:
+        have = [c for c in rows.column_names if not c.startswith("_nats_")]
+        raise SinkError(
+            f"partition_by names {missing}, which the rows creating the table {redact(uri)} do "
+            f"not have (their fields: {have or 'none'}; a batch of only dead letters has "
+            "none): fix partition_by under spec.sink.options to name fields every message "
+            "carries"
+        )
+    unfit = [
+        f"{name} ({rows.schema.field(name).type})"
+        for name in partition_by
+        if pa.types.is_nested(rows.schema.field(name).type)
+        or pa.types.is_binary(rows.schema.field(name).type)
+    ]
+    if unfit:
+        raise SinkError(
+            f"partition_by names {unfit}: a partition column holds one plain value (text, "
+            "number, boolean, date or time), not nested or binary data: partition by another "
+            "field under spec.sink.options"
+        )
+
+
+def check_partitioning(partition_by: Sequence[str], existing: Sequence[str], uri: str) -> None:
+    """An existing table must be partitioned as ``partition_by`` says (when it says anything).
+
+    Raises:
+        SinkError: The table at ``uri`` is partitioned otherwise; its partitioning cannot
+            change after creation.
+    """
+    if not partition_by or tuple(existing) == tuple(partition_by):
+        return
+    raise SinkError(
+        f"partition_by is {list(partition_by)}, but the table {redact(uri)} exists partitioned "
+        f"by {list(existing)}, and a table's partitioning is set when it is created: write "
+        f"partition_by: {list(existing) or '(remove it)'} under spec.sink.options, or write to "
+        "a new dest_table"
+    )
