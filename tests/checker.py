@@ -99,9 +99,10 @@ class CheckResult:
 class _DeltaReader:
     """A Delta table's columns and ``txn`` position (``None`` for a table not created yet)."""
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, storage_options: Mapping[str, str] | None = None):
         try:
-            self.table: DeltaTable | None = DeltaTable(uri)
+            options = dict(storage_options or {}) or None
+            self.table: DeltaTable | None = DeltaTable(uri, storage_options=options)
         except Exception:  # no table yet: nothing written
             self.table = None
 
@@ -170,12 +171,18 @@ class _PostgresReader:
         return dead
 
 
-def _readers(table_uri: str) -> tuple[object, object]:
-    """The table and its dead letters, read the way their sink wrote them."""
+def _readers(
+    table_uri: str, storage_options: Mapping[str, str] | None = None
+) -> tuple[object, object]:
+    """The table and its dead letters, read the way their sink wrote them (a Delta table on an
+    object store with its ``storage_options``)."""
     if table_uri.startswith("postgresql://"):
         table = _PostgresReader(table_uri)
         return table, table.dead_letters()
-    return _DeltaReader(table_uri), _DeltaReader(table_uri + DEAD_LETTER_SUFFIX)
+    return (
+        _DeltaReader(table_uri, storage_options),
+        _DeltaReader(table_uri + DEAD_LETTER_SUFFIX, storage_options),
+    )
 
 
 def order_keys(published: list[int], payloads: list[object]) -> dict[int, object]:
@@ -199,6 +206,7 @@ def check_exactly_once(
     retention_lost: Iterable[int] = (),
     keys: Mapping[int, object] | None = None,
     key_column: str | None = None,
+    storage_options: Mapping[str, str] | None = None,
 ) -> CheckResult:
     """Compare published sequences with the table and its dead letters.
 
@@ -216,10 +224,12 @@ def check_exactly_once(
         keys: What was published under each sequence (``{seq: value of key_column}``): a row
             holding anything else under that sequence is corrupted.
         key_column: The payload field ``keys`` refers to.
+        storage_options: ``deltalake`` storage options of a table on an object store
+            (``s3://…``).
     """
     published_set = set(published) | set(retention_lost)
     gone = set(retention_lost)
-    table, dead_table = _readers(table_uri)
+    table, dead_table = _readers(table_uri, storage_options)
     columns = ["_nats_seq", *([key_column] if key_column else [])]
     data = table.columns(columns)  # type: ignore[attr-defined]
     rows = [int(v) for v in data["_nats_seq"]]  # type: ignore[arg-type]
@@ -252,7 +262,12 @@ def check_exactly_once(
 
 
 def check_orders(
-    table_uri: str, published: list[int], app_id: str, payloads: list[object]
+    table_uri: str,
+    published: list[int],
+    app_id: str,
+    payloads: list[object],
+    *,
+    storage_options: Mapping[str, str] | None = None,
 ) -> CheckResult:
     """:func:`check_exactly_once` for order payloads mixed with poison: every ``bytes`` payload
     must be a dead letter, every order a row under its sequence with its ``order_id``."""
@@ -263,6 +278,7 @@ def check_orders(
         expect_dead=[s for s, p in zip(published, payloads, strict=True) if isinstance(p, bytes)],
         keys=order_keys(published, payloads),
         key_column="order_id",
+        storage_options=storage_options,
     )
 
 
