@@ -273,3 +273,63 @@ def test_wrong_credentials_are_a_clear_error_naming_the_variables_and_losing_not
     monkeypatch.setenv("S3_KEY_ID", s3_server.access_key_id)
     run_pipeline(pipeline, drain=True)
     _check(pipeline, published, payloads, s3_server)
+
+
+@pytest.mark.parametrize(
+    ("edit", "words"),
+    [
+        (
+            ("root: s3://{bucket}/nilus", "root: s3://no-such-bucket-x/nilus"),
+            "the bucket 'no-such-bucket-x' does not exist: create it, or fix the depot's root",
+        ),
+        (
+            ('      AWS_ALLOW_HTTP: "true"\n', ""),
+            'the endpoint is plain http: set AWS_ALLOW_HTTP: "true" in the storage options in '
+            "{depots}: depots.lake.storage_options",
+        ),
+    ],
+    ids=["missing-bucket", "http-not-allowed"],
+)
+def test_a_wrong_storage_option_is_a_clear_error(
+    s3_depot, s3_bucket, stream_pipeline, publisher, edit, words
+) -> None:
+    subject, pipeline = stream_pipeline()
+    publisher.publish(subject, [order(1)])
+    s3_depot.write_text(DEPOT.replace(*edit).format(bucket=s3_bucket))
+
+    with pytest.raises(SinkError) as caught:
+        run_pipeline(pipeline, drain=True)
+
+    assert words.format(depots=s3_depot) in str(caught.value)
+
+
+def test_a_direct_s3_address_takes_its_credentials_from_the_environment(
+    s3_server, s3_bucket, nats_server, publisher, stream_name, write_manifest, monkeypatch
+) -> None:
+    subject = f"{stream_name}.orders"
+    publisher.create_stream(stream_name, [f"{stream_name}.>"])
+    path = write_manifest(
+        address=f"nats+jetstream://{nats_server.hostport}?subject={subject}",
+        stream=stream_name,
+    )
+    path.write_text(
+        path.read_text().replace("dataos://lake?purpose=rw", f"s3://{s3_bucket}/direct")
+    )
+    pipeline = parse_pipeline(path)
+    payloads = [order(i) for i in range(20)]
+    published = publisher.publish(subject, payloads)
+    for name, value in s3_server.storage_options(AWS_SECRET_ACCESS_KEY="wrong-secret").items():
+        monkeypatch.setenv(name, value)
+
+    with pytest.raises(SinkError) as refused:
+        run_pipeline(pipeline, drain=True)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_access_key)
+    run_pipeline(pipeline, drain=True)
+
+    assert "the store refused the credentials (SignatureDoesNotMatch" in str(refused.value)
+    assert (
+        "check the credentials in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+        "AWS_SESSION_TOKEN): the storage options set none"
+    ) in str(refused.value)
+    assert pipeline.table_location().uri == f"s3://{s3_bucket}/direct/analytics/orders"
+    _check(pipeline, published, payloads, s3_server)
