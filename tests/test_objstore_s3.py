@@ -169,7 +169,7 @@ def test_sigkill_mid_run_on_s3_then_the_next_run_completes_exactly_once(
     s3_server, s3_depot, stream_pipeline, publisher
 ) -> None:
     subject, pipeline = stream_pipeline(query="&batch_size=200", sink_options=SMALL_COMMITS)
-    payloads = _poisoned(0, 8_000)
+    payloads = _poisoned(0, 5_000)
     published = publisher.publish(subject, payloads)
     uri = pipeline.table_location().uri
     options = s3_server.storage_options()
@@ -201,18 +201,24 @@ def test_two_concurrent_runs_on_s3_write_every_sequence_once(
     s3_server, s3_depot, stream_pipeline, publisher
 ) -> None:
     subject, pipeline = stream_pipeline(query="&batch_size=200", sink_options=SMALL_COMMITS)
-    payloads = _poisoned(0, 6_000)
-    published = publisher.publish(subject, payloads)
+    published: list[int] = []
+    payloads: list[bytes | dict[str, object]] = []
+    conflicts = 0
+    for round_ in range(3):  # until the two runs overlap (a loaded machine may start one late)
+        batch = _poisoned(round_ * 4_000, 4_000)
+        published += publisher.publish(subject, batch)
+        payloads += batch
+        runs = [
+            start_cli_run(pipeline.path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            for _ in range(2)
+        ]
+        outputs = [run.communicate(timeout=180) for run in runs]
+        for run, (_, err) in zip(runs, outputs, strict=True):
+            assert run.returncode == 0, err
+        conflicts += sum(err.count("a concurrent commit moved the position") for _, err in outputs)
+        if conflicts:
+            break
 
-    runs = [
-        start_cli_run(pipeline.path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        for _ in range(2)
-    ]
-    outputs = [run.communicate(timeout=180) for run in runs]
-
-    for run, (_, err) in zip(runs, outputs, strict=True):
-        assert run.returncode == 0, err
-    conflicts = sum(err.count("a concurrent commit moved the position") for _, err in outputs)
     assert conflicts, "the two runs never overlapped"
     _check(pipeline, published, payloads, s3_server)
 

@@ -75,6 +75,15 @@ def test_a_partition_column_missing_from_the_first_rows_is_a_clear_error_writing
     assert not path.exists() and not (tmp_path / "orders__dead_letters").exists()
 
 
+def test_a_transform_is_refused_for_a_delta_table(tmp_path: Path) -> None:
+    sink = opened(tmp_path / "orders", partition_by=["day(_nats_timestamp)"])
+
+    with pytest.raises(SinkError) as caught:
+        commit(sink, batch([{"id": 1}], start=1))
+
+    assert "a Delta table is partitioned by plain columns, not transforms" in str(caught.value)
+
+
 def test_a_nested_partition_column_is_a_clear_error(tmp_path: Path) -> None:
     sink = opened(tmp_path / "orders", partition_by=["items"])
 

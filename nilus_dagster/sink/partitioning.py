@@ -1,4 +1,4 @@
-"""``partition_by``: the partition columns of a lakehouse table, checked when it is created."""
+"""``partition_by`` of a Delta table: plain columns, checked when the table is created."""
 
 from collections.abc import Sequence
 
@@ -16,6 +16,13 @@ def check_partition_columns(partition_by: Sequence[str], rows: pa.Table, uri: st
         SinkError: A column is missing or nested/binary; the message names it and the fields
             the rows do have.
     """
+    transforms = [c for c in partition_by if "(" in c and c not in rows.column_names]
+    if transforms:
+        raise SinkError(
+            f"partition_by names {transforms}: a Delta table is partitioned by plain columns, "
+            "not transforms (those are Iceberg's): partition by a field the messages carry, "
+            "such as a date, under spec.sink.options"
+        )
     missing = [c for c in partition_by if c not in rows.column_names]
     if missing:
         have = [c for c in rows.column_names if not c.startswith("_nats_")]
