@@ -362,3 +362,16 @@ def test_a_literal_secret_storage_option_is_redacted(tmp_path: Path) -> None:
 
     assert redact(f"refused {secret}") == "refused ***"
     assert redact("region eu") == "region eu"
+
+
+def test_a_dest_table_location_is_refused_for_postgresql(tmp_path: Path) -> None:
+    located = pipeline(
+        tmp_path, "postgresql://nilus@127.0.0.1:5432/analytics", "s3://lake/raw/orders"
+    )
+
+    with pytest.raises(ManifestError) as caught:
+        located.table_location()
+
+    (problem,) = caught.value.problems
+    assert problem.field == "spec.sink.options.dest_table"
+    assert "a PostgreSQL table is named <schema>.<table>" in problem.message

@@ -122,3 +122,16 @@ def test_nilus_v1_spelling_partition_by_runs_end_to_end(stream_pipeline, publish
         uri, published, pipeline.app_id, keys=order_keys(published, payloads), key_column="order_id"
     )
     assert result.ok, result
+
+
+def test_partition_by_is_refused_by_a_sink_that_does_not_partition() -> None:
+    from nilus_dagster.manifest.model import SinkOptions
+    from nilus_dagster.sink.factory import writer_class
+
+    options = SinkOptions(dest_table="analytics.orders", partition_by="status")
+    location = TableLocation("postgresql://x@127.0.0.1/db?table=analytics.orders")
+
+    with pytest.raises(SinkError) as caught:
+        writer_class("postgresql").from_options(location, options, app_id=APP)
+
+    assert "the postgresql sink does not partition its tables" in str(caught.value)

@@ -261,13 +261,26 @@ def postgres_location(
     *,
     where: str,
     fill_secrets: bool = True,
+    file: str = "(manifest)",
 ) -> TableLocation:
     """The PostgreSQL table ``dest_table`` names in the database ``url`` names.
 
     Raises:
+        ManifestError: ``dest_table`` is a location (those are for object stores).
         PlaceholderError: A part of the address needs a variable that is not set.
     """
     opts = sink.options
+    if opts.location:
+        raise ManifestError(
+            [
+                Problem(
+                    file,
+                    "spec.sink.options.dest_table",
+                    f"{opts.location!r} is a location, which only object stores take; a "
+                    "PostgreSQL table is named <schema>.<table> (e.g. analytics.orders)",
+                )
+            ]
+        )
     table = f"{opts.schema_name}.{opts.table_name}"
     options = url.connection_options(env, where=where) if fill_secrets else url.template_options()
     uri = f"{url.display()}?table={table}"
@@ -318,7 +331,7 @@ def resolve_table_location(
             if depot.url is not None:
                 where = f"{depots_file}: depots.{depot.name}.url (for {file})"
                 return postgres_location(
-                    depot.url, sink, env, where=where, fill_secrets=fill_secrets
+                    depot.url, sink, env, where=where, fill_secrets=fill_secrets, file=file
                 )
             root, options = depot.root, depot.storage_options
             options_where = f"{depots_file}: depots.{depot.name}.storage_options"
@@ -328,7 +341,7 @@ def resolve_table_location(
     elif address.postgres is not None:
         where = f"{file}: spec.sink.address"
         return postgres_location(
-            address.postgres, sink, env, where=where, fill_secrets=fill_secrets
+            address.postgres, sink, env, where=where, fill_secrets=fill_secrets, file=file
         )
     else:
         raw_root = address.root or ""
