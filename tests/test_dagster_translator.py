@@ -137,12 +137,12 @@ def test_static_metadata_is_redacted_and_points_at_the_manifest(tmp_path, monkey
     assert "***" in metadata["nilus/source_address"].value
 
 
-def test_a_table_given_by_location_is_named_by_its_last_two_folders(tmp_path):
+def test_a_table_given_by_location_is_named_by_its_depot_and_last_two_folders(tmp_path):
     location = tmp_path / "tables" / "raw" / "orders"
 
     metadata = DagsterNilusTranslator().get_metadata(_manifest(tmp_path, dest_table=str(location)))
 
-    assert metadata["dagster/table_name"] == dg.MetadataValue.text("raw.orders")
+    assert metadata["dagster/table_name"] == dg.MetadataValue.text("lake.raw.orders")
     assert metadata["nilus/table_uri"] == dg.MetadataValue.path(str(location))
 
 

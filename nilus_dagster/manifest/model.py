@@ -168,8 +168,10 @@ class SinkOptions(_Strict):
 
     @property
     def schema_name(self) -> str:
-        """The schema: before the dot, or a location's parent folder (its bucket at the top,
-        empty for a folder at the file system's root)."""
+        """The schema: before the dot, or a location's parent folder.
+
+        A location's bucket at the top, empty for a folder at the file system's root.
+        """
         if self.location:
             return _location_parts(self.location)[0]
         return self.dest_table.split(".")[0]

@@ -9,8 +9,9 @@ from nilus_dagster.redaction import redact
 
 
 def check_partition_columns(partition_by: Sequence[str], rows: pa.Table, uri: str) -> None:
-    """The columns ``partition_by`` names must be in the rows that create the table at ``uri``,
-    each of a type that one partition value can hold.
+    """Check the ``partition_by`` columns against the rows that create the table at ``uri``.
+
+    Each must be there, of a type that one partition value can hold.
 
     Raises:
         SinkError: A column is missing or nested/binary; the message names it and the fields

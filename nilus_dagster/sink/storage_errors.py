@@ -45,8 +45,11 @@ _AZURE_CREDENTIALS = ("AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT_KEY")
 
 
 def storage_error(what: str, exc: BaseException, location: TableLocation) -> SinkError | None:
-    """``what`` failed because of ``exc``: a :class:`SinkError` that says what to fix, or
-    ``None`` when the store's error is not one :func:`explain_storage_error` recognises."""
+    """The clear error for ``what`` failing because of ``exc``.
+
+    A :class:`SinkError` that says what to fix, or ``None`` when the store's error is not one
+    :func:`explain_storage_error` recognises.
+    """
     from nilus_dagster.sink.writer import error_text
 
     text = error_text(exc)
@@ -97,8 +100,10 @@ def explain_storage_error(text: str, location: TableLocation) -> str | None:
 
 
 def store_reply(text: str) -> str:
-    """The store's own words (``<Code>: <Message>``) when its reply is in ``text``, else
-    the innermost cause of the chain."""
+    """The store's own words (``<Code>: <Message>``).
+
+    When the store's reply is not in ``text``, the innermost cause of the chain.
+    """
     reply = _CODE.search(text)
     if reply:
         message = reply.group("message") or ""
