@@ -13,7 +13,10 @@ With ``NILUS_DEPOTS`` pointing at a YAML file, each depot maps to a storage root
           AWS_ACCESS_KEY_ID: "{AWS_ACCESS_KEY_ID}"
           AWS_SECRET_ACCESS_KEY: "{AWS_SECRET_ACCESS_KEY}"
 
-A relative ``root`` is relative to the depots file. Without a depots file every depot is a folder
+A depot's ``type`` is ``delta`` (the default) or ``iceberg``; an Iceberg depot names its
+pyiceberg ``catalog`` properties (placeholders allowed), which default to an embedded SQLite
+catalog at ``<root>/catalog.db`` for a local root. A relative ``root`` is relative to the depots
+file. Without a depots file every depot is a folder
 under ``NILUS_LAKEHOUSE`` (default ``./.lakehouse``). Either way ``dest_table: schema.table`` is the
 Delta table at ``<root>/<schema>/<table>``. A fully qualified ``dest_table`` (``s3://lake/x/orders``
 or ``/data/lake/orders``) is the table's location itself, on the same store as the depot's root
@@ -57,6 +60,10 @@ _STORES = {
 _SECRET_OPTION = re.compile(r"SECRET|TOKEN|PASSWORD|ACCOUNT_KEY|SAS|SERVICE_ACCOUNT_KEY", re.I)
 
 
+ICEBERG_CATALOG_FILE = "catalog.db"
+"""The embedded SQLite catalog of an Iceberg depot with a local root and no ``catalog``."""
+
+
 @dataclass(frozen=True)
 class TableLocation:
     """Where a sink's table is, and what its writer needs to reach it.
@@ -67,10 +74,13 @@ class TableLocation:
         storage_options: What the writer connects with, secrets filled at run time:
             ``deltalake`` storage options for Delta, connection parameters for a database.
         kind: The writer that serves it: the depot ``type`` (``delta`` by default).
-        table: ``schema.table`` inside the store, for stores that name tables (databases).
+        table: ``schema.table`` inside the store, for stores that name tables (databases,
+            an Iceberg catalog).
         options_source: Where the storage options are written and the variables that fill
             them (``depots.yaml: depots.lake.storage_options (AWS_SECRET_ACCESS_KEY from
             {S3_SECRET})``), for errors that must say what to fix; empty when there are none.
+        catalog: An Iceberg depot's pyiceberg catalog properties (``uri``...), filled at
+            run time.
     """
 
     uri: str
@@ -78,6 +88,7 @@ class TableLocation:
     kind: str = "delta"
     table: str = ""
     options_source: str = field(default="", compare=False)
+    catalog: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def is_local(self) -> bool:
@@ -94,10 +105,11 @@ class TableLocation:
         )
 
 
-DEPOT_TYPES = ("delta", "postgresql")
+DEPOT_TYPES = ("delta", "iceberg", "postgresql")
 """The depot ``type``s a sink writer serves (``delta`` when a depot names none)."""
 _DEPOT_KEYS = {
     "delta": ("type", "root", "storage_options"),
+    "iceberg": ("type", "root", "storage_options", "catalog"),
     "postgresql": ("type", "url"),
 }
 
@@ -111,6 +123,7 @@ class Depot:
     storage_options: Mapping[str, str] = field(default_factory=dict)
     type: str = "delta"
     url: PostgresUrl | None = None
+    catalog: Mapping[str, str] = field(default_factory=dict)
 
 
 def _absolute_root(root: str, base: Path) -> str:
@@ -219,13 +232,16 @@ def load_depots(path: str | os.PathLike[str]) -> dict[str, Depot]:
             )
         if bad:
             continue
+        absolute_root = _absolute_root(root.strip(), file.parent)
+        catalog = _catalog_properties(entry, kind, absolute_root, where, field_name, problems)
+        if catalog is None:
+            continue
         depots[str(name)] = Depot(
             name=str(name),
-            root=_absolute_root(root.strip(), file.parent),
-            storage_options={
-                str(k): (str(v).lower() if isinstance(v, bool) else str(v))
-                for k, v in options.items()
-            },
+            root=absolute_root,
+            storage_options=_text_values(options),
+            type=kind,
+            catalog=catalog,
         )
     if problems:
         raise ManifestError(problems)
@@ -287,6 +303,60 @@ def postgres_location(
     return TableLocation(uri=uri, storage_options=options, kind="postgresql", table=table)
 
 
+def _text_values(mapping: Mapping[object, object]) -> dict[str, str]:
+    return {str(k): (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in mapping.items()}
+
+
+def _catalog_properties(
+    entry: Mapping[str, object],
+    kind: str,
+    root: str,
+    where: str,
+    field_name: str,
+    problems: list[Problem],
+) -> dict[str, str] | None:
+    """An Iceberg depot's catalog properties (placeholders kept), ``None`` after a problem."""
+    catalog = entry.get("catalog")
+    if kind != "iceberg":
+        return {}  # a catalog key on another depot is reported as an unknown key
+    if catalog is None:
+        if "://" in root:
+            problems.append(
+                Problem(
+                    where,
+                    f"{field_name}.catalog",
+                    f"is required for an Iceberg depot on {root.partition('://')[0]}:// (only a "
+                    "local root gets the embedded SQLite catalog): add catalog: {uri: "
+                    '"postgresql+psycopg2://{PG_USER}:{PG_PASSWORD}@HOST:5432/DB"}',
+                )
+            )
+            return None
+        return {"uri": f"sqlite:///{Path(root) / ICEBERG_CATALOG_FILE}"}
+    if not isinstance(catalog, dict) or not all(
+        isinstance(v, str | int | float | bool) for v in catalog.values()
+    ):
+        problems.append(
+            Problem(
+                where,
+                f"{field_name}.catalog",
+                "must be a mapping of pyiceberg catalog properties to text, e.g. {uri: "
+                '"postgresql+psycopg2://{PG_USER}:{PG_PASSWORD}@HOST:5432/DB"}',
+            )
+        )
+        return None
+    if "uri" not in catalog and "type" not in catalog:
+        problems.append(
+            Problem(
+                where,
+                f"{field_name}.catalog.uri",
+                "is required: the SQL catalog's database URL (sqlite:///... or "
+                "postgresql+psycopg2://...), or give the catalog's type and its properties",
+            )
+        )
+        return None
+    return _text_values(catalog)
+
+
 def resolve_table_location(
     sink: Sink,
     env: Mapping[str, str] | None = None,
@@ -311,6 +381,7 @@ def resolve_table_location(
     address = sink.address
     options: Mapping[str, str] = {}
     options_where = ""
+    kind, catalog, catalog_where = "delta", {}, ""
     if address.is_depot:
         depots_file = env.get(DEPOTS_ENV)
         if depots_file:
@@ -335,6 +406,8 @@ def resolve_table_location(
                 )
             root, options = depot.root, depot.storage_options
             options_where = f"{depots_file}: depots.{depot.name}.storage_options"
+            kind, catalog = depot.type, depot.catalog
+            catalog_where = f"{depots_file}: depots.{depot.name}.catalog"
         else:
             lakehouse = env.get(LAKEHOUSE_ENV) or DEFAULT_LAKEHOUSE
             root = _absolute_root(str(Path(lakehouse) / (address.depot or "")), Path.cwd())
@@ -355,12 +428,23 @@ def resolve_table_location(
             if _SECRET_OPTION.search(key):
                 register_secret(filled[key])
         options = filled
+        catalog = {
+            k: fill(v, env, where=f"{catalog_where}.{k} (for {file})", secret=True)
+            for k, v in catalog.items()
+        }
     opts = sink.options
     if opts.location:
         uri = _dest_location(opts.location, root, file)
     else:
         uri = f"{root.rstrip('/')}/{opts.schema_name}/{opts.table_name}"
-    return TableLocation(uri=uri, storage_options=dict(options), options_source=source)
+    return TableLocation(
+        uri=uri,
+        storage_options=dict(options),
+        kind=kind,
+        table=opts.qualified_name if kind == "iceberg" else "",
+        catalog=dict(catalog),
+        options_source=source,
+    )
 
 
 def _store_of(uri: str) -> str:

@@ -118,6 +118,12 @@ class SinkOptions(_Strict):
         ge=0,
         description="Write a Delta checkpoint every N commits (0: never).",
     )
+    expire_every: int = Field(
+        default=10, ge=0, description="Expire old Iceberg snapshots every N commits (0: never)."
+    )
+    keep_snapshots: int = Field(
+        default=20, ge=1, description="Iceberg snapshots kept when old ones are expired."
+    )
 
     @field_validator("dest_table")
     @classmethod

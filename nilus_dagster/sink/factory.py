@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 WRITERS: dict[str, tuple[str, str, str]] = {
     "delta": ("nilus_dagster.sink.delta", "DeltaSink", ""),
     "postgresql": ("nilus_dagster.sink.postgres", "PostgresSink", "postgres"),
+    "iceberg": ("nilus_dagster.sink.iceberg", "IcebergSink", "iceberg"),
 }
 """Location kind -> (module, class, the extra that installs its client library)."""
 
