@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 from deltalake import DeltaTable
 
+from nilus_dagster.manifest.depots import TableLocation
+
 DEAD_LETTER_SUFFIX = "__dead_letters"
 
 
@@ -172,10 +174,16 @@ class _PostgresReader:
 
 
 def _readers(
-    table_uri: str, storage_options: Mapping[str, str] | None = None
+    table_uri: "str | TableLocation", storage_options: Mapping[str, str] | None = None
 ) -> tuple[object, object]:
-    """The table and its dead letters, read the way their sink wrote them (a Delta table on an
-    object store with its ``storage_options``)."""
+    """The table and its dead letters, read the way their sink wrote them.
+
+    An Iceberg table through its catalog, a PostgreSQL table through the database, a Delta
+    table (on an object store with its ``storage_options``).
+    """
+    if isinstance(table_uri, TableLocation):
+        iceberg = _IcebergReader(table_uri)
+        return iceberg, iceberg.dead_letters()
     if table_uri.startswith("postgresql://"):
         table = _PostgresReader(table_uri)
         return table, table.dead_letters()
@@ -183,6 +191,53 @@ def _readers(
         _DeltaReader(table_uri, storage_options),
         _DeltaReader(table_uri + DEAD_LETTER_SUFFIX, storage_options),
     )
+
+
+class _IcebergReader:
+    """An Iceberg table read with pyiceberg scans from its catalog (not through the sink under
+    test); the position is ``nilus.last_seq`` of the pipeline's newest snapshot in the current
+    snapshot's ancestry."""
+
+    def __init__(self, location: TableLocation, suffix: str = ""):
+        from pyiceberg.catalog import load_catalog
+        from pyiceberg.exceptions import NoSuchTableError
+
+        from nilus_dagster.sink.iceberg_catalog import catalog_name, catalog_properties
+
+        self.location = location
+        catalog = load_catalog(catalog_name(location), **catalog_properties(location))
+        namespace, name = location.table.split(".")
+        try:
+            self.table = catalog.load_table((namespace, name + suffix))
+        except NoSuchTableError:
+            self.table = None
+        engine = getattr(catalog, "engine", None)
+        if engine is not None:
+            engine.dispose()
+
+    def columns(self, names: list[str]) -> dict[str, list[object]]:
+        if self.table is None:
+            return {name: [] for name in names}
+        present = set(self.table.schema().column_names)
+        wanted = tuple(n for n in names if n in present)
+        data = self.table.scan(selected_fields=wanted).to_arrow()
+        return {
+            name: data.column(name).to_pylist() if name in present else [None] * data.num_rows
+            for name in names
+        }
+
+    def position(self, app_id: str) -> int | None:
+        from pyiceberg.table.snapshots import ancestors_of
+
+        if self.table is None:
+            return None
+        for snapshot in ancestors_of(self.table.current_snapshot(), self.table.metadata):
+            if snapshot.summary is not None and snapshot.summary["nilus.pipeline"] == app_id:
+                return int(snapshot.summary["nilus.last_seq"])
+        return None
+
+    def dead_letters(self) -> "_IcebergReader":
+        return _IcebergReader(self.location, DEAD_LETTER_SUFFIX)
 
 
 def order_keys(published: list[int], payloads: list[object]) -> dict[int, object]:
@@ -198,7 +253,7 @@ def order_keys(published: list[int], payloads: list[object]) -> dict[int, object
 
 
 def check_exactly_once(
-    table_uri: str,
+    table_uri: "str | TableLocation",
     published: Iterable[int],
     app_id: str,
     *,
@@ -215,7 +270,8 @@ def check_exactly_once(
 
     Args:
         table_uri: The pipeline's table (its dead letters are ``<uri>__dead_letters``), a
-            Delta URI or a ``postgresql://HOST:PORT/DB?table=SCHEMA.TABLE`` location.
+            Delta URI or a ``postgresql://HOST:PORT/DB?table=SCHEMA.TABLE`` location, or an
+            Iceberg table's :class:`TableLocation` (read from its catalog).
         published: Every sequence published on the pipeline's subject.
         app_id: The pipeline's transaction app id (PostgreSQL: its ``nilus_positions`` key).
         expect_dead: Sequences that must be dead letters (missing ones count as lost).
@@ -262,7 +318,7 @@ def check_exactly_once(
 
 
 def check_orders(
-    table_uri: str,
+    table_uri: "str | TableLocation",
     published: list[int],
     app_id: str,
     payloads: list[object],

@@ -605,3 +605,38 @@ def s3_bucket(s3_server: S3Server) -> str:
     name = f"lake-{os.getpid()}-{next(_counter)}"
     s3_server.client().create_bucket(Bucket=name)
     return name
+
+
+# --- Iceberg: catalogs in a fresh PostgreSQL database, depots of type iceberg.
+
+
+@pytest.fixture
+def iceberg_pg_catalog_uri(postgres_database: PostgresDatabase) -> str:
+    """The SQLAlchemy URL of a fresh PostgreSQL database, for an Iceberg SQL catalog."""
+    db = postgres_database
+    return f"postgresql+psycopg2://{db.user}@{db.host}:{db.port}/{db.name}"
+
+
+@pytest.fixture
+def iceberg_depot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Path]:
+    """Write a depots file whose depot ``lake`` (the one test manifests use) is ``type:
+    iceberg``, and point ``NILUS_DEPOTS`` at it. Keywords: ``root`` (default a temp folder,
+    with the embedded SQLite catalog), ``catalog`` and ``storage_options`` mappings."""
+    import yaml
+
+    def make(
+        root: str | None = None,
+        catalog: Mapping[str, str] | None = None,
+        storage_options: Mapping[str, str] | None = None,
+    ) -> Path:
+        depot: dict[str, object] = {"type": "iceberg", "root": root or str(tmp_path / "iceberg")}
+        if catalog is not None:
+            depot["catalog"] = dict(catalog)
+        if storage_options is not None:
+            depot["storage_options"] = dict(storage_options)
+        path = tmp_path / "depots.yaml"
+        path.write_text(yaml.safe_dump({"depots": {"lake": depot}}))
+        monkeypatch.setenv("NILUS_DEPOTS", str(path))
+        return path
+
+    return make
