@@ -103,7 +103,28 @@ def read_postgres(location: TableLocation, window: Window | None) -> pa.Table:
     )
 
 
+def read_iceberg(location: TableLocation, window: Window | None) -> pa.Table:
+    """An Iceberg table (or one window of it) as Arrow, scanned through its catalog."""
+    from pyiceberg.expressions import And, GreaterThanOrEqual, LessThan
+
+    from nilus_dagster.sink.iceberg_catalog import connect, identifier, load_table
+
+    table = load_table(connect(location), identifier(location))
+    if table is None:
+        raise NilusError(f"the Iceberg table {location.table} does not exist yet: materialize it")
+    if window is None:
+        return table.scan().to_arrow()
+    start, end = (bound.isoformat() for bound in window)
+    row_filter = And(
+        GreaterThanOrEqual(TIMESTAMP_COLUMN, start), LessThan(TIMESTAMP_COLUMN, end)
+    )
+    return table.scan(row_filter=row_filter).to_arrow()
+
+
 register_sink_kind(SinkKind(name=DELTA, dagster_kind="deltalake", label="Delta", read=read_delta))
+register_sink_kind(
+    SinkKind(name="iceberg", dagster_kind="iceberg", label="Iceberg", read=read_iceberg)
+)
 register_sink_kind(
     SinkKind(name="postgresql", dagster_kind="postgres", label="PostgreSQL", read=read_postgres)
 )

@@ -25,6 +25,7 @@ from nilus_dagster.dagster.metadata import column_schema
 from nilus_dagster.dagster.partitions import build_partitions_def
 from nilus_dagster.dagster.readers import sink_kind
 from nilus_dagster.errors import NilusError
+from nilus_dagster.manifest.depots import TableLocation
 from nilus_dagster.manifest.loader import Pipeline
 from nilus_dagster.redaction import redact
 
@@ -162,7 +163,7 @@ class DagsterNilusTranslator:
             return metadata
         metadata[META_TABLE_URI] = dg.MetadataValue.path(redact(location.uri))
         metadata["dagster/uri"] = dg.MetadataValue.text(redact(location.uri))
-        if location.is_local:
+        if location.is_local and _catalog_is_local(location):
             schema = column_schema(location)
             if schema is not None:
                 metadata[META_COLUMN_SCHEMA] = dg.MetadataValue.table_schema(schema)
@@ -196,3 +197,8 @@ class DagsterNilusTranslator:
 
     def get_sensor_name(self, pipeline: Pipeline) -> str:
         return dagster_name(f"{pipeline.name}_sensor")
+
+
+def _catalog_is_local(location: TableLocation) -> bool:
+    # An Iceberg table's schema is in its catalog: read it only from an embedded SQLite file.
+    return location.kind != "iceberg" or location.catalog.get("uri", "").startswith("sqlite:")
