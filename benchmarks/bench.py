@@ -37,9 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks import iceberg, workload
 from benchmarks import latency as lat
 from benchmarks import postgres as pg
-from benchmarks import workload
 from benchmarks.measure import ProcessResult, run_process
 from benchmarks.report import machine, markdown
 
@@ -57,6 +57,7 @@ ALL_PATHS = (
     "baseline",
     "engine",
     "cli",
+    iceberg.KEY,
     "cli-large",
     "dagster",
     "latency",
@@ -79,6 +80,7 @@ SPECS = {
     "baseline": PathSpec("baseline", "baseline: fetch() + write_deltalake per batch", "run"),
     "engine": PathSpec("engine", "engine: run_pipeline (in-process)", "run"),
     "cli": PathSpec("cli", "engine: `nilus-dagster run` (whole process)", "process"),
+    iceberg.KEY: PathSpec(iceberg.KEY, iceberg.LABEL, "process"),
     "cli-large": PathSpec("cli-large", "engine: `nilus-dagster run`, large (process)", "process"),
     "dagster": PathSpec("dagster", "Dagster: `dagster asset materialize` (process)", "process"),
 }
@@ -253,8 +255,11 @@ class Bench:
         elif key == "engine":
             uri = self.table_uri(data, lakehouse)
             proc = self.run_child("engine", {"manifest": str(self.manifests[data])}, env)
-        elif key in ("cli", "cli-large"):
-            uri = self.table_uri(data, lakehouse)
+        elif key in ("cli", "cli-large", iceberg.KEY):
+            if key == iceberg.KEY:
+                env = iceberg.env(env, lakehouse)
+            else:
+                uri = self.table_uri(data, lakehouse)
             argv = [str(BIN / "nilus-dagster"), "run", str(self.manifests[data]), "--drain"]
             proc = run_process(argv, env=env, cwd=REPO, timeout=self.args.timeout)
         elif key == "dagster":
@@ -286,8 +291,11 @@ class Bench:
                 inner = json.loads(proc.stdout.strip().splitlines()[-1])
             except (ValueError, IndexError):
                 error = f"no result line in output: {proc.stdout[-500:]} {proc.stderr[-1500:]}"
-        if uri is not None:
+        if key == iceberg.KEY:
+            uri, rows, distinct, top = iceberg.table_rows(self.manifests[data], env)
+        elif uri is not None:
             rows, distinct, top = _table_rows(uri)
+        if uri is not None:
             rows_ok = rows == distinct == expected and top == expected
             messages = rows
         else:
@@ -626,6 +634,7 @@ def main(argv: list[str] | None = None) -> int:
     by_key = {key: _median_run(r) for key, r in runs.items()}
     _add_ratios(by_key, runs, args.repeat)
     pg.add_ratios(by_key, runs)
+    iceberg.add_delta_ratio(by_key, runs, args.repeat)
     for row in by_key.values():
         failed = failed or not row["rows_ok"] or bool(row["error"])
     results = {
@@ -643,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
         "skipped": skipped,
         "latency": latencies.get("latency"),
         "latency_sensor": latencies.get("latency-sensor"),
-        "targets": _targets(by_key) + pg.targets(by_key),
+        "targets": _targets(by_key) + pg.targets(by_key) + iceberg.targets(by_key),
         "load_after": [round(x, 2) for x in os.getloadavg()],
         "ok": not failed,
     }
