@@ -10,17 +10,13 @@ commit on top of the winner) is switched off on every table the sink writes, bec
 write the same messages twice.
 """
 
-import contextlib
 import logging
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from datetime import datetime, timezone
-from typing import ClassVar
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, ClassVar
 
 import pyarrow as pa
-import pyarrow.compute as pc
 from pyiceberg.catalog import Catalog
-from pyiceberg.conversions import from_bytes
 from pyiceberg.exceptions import CommitFailedException, TableAlreadyExistsError
 from pyiceberg.expressions import (
     AlwaysTrue,
@@ -31,14 +27,20 @@ from pyiceberg.expressions import (
 )
 from pyiceberg.table import Table, Transaction
 from pyiceberg.table.snapshots import ancestors_of
-from pyiceberg.types import TimestamptzType
 
 from nilus_dagster.errors import SinkError
 from nilus_dagster.manifest.depots import DEAD_LETTER_SUFFIX, TableLocation
 from nilus_dagster.redaction import redact
 from nilus_dagster.sink import iceberg_catalog as cat
 from nilus_dagster.sink.iceberg_maintenance import compact_small_files, expire_snapshots
-from nilus_dagster.sink.iceberg_rows import evolve, merge_plan, missing_properties, storable
+from nilus_dagster.sink.iceberg_rows import (
+    evolve,
+    merge_plan,
+    missing_properties,
+    newest_timestamp,
+    quiet_overwrites,
+    storable,
+)
 from nilus_dagster.sink.rows import after_position, in_window, latest_per_key, up_to_position, utc
 from nilus_dagster.sink.schema import METADATA_SCHEMA
 from nilus_dagster.sink.writer import (
@@ -49,6 +51,9 @@ from nilus_dagster.sink.writer import (
     SinkWriter,
     Strategy,
 )
+
+if TYPE_CHECKING:
+    from nilus_dagster.manifest.model import SinkOptions
 
 logger = logging.getLogger("nilus_dagster.sink")
 
@@ -119,6 +124,22 @@ class IcebergSink(SinkWriter):
         self._stale = False
         self._commits = 0
         self._schema: tuple[int, pa.Schema] | None = None
+
+    @classmethod
+    def from_options(
+        cls, location: TableLocation, options: "SinkOptions", *, app_id: str
+    ) -> "IcebergSink":
+        """As :meth:`SinkWriter.from_options`, with the manifest's ``partition_by`` (the
+        sink-writers option, read when the manifest model has it)."""
+        return cls(
+            location,
+            app_id=app_id,
+            strategy=options.incremental_strategy,
+            primary_key=options.primary_key,
+            create_table=options.create_table,
+            partition_by=tuple(getattr(options, "partition_by", None) or ()),
+            **{name: getattr(options, name) for name in cls.writer_options},
+        )
 
     @classmethod
     def read_schema(cls, location: TableLocation) -> pa.Schema | None:
@@ -193,21 +214,7 @@ class IcebergSink(SinkWriter):
 
     def newest_timestamp(self) -> datetime | None:
         """The newest ``_nats_timestamp`` in the table, from the data files' column bounds."""
-        if self._table is None or self._table.current_snapshot() is None:
-            return None
-        field_id = self._table.schema().find_field("_nats_timestamp").field_id
-        newest: int | None = None
-        for task in self._table.scan().plan_files():
-            bound = (task.file.upper_bounds or {}).get(field_id)
-            if bound is None:
-                column = self._table.scan(selected_fields=("_nats_timestamp",)).to_arrow()
-                value = pc.max(column.column(0)).as_py()
-                return utc(value) if value is not None else None
-            micros = from_bytes(TimestamptzType(), bound)
-            newest = micros if newest is None else max(newest, micros)
-        if newest is None:
-            return None
-        return datetime.fromtimestamp(newest / 1e6, tz=timezone.utc)
+        return newest_timestamp(self._table) if self._table is not None else None
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -247,7 +254,7 @@ class IcebergSink(SinkWriter):
                 first = latest_per_key(rows, self.primary_key) if keyed else rows
                 self._table = self._create(self.identifier, first, properties)
             else:
-                with _quiet(), self._table.transaction() as txn:
+                with quiet_overwrites(), self._table.transaction() as txn:
                     evolve(txn, self._table, rows)
                     if self.strategy == "merge":
                         self._merge(txn, rows, properties, replace_equal=False)
@@ -301,7 +308,7 @@ class IcebergSink(SinkWriter):
                 if self._dead is None:
                     self._dead = self._create(self.dead_identifier, dead, dead_props)
                 else:
-                    with _quiet(), self._dead.transaction() as txn:
+                    with quiet_overwrites(), self._dead.transaction() as txn:
                         evolve(txn, self._dead, dead)
                         txn.overwrite(dead, window, snapshot_properties=dead_props)
                 dead_count = dead.num_rows
@@ -315,7 +322,7 @@ class IcebergSink(SinkWriter):
                 self._table = self._create(self.identifier, source, properties)
                 return CommitResult(source.num_rows, dead_count, self.table_version, self.position)
             source = storable(rows, self.schema()) if rows is not None else self._empty_rows()
-            with _quiet(), self._table.transaction() as txn:
+            with quiet_overwrites(), self._table.transaction() as txn:
                 evolve(txn, self._table, source)
                 if self.strategy == "merge":
                     self._merge(txn, source, properties, replace_equal=True)
@@ -447,7 +454,7 @@ class IcebergSink(SinkWriter):
             if self._dead is None:
                 self._dead = self._create(self.dead_identifier, dead, dead_props)
             else:
-                with _quiet(), self._dead.transaction() as txn:
+                with quiet_overwrites(), self._dead.transaction() as txn:
                     evolve(txn, self._dead, dead)
                     txn.append(dead, snapshot_properties=dead_props)
         except CommitFailedException as exc:
@@ -498,14 +505,6 @@ class IcebergSink(SinkWriter):
             f"{redact((self.dead_letter_location if dead else self.location).uri)}: "
             f"{cat.error_text(exc)}"
         )
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    # An overwrite of an empty window or table is normal here, not worth a warning per commit.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Delete operation did not match", UserWarning)
-        yield
 
 
 __all__ = ["LAST_SEQ_KEY", "PIPELINE_KEY", "IcebergSink"]

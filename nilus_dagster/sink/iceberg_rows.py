@@ -1,15 +1,21 @@
-"""Rows and schemas as an Iceberg table takes them: storable types, schema growth, merge plans."""
+"""Rows and schemas as an Iceberg table takes them (storable types, schema growth, merge
+plans), and facts read from its metadata."""
 
-from collections.abc import Sequence
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
+from datetime import datetime, timezone
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from pyiceberg.conversions import from_bytes
 from pyiceberg.expressions import BooleanExpression
 from pyiceberg.table import Table, Transaction
 from pyiceberg.table.upsert_util import create_match_filter
+from pyiceberg.types import TimestamptzType
 
 from nilus_dagster.sink import iceberg_catalog as cat
-from nilus_dagster.sink.rows import latest_per_key
+from nilus_dagster.sink.rows import latest_per_key, utc
 
 
 def merge_plan(
@@ -113,3 +119,32 @@ def _newer_than(
     order = pc.sort_indices(rows)
     to_write = source.take(rows.take(order))
     return to_write, replaced.select(list(keys))
+
+
+def newest_timestamp(table: Table) -> datetime | None:
+    """The newest ``_nats_timestamp`` in ``table``, from its data files' column bounds (the
+    column is read only when a file has none)."""
+    if table.current_snapshot() is None:
+        return None
+    field_id = table.schema().find_field("_nats_timestamp").field_id
+    newest: int | None = None
+    for task in table.scan().plan_files():
+        bound = (task.file.upper_bounds or {}).get(field_id)
+        if bound is None:
+            column = table.scan(selected_fields=("_nats_timestamp",)).to_arrow()
+            value = pc.max(column.column(0)).as_py()
+            return utc(value) if value is not None else None
+        micros = from_bytes(TimestamptzType(), bound)
+        newest = micros if newest is None else max(newest, micros)
+    if newest is None:
+        return None
+    return datetime.fromtimestamp(newest / 1e6, tz=timezone.utc)
+
+
+@contextlib.contextmanager
+def quiet_overwrites() -> Iterator[None]:
+    """pyiceberg warns when an overwrite's filter matched nothing: normal here (an empty
+    window or table), not worth a warning per commit."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Delete operation did not match", UserWarning)
+        yield
