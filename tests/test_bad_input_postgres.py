@@ -240,7 +240,7 @@ def test_postgresql_depots(tmp_path, isolated_secrets) -> None:
         resolve_table_location(pipeline.manifest.sink, env)
     assert "url: is required" in str(err.value)
     depots.write_text("depots:\n  warehouse:\n    type: oracle\n    url: x\n")
-    with pytest.raises(ManifestError, match=r"depots.warehouse.type.*delta, postgresql"):
+    with pytest.raises(ManifestError, match=r"depots.warehouse.type.*delta, iceberg, postgresql"):
         resolve_table_location(pipeline.manifest.sink, env)
 
 

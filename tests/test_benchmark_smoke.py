@@ -31,6 +31,7 @@ def test_quick_benchmark_runs_every_path_and_each_produces_every_row(tmp_path):
     by_key = {row["key"]: row for row in results["paths"]}
     expected = {"ceiling", "source", "baseline", "engine", "cli", "dagster"}
     expected |= {"pg-cli", "pg-ceiling", "pg-peer"}  # NATS -> PostgreSQL, its ceiling, dlt
+    expected |= {"cli-iceberg"}  # NATS -> Iceberg, beside cli (Delta)
     assert set(by_key) == expected
     for key, row in by_key.items():
         assert row["error"] is None, (key, row["error"])
