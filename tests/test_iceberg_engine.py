@@ -130,7 +130,13 @@ def test_replace_and_a_window_backfill_restore_exactly_the_window(
 
 
 def test_s3_root_on_moto_with_a_postgresql_catalog(
-    publisher, stream_pipeline, iceberg_depot, iceberg_pg_catalog_uri, moto_s3_endpoint, monkeypatch
+    publisher,
+    stream_pipeline,
+    iceberg_depot,
+    iceberg_pg_catalog_uri,
+    moto_s3_endpoint,
+    monkeypatch,
+    isolated_secrets,
 ):
     import boto3
 
@@ -138,16 +144,17 @@ def test_s3_root_on_moto_with_a_postgresql_catalog(
     boto3.client(
         "s3",
         endpoint_url=moto_s3_endpoint,
-        aws_access_key_id="test",
-        aws_secret_access_key="test",
+        aws_access_key_id="nilus-key",
+        aws_secret_access_key="moto-s3cret-value",
         region_name="us-east-1",
     ).create_bucket(Bucket=bucket)
-    monkeypatch.setenv("S3_SECRET", "test")
+    # A placeholder filled at run time registers its value as a secret (redacted everywhere).
+    monkeypatch.setenv("S3_SECRET", "moto-s3cret-value")
     iceberg_depot(
         root=f"s3://{bucket}/iceberg",
         catalog={"uri": iceberg_pg_catalog_uri},
         storage_options={
-            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_ACCESS_KEY_ID": "nilus-key",
             "AWS_SECRET_ACCESS_KEY": "{S3_SECRET}",
             "AWS_REGION": "us-east-1",
             "AWS_ENDPOINT_URL": moto_s3_endpoint,
