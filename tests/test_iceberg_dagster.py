@@ -30,7 +30,7 @@ def test_materialize_an_iceberg_pipeline_records_its_metadata_and_kind(
     translator = DagsterNilusTranslator()
     spec = translator.get_asset_spec(pipeline)
     assert spec.kinds == {"nats", "iceberg"}
-    assert "-> Iceberg table `analytics.orders`" in (spec.description or "")
+    assert "-> Iceberg table `lake.analytics.orders`" in (spec.description or "")
     asset = build_nilus_asset(pipeline)
     seen: dict[str, pa.Table] = {}
 

@@ -134,30 +134,21 @@ def test_s3_root_on_moto_with_a_postgresql_catalog(
     stream_pipeline,
     iceberg_depot,
     iceberg_pg_catalog_uri,
-    moto_s3_endpoint,
+    s3_server,
+    s3_bucket,
     monkeypatch,
     isolated_secrets,
 ):
-    import boto3
-
-    bucket = f"lake-{time.monotonic_ns()}"
-    boto3.client(
-        "s3",
-        endpoint_url=moto_s3_endpoint,
-        aws_access_key_id="nilus-key",
-        aws_secret_access_key="moto-s3cret-value",
-        region_name="us-east-1",
-    ).create_bucket(Bucket=bucket)
     # A placeholder filled at run time registers its value as a secret (redacted everywhere).
-    monkeypatch.setenv("S3_SECRET", "moto-s3cret-value")
+    monkeypatch.setenv("S3_SECRET", s3_server.secret_access_key)
     iceberg_depot(
-        root=f"s3://{bucket}/iceberg",
+        root=f"s3://{s3_bucket}/iceberg",
         catalog={"uri": iceberg_pg_catalog_uri},
         storage_options={
-            "AWS_ACCESS_KEY_ID": "nilus-key",
+            "AWS_ACCESS_KEY_ID": s3_server.access_key_id,
             "AWS_SECRET_ACCESS_KEY": "{S3_SECRET}",
-            "AWS_REGION": "us-east-1",
-            "AWS_ENDPOINT_URL": moto_s3_endpoint,
+            "AWS_REGION": s3_server.region,
+            "AWS_ENDPOINT_URL": s3_server.endpoint,
         },
     )
     subject, pipeline = stream_pipeline(query="&batch_size=400", sink_options=SMALL_COMMITS)
@@ -165,7 +156,7 @@ def test_s3_root_on_moto_with_a_postgresql_catalog(
     published = publisher.publish(subject, payloads)
     report = run_pipeline(pipeline, drain=True)
     location = pipeline.table_location()
-    assert report.table_uri == f"s3://{bucket}/iceberg/analytics/orders"
+    assert report.table_uri == f"s3://{s3_bucket}/iceberg/analytics/orders"
     result = check_orders(location, published, pipeline.app_id, payloads)
     assert result.ok, str(result)
     assert _table(location).location() == report.table_uri

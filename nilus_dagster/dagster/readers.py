@@ -115,9 +115,7 @@ def read_iceberg(location: TableLocation, window: Window | None) -> pa.Table:
     if window is None:
         return table.scan().to_arrow()
     start, end = (bound.isoformat() for bound in window)
-    row_filter = And(
-        GreaterThanOrEqual(TIMESTAMP_COLUMN, start), LessThan(TIMESTAMP_COLUMN, end)
-    )
+    row_filter = And(GreaterThanOrEqual(TIMESTAMP_COLUMN, start), LessThan(TIMESTAMP_COLUMN, end))
     return table.scan(row_filter=row_filter).to_arrow()
 
 

@@ -25,6 +25,8 @@ from nilus_dagster.manifest.address import (
 IncrementalStrategy = Literal["append", "replace", "merge"]
 DEFAULT_COMPACT_EVERY = 100
 DEFAULT_CHECKPOINT_EVERY = 10
+DEFAULT_EXPIRE_EVERY = 10
+DEFAULT_KEEP_SNAPSHOTS = 20
 
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9_\-]{0,62}[a-z0-9])?$")
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
@@ -119,10 +121,14 @@ class SinkOptions(_Strict):
         description="Write a Delta checkpoint every N commits (0: never).",
     )
     expire_every: int = Field(
-        default=10, ge=0, description="Expire old Iceberg snapshots every N commits (0: never)."
+        default=DEFAULT_EXPIRE_EVERY,
+        ge=0,
+        description="Expire old Iceberg snapshots every N commits (0: never).",
     )
     keep_snapshots: int = Field(
-        default=20, ge=1, description="Iceberg snapshots kept when old ones are expired."
+        default=DEFAULT_KEEP_SNAPSHOTS,
+        ge=1,
+        description="Iceberg snapshots kept when old ones are expired.",
     )
 
     @field_validator("dest_table")

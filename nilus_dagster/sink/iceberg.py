@@ -24,12 +24,19 @@ from pyiceberg.expressions import (
     BooleanExpression,
     GreaterThanOrEqual,
     LessThan,
+    LessThanOrEqual,
 )
 from pyiceberg.table import Table, Transaction
 from pyiceberg.table.snapshots import ancestors_of
 
 from nilus_dagster.errors import SinkError
 from nilus_dagster.manifest.depots import DEAD_LETTER_SUFFIX, TableLocation
+from nilus_dagster.manifest.model import (
+    DEFAULT_COMPACT_EVERY,
+    DEFAULT_EXPIRE_EVERY,
+    DEFAULT_KEEP_SNAPSHOTS,
+    IncrementalStrategy,
+)
 from nilus_dagster.redaction import redact
 from nilus_dagster.sink import iceberg_catalog as cat
 from nilus_dagster.sink.iceberg_maintenance import compact_small_files, expire_snapshots
@@ -41,7 +48,7 @@ from nilus_dagster.sink.iceberg_rows import (
     quiet_overwrites,
     storable,
 )
-from nilus_dagster.sink.rows import after_position, in_window, latest_per_key, up_to_position, utc
+from nilus_dagster.sink.rows import after_position, in_window, latest_per_key, up_to_position
 from nilus_dagster.sink.schema import METADATA_SCHEMA
 from nilus_dagster.sink.writer import (
     STREAM_CREATED_KEY,
@@ -49,8 +56,8 @@ from nilus_dagster.sink.writer import (
     PositionConflict,
     SinkState,
     SinkWriter,
-    Strategy,
 )
+from nilus_dagster.times import as_utc
 
 if TYPE_CHECKING:
     from nilus_dagster.manifest.model import SinkOptions
@@ -92,13 +99,13 @@ class IcebergSink(SinkWriter):
         location: TableLocation,
         *,
         app_id: str,
-        strategy: Strategy = "append",
+        strategy: IncrementalStrategy = "append",
         primary_key: Sequence[str] | None = None,
         create_table: bool = True,
         partition_by: Sequence[str] = (),
-        compact_every: int = 100,
-        expire_every: int = 10,
-        keep_snapshots: int = 20,
+        compact_every: int = DEFAULT_COMPACT_EVERY,
+        expire_every: int = DEFAULT_EXPIRE_EVERY,
+        keep_snapshots: int = DEFAULT_KEEP_SNAPSHOTS,
     ):
         super().__init__(
             location,
@@ -129,8 +136,7 @@ class IcebergSink(SinkWriter):
     def from_options(
         cls, location: TableLocation, options: "SinkOptions", *, app_id: str
     ) -> "IcebergSink":
-        """As :meth:`SinkWriter.from_options`, with the manifest's ``partition_by`` (the
-        sink-writers option, read when the manifest model has it)."""
+        """As :meth:`SinkWriter.from_options`, with the manifest's ``partition_by``."""
         return cls(
             location,
             app_id=app_id,
@@ -143,6 +149,7 @@ class IcebergSink(SinkWriter):
 
     @classmethod
     def read_schema(cls, location: TableLocation) -> pa.Schema | None:
+        """The table's columns from its catalog, ``None`` without a catalog or a table."""
         if not cat.catalog_exists(location):
             return None  # reading a schema must not create an embedded catalog
         sink = cls(location, app_id="")
@@ -279,27 +286,33 @@ class IcebergSink(SinkWriter):
         *,
         start: datetime,
         end: datetime,
+        up_to: int | None = None,
         commit_metadata: Mapping[str, str] | None = None,
     ) -> CommitResult:
         """Replace the rows whose ``_nats_timestamp`` is in ``[start, end)`` (a backfill).
 
-        Only rows at or below the position are written; the position does not move (the
-        commit carries it unchanged), so replaying a window twice changes nothing. For
-        ``merge`` the window's rows are merged under the higher-sequence rule.
+        Only rows with ``_nats_seq <= up_to`` (default: the position) are replaced and written:
+        later ones belong to the writer that keeps appending (a service run). The position
+        does not move (the commit carries it unchanged), so replaying a window twice changes
+        nothing. For ``merge`` the window's rows are merged under the higher-sequence rule.
 
         Raises:
             PositionConflict: Another writer committed since :meth:`open`; re-open.
             SinkError: The write failed.
         """
         self._require_open()
-        start, end = utc(start), utc(end)
+        start, end = as_utc(start), as_utc(end)
+        up_to = self.position if up_to is None else min(up_to, self.position)
         window: BooleanExpression = And(
-            GreaterThanOrEqual("_nats_timestamp", start.isoformat()),
-            LessThan("_nats_timestamp", end.isoformat()),
+            And(
+                GreaterThanOrEqual("_nats_timestamp", start.isoformat()),
+                LessThan("_nats_timestamp", end.isoformat()),
+            ),
+            LessThanOrEqual("_nats_seq", up_to),
         )
         properties = self._summary(self.position, commit_metadata)
-        rows = up_to_position(in_window(rows, start, end), self.position)
-        dead = up_to_position(in_window(dead_letters, start, end), self.position)
+        rows = up_to_position(in_window(rows, start, end), up_to)
+        dead = up_to_position(in_window(dead_letters, start, end), up_to)
         dead_count = 0
         try:
             if dead is not None and (self._dead is not None or dead.num_rows):
@@ -429,8 +442,11 @@ class IcebergSink(SinkWriter):
     def _merge(
         self, txn: Transaction, rows: pa.Table, properties: dict[str, str], *, replace_equal: bool
     ) -> None:
-        """Upsert ``rows`` on the primary key: a table row is replaced only by a message with a
-        higher ``_nats_seq`` (or an equal one, for a window replay)."""
+        """Upsert ``rows`` on the primary key.
+
+        A table row is replaced only by a message with a higher ``_nats_seq`` (or an equal
+        one, for a window replay).
+        """
         assert self._table is not None
         source, replace_filter = merge_plan(self._table, rows, self.primary_key, replace_equal)
         if replace_filter is not None:

@@ -80,7 +80,7 @@ _PARTITION = re.compile(r"^\s*(?:(\w+)\s*\(\s*([^()\s]+)\s*\)|([^()\s]+))\s*$")
 
 
 def catalog_properties(location: TableLocation) -> dict[str, str]:
-    """pyiceberg properties for ``location``'s catalog: the depot's, plus its FileIO settings.
+    """Pyiceberg properties for ``location``'s catalog: the depot's, plus its FileIO settings.
 
     A SQL catalog is the default type; ``warehouse`` defaults to the folder holding the table's
     schema folder (the depot's root).
@@ -100,15 +100,19 @@ def catalog_properties(location: TableLocation) -> dict[str, str]:
 
 
 def catalog_exists(location: TableLocation) -> bool:
-    """Whether the catalog may hold tables already (an embedded SQLite file not created yet
-    holds none)."""
+    """Whether the catalog may hold tables already.
+
+    An embedded SQLite file not created yet holds none.
+    """
     uri = catalog_properties(location).get("uri", "")
     return not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).exists()
 
 
 def catalog_name(location: TableLocation) -> str:
-    """The catalog's name: a SQL catalog keeps it with every table, so readers must open the
-    catalog under the same name (``name`` in the depot's catalog, ``nilus`` by default)."""
+    """The catalog's name (``name`` in the depot's catalog, ``nilus`` by default).
+
+    A SQL catalog keeps it with every table, so readers must open the catalog under it.
+    """
     return location.catalog.get("name") or DEFAULT_CATALOG_NAME
 
 
@@ -200,8 +204,11 @@ def partition_fields(partition_by: Sequence[str]) -> list[tuple[str, Transform[A
 
 
 def arrow_schema(schema: Schema) -> pa.Schema:
-    """The table's schema as the Arrow types decoding produces (``string``, not
-    ``large_string``; no field-id metadata), so conforming casts only what differs."""
+    """The table's schema as the Arrow types decoding produces.
+
+    ``string``, not ``large_string``, and no field-id metadata, so conforming casts only what
+    differs.
+    """
     return pa.schema([pa.field(f.name, _plain(f.type)) for f in schema.as_arrow()])
 
 

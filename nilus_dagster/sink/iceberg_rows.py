@@ -1,5 +1,7 @@
-"""Rows and schemas as an Iceberg table takes them (storable types, schema growth, merge
-plans), and facts read from its metadata."""
+"""Rows and schemas as an Iceberg table takes them, and facts read from its metadata.
+
+Storable types, schema growth and merge plans.
+"""
 
 import contextlib
 import warnings
@@ -15,14 +17,17 @@ from pyiceberg.table.upsert_util import create_match_filter
 from pyiceberg.types import TimestamptzType
 
 from nilus_dagster.sink import iceberg_catalog as cat
-from nilus_dagster.sink.rows import latest_per_key, utc
+from nilus_dagster.sink.rows import latest_per_key
+from nilus_dagster.times import as_utc
 
 
 def merge_plan(
     table: Table, rows: pa.Table, keys: Sequence[str], replace_equal: bool
 ) -> tuple[pa.Table, BooleanExpression | None]:
-    """What a merge of ``rows`` on ``keys`` writes: the rows to add, and the filter of the
-    table rows they replace (``None``: nothing is replaced).
+    """What a merge of ``rows`` on ``keys`` writes.
+
+    The rows to add, and the filter of the table rows they replace (``None``: nothing is
+    replaced).
 
     Only the latest message per key counts, and it replaces a table row only when its
     ``_nats_seq`` is higher (or equal, ``replace_equal``, for a window replay); rows with a
@@ -47,13 +52,16 @@ def merge_plan(
 
 
 def missing_properties(table: Table) -> bool:
+    """Whether ``table`` lacks a property the sink relies on (its commit retry switched off)."""
     return any(table.properties.get(k) != v for k, v in cat.REQUIRED_PROPERTIES.items())
 
 
 def storable(rows: pa.Table, table_schema: pa.Schema | None) -> pa.Table:
-    """``rows`` as Iceberg can store them: ``_nats_seq`` as long (Iceberg has no unsigned
-    types), and new columns without a type yet (lists of nulls only) left out until a value
-    gives them one; they read as null."""
+    """``rows`` as Iceberg can store them.
+
+    ``_nats_seq`` as long (Iceberg has no unsigned types), and new columns without a type yet
+    (lists of nulls only) left out until a value gives them one; they read as null.
+    """
     known = set(table_schema.names) if table_schema is not None else set()
     drop = [f.name for f in rows.schema if f.name not in known and _untyped(f.type)]
     if drop:
@@ -122,8 +130,10 @@ def _newer_than(
 
 
 def newest_timestamp(table: Table) -> datetime | None:
-    """The newest ``_nats_timestamp`` in ``table``, from its data files' column bounds (the
-    column is read only when a file has none)."""
+    """The newest ``_nats_timestamp`` in ``table``, from its data files' column bounds.
+
+    The column is read only when a file has none.
+    """
     if table.current_snapshot() is None:
         return None
     field_id = table.schema().find_field("_nats_timestamp").field_id
@@ -133,7 +143,7 @@ def newest_timestamp(table: Table) -> datetime | None:
         if bound is None:
             column = table.scan(selected_fields=("_nats_timestamp",)).to_arrow()
             value = pc.max(column.column(0)).as_py()
-            return utc(value) if value is not None else None
+            return as_utc(value) if value is not None else None
         micros = from_bytes(TimestamptzType(), bound)
         newest = micros if newest is None else max(newest, micros)
     if newest is None:
@@ -143,8 +153,10 @@ def newest_timestamp(table: Table) -> datetime | None:
 
 @contextlib.contextmanager
 def quiet_overwrites() -> Iterator[None]:
-    """pyiceberg warns when an overwrite's filter matched nothing: normal here (an empty
-    window or table), not worth a warning per commit."""
+    """Silence pyiceberg's warning that an overwrite's filter matched nothing.
+
+    That is normal here (an empty window or table), not worth a warning per commit.
+    """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Delete operation did not match", UserWarning)
         yield
