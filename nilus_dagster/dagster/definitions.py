@@ -101,12 +101,15 @@ def build_pipeline_definitions(
         assets=[translator.get_stream_asset_spec(pipeline), asset],
         resources=_resources(keys, resources),
     )
+    # Every pipeline has its own in-process job: per-tick runs go through it, and so do window
+    # backfills and UI materializations beside a service run, whatever the host's executor.
+    job = build_pipeline_job(pipeline, asset, translator=translator)
     if pipeline.run_mode == "per_tick":
-        job = build_pipeline_job(pipeline, asset, translator=translator)
         sensor = build_nilus_sensor(
             pipeline, asset, translator=translator, resource_keys=keys, job=job
         )
         return dg.Definitions.merge(parts, dg.Definitions(jobs=[job], sensors=[sensor]))
+    parts = dg.Definitions.merge(parts, dg.Definitions(jobs=[job]))
     if not with_service:
         return parts
     # On its own, the pipeline is its own service group: named after it, so that the
