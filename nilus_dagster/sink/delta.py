@@ -471,7 +471,10 @@ class DeltaSink(SinkWriter):
     def _error(self, exc: Exception, action: str, dead: bool = False) -> SinkError:
         uri = (self.dead_letter_location if dead else self.location).uri
         text = error_text(exc)
-        if isinstance(exc, CommitFailedError) or "already exists" in text:
+        # deltalake 1.6.6 raised CommitFailedError for every lost race measured (racing
+        # writers, local table): a concurrent txn, data or overwrite, metadata or protocol
+        # changed by a racing create, a taken commit version retried until out of attempts.
+        if isinstance(exc, CommitFailedError):
             self._stale = True
             return PositionConflict(
                 f"another writer committed to {redact(uri)} since it was opened ({text}); "
