@@ -177,6 +177,35 @@ def ensure_namespace(catalog: Catalog, namespace: str) -> None:
             raise
 
 
+def create_table(
+    catalog: Catalog,
+    ident: tuple[str, str],
+    location: str,
+    rows: pa.Table,
+    partition_fields: Sequence[tuple[str, Transform[Any, Any], str]],
+    snapshot_properties: dict[str, str],
+) -> None:
+    """Create table ``ident`` at ``location`` holding ``rows``, in one catalog commit.
+
+    Its namespace is created when missing; its partition spec is ``partition_fields`` (as
+    :func:`partition_fields` returns them) and its first snapshot's summary
+    ``snapshot_properties``.
+
+    Raises:
+        TableAlreadyExistsError: Another writer created the table first (the catalog inserts
+            the table's row only if there is none).
+    """
+    ensure_namespace(catalog, ident[0])
+    with catalog.create_table_transaction(
+        ident, schema=rows.schema, location=location, properties=CREATE_PROPERTIES
+    ) as txn:
+        if partition_fields:
+            with txn.update_spec() as spec:
+                for column, transform, field_name in partition_fields:
+                    spec.add_field(column, transform, field_name)
+        txn.append(rows, snapshot_properties=snapshot_properties)
+
+
 def partition_fields(partition_by: Sequence[str]) -> list[tuple[str, Transform[Any, Any], str]]:
     """``partition_by`` entries as ``(column, transform, partition field name)``.
 
