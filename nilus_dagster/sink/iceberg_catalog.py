@@ -7,6 +7,7 @@ the depot's ``storage_options`` (the ``deltalake`` spellings people already use,
 """
 
 import re
+import sqlite3
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ from pyiceberg.transforms import (
     Transform,
     YearTransform,
 )
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from nilus_dagster.errors import SinkError
 from nilus_dagster.manifest.depots import TableLocation
@@ -144,9 +146,26 @@ def connect(location: TableLocation) -> Catalog:
     ) from None
 
 
+# SQLSTATEs of two processes creating the catalog's tables at once (measured on PostgreSQL 15:
+# unique_violation on the type catalog, or duplicate_table).
+_INIT_RACE_STATES = ("23505", "42P07")
+
+
 def _catalog_init_race(exc: BaseException) -> bool:
-    text = str(exc)
-    return "already exists" in text or "duplicate key" in text or "UniqueViolation" in text
+    if isinstance(exc, IntegrityError):
+        return True
+    if not isinstance(exc, DBAPIError):
+        return False
+    driver_error = exc.orig
+    # psycopg names the SQLSTATE sqlstate, psycopg2 pgcode.
+    state = getattr(driver_error, "sqlstate", None) or getattr(driver_error, "pgcode", None)
+    if state in _INIT_RACE_STATES:
+        return True
+    # sqlite3 reports an existing table only as a generic OperationalError (SQLITE_ERROR),
+    # so its text is the one signal there (measured: "table iceberg_tables already exists").
+    return isinstance(driver_error, sqlite3.OperationalError) and "already exists" in str(
+        driver_error
+    )
 
 
 def identifier(location: TableLocation) -> tuple[str, str]:
