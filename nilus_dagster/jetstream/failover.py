@@ -119,3 +119,12 @@ class PullRecovery:
     def exhausted(self) -> bool:
         """Whether the failures have lasted longer than the budget."""
         return self.since is not None and time.monotonic() - self.since > self.seconds
+
+    def gave_up(self, stream: str, hosts: str) -> SourceError:
+        """The error once the budget is spent: the stream, where, the budget and last problem."""
+        return SourceError(
+            redact(
+                f"could not resume pulling from stream {stream} at {hosts} within "
+                f"{self.seconds:g}s (failover_timeout): {self.problem}"
+            )
+        )

@@ -4,8 +4,9 @@ The engine drives it; everything position-related is decided by the engine from 
 so this class only guarantees that what it yields is in stream order, starts where asked and
 never repeats a sequence. It delegates the rest: the connection to :mod:`.session`, the durable
 consumer to :mod:`.durable`, questions about the stream to :mod:`.probes` and
-:mod:`.gaps`, waiting out a failover to :mod:`.failover`, the API calls to :mod:`.admin`, and
-the wording of failures to :mod:`.diagnostics`.
+:mod:`.gaps`, waiting out a failover to :mod:`.failover`, the current consumer and puller of a
+read to :mod:`.reader`, the API calls to :mod:`.admin`, and the wording of failures to
+:mod:`.diagnostics`.
 """
 
 import asyncio
@@ -38,12 +39,12 @@ from nilus_dagster.jetstream.consumers import (
 from nilus_dagster.jetstream.diagnostics import Diagnostics
 from nilus_dagster.jetstream.durable import DurableMirror, server_version_text
 from nilus_dagster.jetstream.errors import (
-    PermissionViolation,
     TransportError,
 )
 from nilus_dagster.jetstream.failover import Failover, PullRecovery
 from nilus_dagster.jetstream.probes import Probes
 from nilus_dagster.jetstream.pull import BulkPuller
+from nilus_dagster.jetstream.reader import Reader
 from nilus_dagster.jetstream.session import Session
 from nilus_dagster.jetstream.state import StreamState, subject_in
 from nilus_dagster.manifest.address import NatsAddress
@@ -419,36 +420,7 @@ class JetStreamSource:
             return
         yielded = 0
         recovery = PullRecovery(self.failover_timeout)
-        puller: BulkPuller | None = None
-        consumer: str | None = None
-        link: Link | None = None
-        refused: list[PermissionViolation] = []
-
-        def on_link_event(what: str, detail: BaseException | None) -> None:
-            if puller is None:
-                return
-            if what == "closed":
-                puller.interrupt("the connection to NATS closed", connection_lost=True)
-            elif isinstance(detail, PermissionViolation):
-                if detail.on_inbox:
-                    refused.append(detail)
-                elif detail.kind == "publish" and detail.about(puller.request_subject):
-                    refused.append(PermissionViolation("publish", puller.request_subject))
-                else:
-                    return
-                puller.interrupt(str(detail), fatal=True)
-
-        async def drop_puller() -> None:
-            nonlocal puller, consumer
-            if puller is not None:
-                self._pullers.discard(puller)
-                await puller.stop()
-                puller = None
-            if link is not None:
-                link.unlisten(on_link_event)
-                if consumer is not None:
-                    await self._delete_consumer(link, consumer)
-            consumer = None
+        reader = Reader(self._pullers, self._delete_consumer)
 
         try:
             while True:
@@ -461,9 +433,9 @@ class JetStreamSource:
                 if wanted is not None and wanted <= 0:
                     return
                 try:
-                    if puller is None:
-                        link = await self._session.ensure()
-                        consumer, info = await self._open_reader(link, last + 1)
+                    if reader.puller is None:
+                        link = reader.link = await self._session.ensure()
+                        reader.consumer, info = await self._open_reader(link, last + 1)
                         # After the consumer exists: a stream recreated later deletes it,
                         # and the recovery that follows comes back here.
                         await self._check_same_stream(last)
@@ -472,34 +444,25 @@ class JetStreamSource:
                         puller = BulkPuller(
                             link.nc,
                             self.stream,
-                            consumer,
+                            reader.consumer,
                             batch_size=self.address.batch_size,
                             expires=self.address.timeout,
                             after_seq=last,
                             next_consumer_seq=next_delivery(info),
                         )
-                        link.listen(on_link_event)
-                        self._pullers.add(puller)
-                        await puller.start()
-                    batch = await puller.next_batch(wanted)
+                        await reader.start(puller)
+                    batch = await reader.next_batch(wanted)
                 except TransportError as exc:
-                    if refused:
-                        raise self.diagnostics.error(refused[0], "pull messages") from None
+                    if reader.refused:
+                        raise self.diagnostics.error(reader.refused[0], "pull messages") from None
                     if not exc.retryable:
                         raise self.diagnostics.error(exc, "pull messages") from None
                     recovery.failed(self.diagnostics.error_text(exc, "pull messages"), last)
-                    await drop_puller()
-                    if link is not None and not getattr(exc, "connection_lost", False):
-                        await self._session.drop_if_dead(link)
+                    await reader.drop()
+                    if reader.link is not None and not getattr(exc, "connection_lost", False):
+                        await self._session.drop_if_dead(reader.link)
                     if recovery.exhausted:
-                        raise SourceError(
-                            redact(
-                                f"could not resume pulling from stream {self.stream} at "
-                                f"{self.hosts} within {self.failover_timeout:g}s "
-                                f"(failover_timeout): "
-                                f"{recovery.problem}"
-                            )
-                        ) from None
+                        raise recovery.gave_up(self.stream, self.hosts) from None
                     await asyncio.sleep(self.reconnect_time_wait)
                     continue
                 except SourceError as exc:
@@ -508,9 +471,9 @@ class JetStreamSource:
                     if not exc.retryable:
                         raise
                     recovery.failed(str(exc), last)
-                    await drop_puller()
-                    if link is not None:
-                        await self._session.drop_if_dead(link)
+                    await reader.drop()
+                    if reader.link is not None:
+                        await self._session.drop_if_dead(reader.link)
                     if recovery.exhausted and recovery.since is not None:
                         raise self._failover.gave_up(str(exc), recovery.since) from None
                     await asyncio.sleep(self.reconnect_time_wait)
@@ -530,4 +493,4 @@ class JetStreamSource:
                 if done or batch.num_pending == 0:
                     return
         finally:
-            await drop_puller()
+            await reader.drop()

@@ -8,13 +8,12 @@ in between makes that commit fail (``CommitFailedError``), which surfaces here a
 duplicate through (measured on deltalake 1.6.6).
 """
 
-import logging
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import pyarrow as pa
-from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+from deltalake import CommitProperties, DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from nilus_dagster.errors import SinkError
@@ -25,7 +24,19 @@ from nilus_dagster.manifest.model import (
     IncrementalStrategy,
 )
 from nilus_dagster.redaction import redact
-from nilus_dagster.sink.delta_facts import newest_timestamp, read_delta_schema
+from nilus_dagster.sink.delta_facts import (
+    find_stream_created,
+    newest_timestamp,
+    read_delta_schema,
+)
+from nilus_dagster.sink.delta_maintenance import maintain_table
+from nilus_dagster.sink.delta_writes import (
+    commit_properties,
+    one_chunk_layout,
+    quote_column,
+    timestamp_literal,
+    write_rows,
+)
 from nilus_dagster.sink.partitioning import check_partition_columns, check_partitioning
 from nilus_dagster.sink.rows import (
     after_position,
@@ -45,9 +56,6 @@ from nilus_dagster.sink.writer import (
 )
 from nilus_dagster.times import as_utc
 
-logger = logging.getLogger("nilus_dagster.sink")
-
-_HISTORY_SCAN = 20  # recent commits searched first for the stream's creation time
 # What deltalake raises for a failed write (object stores surface as OSError); anything else
 # is a bug and propagates as is.
 _WRITE_ERRORS = (DeltaError, OSError, pa.ArrowException)
@@ -139,7 +147,7 @@ class DeltaSink(SinkWriter):
         self._version = self._table.transaction_version(self.app_id) if self._table else None
         self._dead = self._load(self.dead_letter_location.uri)
         self._dead_version = self._dead.transaction_version(self.app_id) if self._dead else None
-        self._stream_created = self._find_stream_created()
+        self._stream_created = find_stream_created(self._table) if self._table else None
         self._opened = True
         self._stale = False
         return SinkState(
@@ -228,15 +236,23 @@ class DeltaSink(SinkWriter):
             if self.strategy == "merge":
                 self._merge(rows, properties, "t.`_nats_seq` < s.`_nats_seq`")
             elif self.strategy == "replace" and overwrite:
-                self._write(self._table, rows, "overwrite", properties)
+                write_rows(self._table, rows, "overwrite", properties)
             else:
-                self._write(self._table, rows, "append", properties)
+                write_rows(self._table, rows, "append", properties)
         except _WRITE_ERRORS as exc:
             raise self._error(exc, "commit to") from None
         self._version = last_seq
         self._stream_created = metadata.get(STREAM_CREATED_KEY, self._stream_created)
         self._commits += 1
-        self._maintain(metadata)
+        if self._table is not None:
+            maintain_table(
+                self._table,
+                self.location.uri,
+                commits=self._commits,
+                compact_every=self.compact_every,
+                checkpoint_every=self.checkpoint_every,
+                metadata=metadata,
+            )
         return CommitResult(rows.num_rows, dead_count, self.table_version, self.position)
 
     def replace_window(
@@ -273,8 +289,9 @@ class DeltaSink(SinkWriter):
             raise SinkError(f"empty window {start.isoformat()}..{end.isoformat()}")
         metadata = self._metadata(commit_metadata)
         up_to = self.position if up_to is None else min(up_to, self.position)
+        start_text, end_text = timestamp_literal(start), timestamp_literal(end)
         predicate = (
-            f"`_nats_timestamp` >= '{_iso(start)}' AND `_nats_timestamp` < '{_iso(end)}' "
+            f"`_nats_timestamp` >= '{start_text}' AND `_nats_timestamp` < '{end_text}' "
             f"AND `_nats_seq` <= {int(up_to)}"
         )
         # Messages past the position are the next normal run's to write; writing them here
@@ -310,7 +327,7 @@ class DeltaSink(SinkWriter):
             if self.strategy == "merge":
                 self._merge(source, properties, "t.`_nats_seq` <= s.`_nats_seq`", move=False)
             else:
-                self._write(self._table, source, "overwrite", properties, predicate=predicate)
+                write_rows(self._table, source, "overwrite", properties, predicate=predicate)
         except _WRITE_ERRORS as exc:
             raise self._error(exc, "replace the window of") from None
         written = source.num_rows
@@ -351,17 +368,6 @@ class DeltaSink(SinkWriter):
                 "root and its storage options (credentials, region, endpoint)"
             ) from None
 
-    def _find_stream_created(self) -> str | None:
-        if self._table is None:
-            return None
-        history = self._table.history(_HISTORY_SCAN)
-        if len(history) == _HISTORY_SCAN:
-            found = _created_in(history)
-            if found is not None:
-                return found
-            history = self._table.history()
-        return _created_in(history)
-
     def _metadata(self, extra: Mapping[str, str] | None) -> dict[str, str]:
         # Every commit carries the stream's creation time forward, so the newest commit
         # answers open() without a long history scan.
@@ -372,8 +378,7 @@ class DeltaSink(SinkWriter):
         return metadata
 
     def _properties(self, version: int | None, metadata: Mapping[str, str]) -> CommitProperties:
-        txn = [Transaction(self.app_id, version)] if version is not None else None
-        return CommitProperties(custom_metadata=dict(metadata) or None, app_transactions=txn)
+        return commit_properties(self.app_id, version, metadata)
 
     def _create(self, uri: str, rows: pa.Table, version: int | None) -> DeltaTable:
         """Create the table with ``rows``' schema and no data; return a snapshot to write through.
@@ -407,29 +412,6 @@ class DeltaSink(SinkWriter):
         assert self._table is not None
         return pa.schema(self._table.schema().to_arrow()).empty_table()
 
-    def _write(
-        self,
-        table: DeltaTable,
-        rows: pa.Table,
-        mode: Literal["append", "overwrite"],
-        properties: CommitProperties,
-        predicate: str | None = None,
-    ) -> None:
-        rows = _one_chunk_layout(rows)
-        if mode == "append":
-            write_deltalake(
-                table, rows, mode="append", schema_mode="merge", commit_properties=properties
-            )
-        else:
-            write_deltalake(
-                table,
-                rows,
-                mode="overwrite",
-                predicate=predicate,
-                schema_mode="merge",
-                commit_properties=properties,
-            )
-
     def _merge(
         self, rows: pa.Table, properties: CommitProperties, when: str, move: bool = True
     ) -> None:
@@ -439,10 +421,12 @@ class DeltaSink(SinkWriter):
         if rows.num_rows and not set(self.primary_key) <= target:
             # No table row has a key yet, so nothing can match: insert (merge would fail to
             # resolve the key column on the target side).
-            self._write(self._table, latest_per_key(rows, self.primary_key), "append", properties)
+            write_rows(self._table, latest_per_key(rows, self.primary_key), "append", properties)
         elif rows.num_rows:
-            source = _one_chunk_layout(latest_per_key(rows, self.primary_key))
-            on = " AND ".join(f"t.{_quote(k)} = s.{_quote(k)}" for k in self.primary_key)
+            source = one_chunk_layout(latest_per_key(rows, self.primary_key))
+            on = " AND ".join(
+                f"t.{quote_column(k)} = s.{quote_column(k)}" for k in self.primary_key
+            )
             (
                 self._table.merge(
                     source,
@@ -459,7 +443,7 @@ class DeltaSink(SinkWriter):
         if move and self._table.version() == before:
             # A merge that changes nothing commits nothing (measured), so the position
             # would not move: commit it with an empty append through the same snapshot.
-            self._write(self._table, rows.slice(0, 0), "append", properties)
+            write_rows(self._table, rows.slice(0, 0), "append", properties)
 
     def _write_dead_letters(
         self, dead: pa.Table | None, last_seq: int, metadata: Mapping[str, str]
@@ -484,32 +468,13 @@ class DeltaSink(SinkWriter):
         self._dead_version = last_seq
         return dead.num_rows
 
-    def _maintain(self, metadata: Mapping[str, str]) -> None:
-        table = self._table
-        if table is None:
-            return
-        if self.compact_every and self._commits % self.compact_every == 0:
-            try:
-                table.optimize.compact(
-                    commit_properties=CommitProperties(custom_metadata=dict(metadata) or None)
-                )
-            except (CommitFailedError, DeltaError) as exc:
-                # Compaction is an optimisation; a concurrent merge or overwrite wins.
-                logger.warning(
-                    "%s: compaction skipped: %s", redact(self.location.uri), error_text(exc)
-                )
-        if self.checkpoint_every and self._commits % self.checkpoint_every == 0:
-            try:
-                table.create_checkpoint()
-            except DeltaError as exc:
-                logger.warning(
-                    "%s: checkpoint skipped: %s", redact(self.location.uri), error_text(exc)
-                )
-
     def _error(self, exc: Exception, action: str, dead: bool = False) -> SinkError:
         uri = (self.dead_letter_location if dead else self.location).uri
         text = error_text(exc)
-        if isinstance(exc, CommitFailedError) or "already exists" in text:
+        # deltalake 1.6.6 raised CommitFailedError for every lost race measured (racing
+        # writers, local table): a concurrent txn, data or overwrite, metadata or protocol
+        # changed by a racing create, a taken commit version retried until out of attempts.
+        if isinstance(exc, CommitFailedError):
             self._stale = True
             return PositionConflict(
                 f"another writer committed to {redact(uri)} since it was opened ({text}); "
@@ -519,34 +484,6 @@ class DeltaSink(SinkWriter):
             return exc
         explained = storage_error(f"cannot {action} Delta table {redact(uri)}", exc, self.location)
         return explained or SinkError(f"cannot {action} Delta table {redact(uri)}: {text}")
-
-
-def _one_chunk_layout(rows: pa.Table) -> pa.Table:
-    """``rows`` with every column chunked alike (combined when they differ).
-
-    Columns chunked differently reach deltalake as record batches that slice some columns;
-    deltalake 1.6.6 (arrow-rs 59) panics on a sliced struct nested in a struct and aborts the
-    process (measured: a >4 MB batch, read by Arrow in two blocks, padded with a single-chunk
-    null column for a table's nested struct column missing from the batch).
-    """
-    layouts = {tuple(len(chunk) for chunk in column.chunks) for column in rows.columns}
-    return rows if len(layouts) <= 1 else rows.combine_chunks()
-
-
-def _created_in(history: Sequence[Mapping[str, object]]) -> str | None:
-    for entry in history:  # newest first
-        value = entry.get(STREAM_CREATED_KEY)
-        if value is not None:
-            return str(value)
-    return None
-
-
-def _quote(name: str) -> str:
-    return "`" + name.replace("`", "``") + "`"
-
-
-def _iso(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 __all__ = [

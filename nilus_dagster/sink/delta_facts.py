@@ -1,6 +1,10 @@
-"""Facts about a Delta table read from its log and statistics, not its data: schema, newest row."""
+"""Facts about a Delta table read from its log and statistics, not its data.
+
+Its schema, its newest row's timestamp and the stream creation time its commits carry.
+"""
 
 import logging
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 
 import pyarrow as pa
@@ -10,8 +14,11 @@ from deltalake.exceptions import DeltaError
 
 from nilus_dagster.manifest.depots import TableLocation
 from nilus_dagster.redaction import redact
+from nilus_dagster.sink.writer import STREAM_CREATED_KEY
 
 logger = logging.getLogger("nilus_dagster.sink")
+
+_HISTORY_SCAN = 20  # recent commits searched first for the stream's creation time
 
 
 def read_delta_schema(location: TableLocation) -> pa.Schema | None:
@@ -43,3 +50,26 @@ def newest_timestamp(table: DeltaTable) -> datetime | None:
     if isinstance(newest, datetime) and newest.tzinfo is None:
         newest = newest.replace(tzinfo=timezone.utc)
     return newest.astimezone(timezone.utc)
+
+
+def find_stream_created(table: DeltaTable) -> str | None:
+    """The stream's creation time as the newest commit that carries it recorded it.
+
+    Every commit carries it forward, so the recent commits answer without a full history
+    scan; the whole history is read only when none of them has it.
+    """
+    history = table.history(_HISTORY_SCAN)
+    if len(history) == _HISTORY_SCAN:
+        found = _created_in(history)
+        if found is not None:
+            return found
+        history = table.history()
+    return _created_in(history)
+
+
+def _created_in(history: Sequence[Mapping[str, object]]) -> str | None:
+    for entry in history:  # newest first
+        value = entry.get(STREAM_CREATED_KEY)
+        if value is not None:
+            return str(value)
+    return None

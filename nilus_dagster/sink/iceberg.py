@@ -10,7 +10,6 @@ commit on top of the winner) is switched off on every table the sink writes, bec
 write the same messages twice.
 """
 
-import logging
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, ClassVar
@@ -27,7 +26,6 @@ from pyiceberg.expressions import (
     LessThanOrEqual,
 )
 from pyiceberg.table import Table, Transaction
-from pyiceberg.table.snapshots import ancestors_of
 
 from nilus_dagster.errors import SinkError
 from nilus_dagster.manifest.depots import DEAD_LETTER_SUFFIX, TableLocation
@@ -39,7 +37,13 @@ from nilus_dagster.manifest.model import (
 )
 from nilus_dagster.redaction import redact
 from nilus_dagster.sink import iceberg_catalog as cat
-from nilus_dagster.sink.iceberg_maintenance import compact_small_files, expire_snapshots
+from nilus_dagster.sink.iceberg_maintenance import maintain_table
+from nilus_dagster.sink.iceberg_position import (
+    LAST_SEQ_KEY,
+    PIPELINE_KEY,
+    position_summary,
+    read_position,
+)
 from nilus_dagster.sink.iceberg_rows import (
     evolve,
     merge_plan,
@@ -61,12 +65,6 @@ from nilus_dagster.times import as_utc
 
 if TYPE_CHECKING:
     from nilus_dagster.manifest.model import SinkOptions
-
-logger = logging.getLogger("nilus_dagster.sink")
-
-PIPELINE_KEY = "nilus.pipeline"
-LAST_SEQ_KEY = "nilus.last_seq"
-
 
 # What a failed write raises (object stores surface as OSError); anything else is a bug.
 _WRITE_ERRORS = (OSError, ValueError, pa.ArrowException, SinkError)
@@ -179,9 +177,9 @@ class IcebergSink(SinkWriter):
                 "create_table is false: create the table first, or set create_table: true "
                 "under spec.sink.options to let the first run create it"
             )
-        self._version, self._stream_created = self._read_position(self._table)
+        self._version, self._stream_created = read_position(self._table, self.app_id)
         self._dead = self._load(self.dead_identifier)
-        self._dead_version = self._read_position(self._dead)[0]
+        self._dead_version = read_position(self._dead, self.app_id)[0]
         self._opened = True
         self._stale = False
         return SinkState(
@@ -384,24 +382,8 @@ class IcebergSink(SinkWriter):
                 table = cat.load_table(self._catalog, ident)
         return table
 
-    def _read_position(self, table: Table | None) -> tuple[int | None, str | None]:
-        """The newest snapshot of this pipeline in the current ancestry: position, created."""
-        if table is None:
-            return None, None
-        for snapshot in ancestors_of(table.current_snapshot(), table.metadata):
-            summary = snapshot.summary
-            if summary is not None and summary[PIPELINE_KEY] == self.app_id:
-                seq = summary[LAST_SEQ_KEY]
-                return (int(seq) if seq else None), summary[STREAM_CREATED_KEY]
-        return None, None
-
     def _summary(self, last_seq: int, extra: Mapping[str, str] | None) -> dict[str, str]:
-        properties = {str(k): str(v) for k, v in (extra or {}).items()}
-        if self._stream_created is not None:
-            properties.setdefault(STREAM_CREATED_KEY, self._stream_created)
-        properties[PIPELINE_KEY] = self.app_id
-        properties[LAST_SEQ_KEY] = str(last_seq)
-        return properties
+        return position_summary(self.app_id, last_seq, self._stream_created, extra)
 
     def _create(self, ident: tuple[str, str], rows: pa.Table, properties: dict[str, str]) -> Table:
         """Create the table holding ``rows`` and the position, in one catalog commit.
@@ -411,19 +393,11 @@ class IcebergSink(SinkWriter):
         re-reads the position from the winner's snapshot.
         """
         assert self._catalog is not None
-        namespace, name = ident
-        cat.ensure_namespace(self._catalog, namespace)
-        suffix = name.removeprefix(self.identifier[1])
+        suffix = ident[1].removeprefix(self.identifier[1])  # the dead-letter table's suffix
         location = self.location.uri.rstrip("/") + suffix
+        partition_fields = [] if suffix else self.partition_fields
         try:
-            with self._catalog.create_table_transaction(
-                ident, schema=rows.schema, location=location, properties=cat.CREATE_PROPERTIES
-            ) as txn:
-                if self.partition_fields and not suffix:
-                    with txn.update_spec() as spec:
-                        for column, transform, field_name in self.partition_fields:
-                            spec.add_field(column, transform, field_name)
-                txn.append(rows, snapshot_properties=properties)
+            cat.create_table(self._catalog, ident, location, rows, partition_fields, properties)
         except TableAlreadyExistsError:
             self._stale = True
             raise PositionConflict(
@@ -481,28 +455,22 @@ class IcebergSink(SinkWriter):
         return dead.num_rows
 
     def _maintain(self, properties: Mapping[str, str]) -> None:
-        table = self._table
-        if table is None:
+        if self._table is None:
             return
-        name = ".".join(self.identifier)
-        if self.compact_every and self._commits % self.compact_every == 0:
-            try:
-                compact_small_files(table, dict(properties))
-            except (CommitFailedException, *_WRITE_ERRORS) as exc:
-                # Compaction is an optimisation; a concurrent commit wins.
-                logger.warning("%s: compaction skipped: %s", name, cat.error_text(exc))
-        if self.expire_every and self._commits % self.expire_every == 0:
-            for target in (table, self._dead):
-                if target is None:
-                    continue
-                try:
-                    expire_snapshots(target, self.keep_snapshots, PIPELINE_KEY)
-                except (CommitFailedException, *_WRITE_ERRORS) as exc:
-                    logger.warning("%s: snapshot expiry skipped: %s", name, cat.error_text(exc))
-            # Expiry asserts nothing about the branch, so it may have taken in another
-            # writer's commit: if that moved this pipeline's position, re-open.
-            if self._read_position(table)[0] != self._version:
-                self._stale = True
+        expired = maintain_table(
+            self._table,
+            self._dead,
+            ".".join(self.identifier),
+            commits=self._commits,
+            compact_every=self.compact_every,
+            expire_every=self.expire_every,
+            keep_snapshots=self.keep_snapshots,
+            properties=properties,
+        )
+        # Expiry may have taken in another writer's commit: if that moved this pipeline's
+        # position, re-open.
+        if expired and read_position(self._table, self.app_id)[0] != self._version:
+            self._stale = True
 
     def _conflict(self, exc: Exception, dead: bool = False) -> PositionConflict:
         self._stale = True

@@ -7,6 +7,7 @@ the depot's ``storage_options`` (the ``deltalake`` spellings people already use,
 """
 
 import re
+import sqlite3
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ from pyiceberg.transforms import (
     Transform,
     YearTransform,
 )
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from nilus_dagster.errors import SinkError
 from nilus_dagster.manifest.depots import TableLocation
@@ -144,9 +146,26 @@ def connect(location: TableLocation) -> Catalog:
     ) from None
 
 
+# SQLSTATEs of two processes creating the catalog's tables at once (measured on PostgreSQL 15:
+# unique_violation on the type catalog, or duplicate_table).
+_INIT_RACE_STATES = ("23505", "42P07")
+
+
 def _catalog_init_race(exc: BaseException) -> bool:
-    text = str(exc)
-    return "already exists" in text or "duplicate key" in text or "UniqueViolation" in text
+    if isinstance(exc, IntegrityError):
+        return True
+    if not isinstance(exc, DBAPIError):
+        return False
+    driver_error = exc.orig
+    # psycopg names the SQLSTATE sqlstate, psycopg2 pgcode.
+    state = getattr(driver_error, "sqlstate", None) or getattr(driver_error, "pgcode", None)
+    if state in _INIT_RACE_STATES:
+        return True
+    # sqlite3 reports an existing table only as a generic OperationalError (SQLITE_ERROR),
+    # so its text is the one signal there (measured: "table iceberg_tables already exists").
+    return isinstance(driver_error, sqlite3.OperationalError) and "already exists" in str(
+        driver_error
+    )
 
 
 def identifier(location: TableLocation) -> tuple[str, str]:
@@ -175,6 +194,35 @@ def ensure_namespace(catalog: Catalog, namespace: str) -> None:
         # insert fail, and the namespace is there.
         if not catalog.namespace_exists(namespace):
             raise
+
+
+def create_table(
+    catalog: Catalog,
+    ident: tuple[str, str],
+    location: str,
+    rows: pa.Table,
+    partition_fields: Sequence[tuple[str, Transform[Any, Any], str]],
+    snapshot_properties: dict[str, str],
+) -> None:
+    """Create table ``ident`` at ``location`` holding ``rows``, in one catalog commit.
+
+    Its namespace is created when missing; its partition spec is ``partition_fields`` (as
+    :func:`partition_fields` returns them) and its first snapshot's summary
+    ``snapshot_properties``.
+
+    Raises:
+        TableAlreadyExistsError: Another writer created the table first (the catalog inserts
+            the table's row only if there is none).
+    """
+    ensure_namespace(catalog, ident[0])
+    with catalog.create_table_transaction(
+        ident, schema=rows.schema, location=location, properties=CREATE_PROPERTIES
+    ) as txn:
+        if partition_fields:
+            with txn.update_spec() as spec:
+                for column, transform, field_name in partition_fields:
+                    spec.add_field(column, transform, field_name)
+        txn.append(rows, snapshot_properties=snapshot_properties)
 
 
 def partition_fields(partition_by: Sequence[str]) -> list[tuple[str, Transform[Any, Any], str]]:

@@ -8,13 +8,19 @@ files, so both are built here from its public scan, overwrite and expire APIs.
 """
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
+import pyarrow as pa
 from pyiceberg.conversions import from_bytes
+from pyiceberg.exceptions import CommitFailedException
 from pyiceberg.expressions import And, GreaterThanOrEqual, LessThanOrEqual
 from pyiceberg.table import Table
 from pyiceberg.table.snapshots import Snapshot, ancestors_of
 from pyiceberg.types import LongType
+
+from nilus_dagster.errors import SinkError
+from nilus_dagster.sink import iceberg_catalog as cat
+from nilus_dagster.sink.iceberg_position import PIPELINE_KEY
 
 logger = logging.getLogger("nilus_dagster.sink")
 
@@ -22,6 +28,57 @@ SMALL_FILE_BYTES = 32 * 1024 * 1024
 """Data files under this size are compacted."""
 MAX_COMPACT_BYTES = 256 * 1024 * 1024
 """At most this much data (on disk) is rewritten by one compaction."""
+
+# What a maintenance step can fail with and be skipped for: a concurrent commit, or what a
+# failed write raises (object stores surface as OSError).
+_SKIPPED_ERRORS = (CommitFailedException, OSError, ValueError, pa.ArrowException, SinkError)
+
+
+def maintain_table(
+    table: Table,
+    dead: Table | None,
+    name: str,
+    *,
+    commits: int,
+    compact_every: int,
+    expire_every: int,
+    keep_snapshots: int,
+    properties: Mapping[str, str],
+) -> bool:
+    """Compact ``table`` and expire snapshots of it and ``dead`` when their interval is due.
+
+    Both are optimisations: a failure is logged and skipped.
+
+    Args:
+        table: The sink's table, as committed through.
+        dead: Its dead-letter table, when there is one.
+        name: The table's name, for the log.
+        commits: Commits made by this writer so far.
+        compact_every: Compact every this many commits (0 disables).
+        expire_every: Expire snapshots every this many commits (0 disables).
+        keep_snapshots: Snapshots an expiry keeps.
+        properties: The snapshot summary a compaction commit carries (the position, unchanged).
+
+    Returns:
+        Whether snapshots were expired: expiry asserts nothing about the branch, so it may
+        have taken in another writer's commit, and the caller re-reads the position.
+    """
+    if compact_every and commits % compact_every == 0:
+        try:
+            compact_small_files(table, dict(properties))
+        except _SKIPPED_ERRORS as exc:
+            # Compaction is an optimisation; a concurrent commit wins.
+            logger.warning("%s: compaction skipped: %s", name, cat.error_text(exc))
+    if not (expire_every and commits % expire_every == 0):
+        return False
+    for target in (table, dead):
+        if target is None:
+            continue
+        try:
+            expire_snapshots(target, keep_snapshots, PIPELINE_KEY)
+        except _SKIPPED_ERRORS as exc:
+            logger.warning("%s: snapshot expiry skipped: %s", name, cat.error_text(exc))
+    return True
 
 
 def compact_small_files(table: Table, snapshot_properties: dict[str, str]) -> int:

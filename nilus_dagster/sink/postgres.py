@@ -15,7 +15,6 @@ from datetime import datetime
 from typing import Any, ClassVar
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from nilus_dagster.errors import SinkError
 from nilus_dagster.manifest.depots import DEAD_LETTER_SUFFIX, TableLocation
@@ -24,6 +23,11 @@ from nilus_dagster.messages import MessageBatch
 from nilus_dagster.sink import postgres_catalog as catalog
 from nilus_dagster.sink.decode import BatchDecoder, Decoded, PayloadFormat
 from nilus_dagster.sink.postgres_catalog import POSITIONS_TABLE
+from nilus_dagster.sink.postgres_position import (
+    lock_position,
+    move_position,
+    newest_timestamp_with,
+)
 from nilus_dagster.sink.postgres_types import (
     arrow_type,
     check_identifier,
@@ -274,7 +278,7 @@ class PostgresSink(SinkWriter):
         rows = after_position(rows, self._position)
         dead = after_position(dead_letters, self._position) if dead_letters is not None else None
         created = (commit_metadata or {}).get(STREAM_CREATED_KEY, self._stream_created)
-        newest = _newest(rows, self._newest)
+        newest = newest_timestamp_with(rows, self._newest)
         try:
             self._lock_position()
             columns = self._ensure_table(self.table_name, rows, self._columns)
@@ -287,7 +291,15 @@ class PostgresSink(SinkWriter):
                     )
                 self._load(self.table_name, rows, columns)
             dead_columns, dead_count = self._write_dead_letters(dead)
-            self._move_position(last_seq, created, newest)
+            move_position(
+                self._conn,
+                self.schema_name,
+                self.app_id,
+                self.table_name,
+                last_seq=last_seq,
+                created=created,
+                newest=newest,
+            )
             conn.commit()
         except PositionConflict:
             conn.rollback()
@@ -371,42 +383,13 @@ class PostgresSink(SinkWriter):
         return self._conn
 
     def _lock_position(self) -> None:
-        """Lock this pipeline's position row for the transaction; check it did not move."""
-        positions = qualified(self.schema_name, POSITIONS_TABLE)
-        key = [self.app_id, self.table_name]
-        catalog.execute(
+        lock_position(
             self._conn,
-            f"INSERT INTO {positions} (pipeline, table_name, last_seq) VALUES ($1, $2, 0) "
-            "ON CONFLICT (pipeline, table_name) DO NOTHING",
-            key,
-        )
-        found = catalog.query(
-            self._conn,
-            f"SELECT last_seq FROM {positions} WHERE pipeline = $1 AND table_name = $2 FOR UPDATE",
-            key,
-        )
-        current = int(found[0][0])
-        if current != self._position:
-            raise PositionConflict(
-                f"{self.location.uri}: another writer moved the position of {self.app_id!r} "
-                f"from {self._position} to {current}; open() again"
-            )
-
-    def _move_position(self, last_seq: int, created: str | None, newest: datetime | None) -> None:
-        params: list[object] = [self.app_id, self.table_name, last_seq]
-        sets = ["last_seq = $3", "updated_at = now()"]
-        for column, value in (("stream_created", created), ("newest_timestamp", newest)):
-            # ADBC 1.6 and older cannot bind a None (Arrow's null type): write NULL.
-            if value is None:
-                sets.append(f"{column} = NULL")
-            else:
-                params.append(value)
-                sets.append(f"{column} = ${len(params)}")
-        catalog.execute(
-            self._conn,
-            f"UPDATE {qualified(self.schema_name, POSITIONS_TABLE)} SET {', '.join(sets)} "
-            "WHERE pipeline = $1 AND table_name = $2",
-            params,
+            self.schema_name,
+            self.app_id,
+            self.table_name,
+            expected=self._position,
+            where=self.location.uri,
         )
 
     def _ensure_table(
@@ -493,16 +476,6 @@ def _for_postgres(rows: pa.Table, columns: Mapping[str, str]) -> pa.Table:
         arrays.append(column_for(column, kind))
         names.append(field.name)
     return pa.table(arrays, names=names)
-
-
-def _newest(rows: pa.Table, newest: datetime | None) -> datetime | None:
-    if rows.num_rows == 0 or "_nats_timestamp" not in rows.column_names:
-        return newest
-    found = pc.max(rows.column("_nats_timestamp")).as_py()
-    if found is None:
-        return newest
-    found = as_utc(found)
-    return found if newest is None or found > as_utc(newest) else as_utc(newest)
 
 
 def _short(name: str) -> str:
