@@ -342,9 +342,13 @@ def stream_pipeline(
     return make
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def isolated_secrets() -> Iterator[None]:
-    """Secrets registered during the test are forgotten after it (the registry is process-wide)."""
+    """Secrets registered during a test are forgotten after it.
+
+    The registry is process-wide: a short secret one test fills in (a password, a key) would
+    otherwise mask matching text, such as temporary paths, in every later test's messages.
+    """
     from nilus_dagster.redaction import isolated_secret_registry
 
     with isolated_secret_registry():
