@@ -40,9 +40,7 @@ from nilus_dagster.sink.delta_writes import (
 from nilus_dagster.sink.partitioning import check_partition_columns, check_partitioning
 from nilus_dagster.sink.rows import (
     after_position,
-    in_window,
     latest_per_key,
-    up_to_position,
 )
 from nilus_dagster.sink.schema import METADATA_SCHEMA
 from nilus_dagster.sink.storage_errors import storage_error
@@ -54,7 +52,6 @@ from nilus_dagster.sink.writer import (
     SinkWriter,
     error_text,
 )
-from nilus_dagster.times import as_utc
 
 # What deltalake raises for a failed write (object stores surface as OSError); anything else
 # is a bug and propagates as is.
@@ -284,20 +281,14 @@ class DeltaSink(SinkWriter):
             SinkError: The write failed.
         """
         self._require_open()
-        start, end = as_utc(start), as_utc(end)
-        if end <= start:
-            raise SinkError(f"empty window {start.isoformat()}..{end.isoformat()}")
+        replay = self.replay_window(rows, dead_letters, start, end, up_to)
         metadata = self._metadata(commit_metadata)
-        up_to = self.position if up_to is None else min(up_to, self.position)
-        start_text, end_text = timestamp_literal(start), timestamp_literal(end)
+        start_text, end_text = timestamp_literal(replay.start), timestamp_literal(replay.end)
         predicate = (
             f"`_nats_timestamp` >= '{start_text}' AND `_nats_timestamp` < '{end_text}' "
-            f"AND `_nats_seq` <= {int(up_to)}"
+            f"AND `_nats_seq` <= {int(replay.up_to)}"
         )
-        # Messages past the position are the next normal run's to write; writing them here
-        # would write them twice.
-        rows = up_to_position(in_window(rows, start, end), up_to)
-        dead = up_to_position(in_window(dead_letters, start, end), up_to)
+        rows, dead = replay.rows, replay.dead_letters
         dead_count = 0
         if dead is not None and (self._dead is not None or dead.num_rows):
             props = self._properties(self._dead_version, metadata)

@@ -52,7 +52,7 @@ from nilus_dagster.sink.iceberg_rows import (
     quiet_overwrites,
     storable,
 )
-from nilus_dagster.sink.rows import after_position, in_window, latest_per_key, up_to_position
+from nilus_dagster.sink.rows import after_position, latest_per_key
 from nilus_dagster.sink.schema import METADATA_SCHEMA
 from nilus_dagster.sink.writer import (
     STREAM_CREATED_KEY,
@@ -61,7 +61,6 @@ from nilus_dagster.sink.writer import (
     SinkState,
     SinkWriter,
 )
-from nilus_dagster.times import as_utc
 
 if TYPE_CHECKING:
     from nilus_dagster.manifest.model import SinkOptions
@@ -299,18 +298,16 @@ class IcebergSink(SinkWriter):
             SinkError: The write failed.
         """
         self._require_open()
-        start, end = as_utc(start), as_utc(end)
-        up_to = self.position if up_to is None else min(up_to, self.position)
+        replay = self.replay_window(rows, dead_letters, start, end, up_to)
         window: BooleanExpression = And(
             And(
-                GreaterThanOrEqual("_nats_timestamp", start.isoformat()),
-                LessThan("_nats_timestamp", end.isoformat()),
+                GreaterThanOrEqual("_nats_timestamp", replay.start.isoformat()),
+                LessThan("_nats_timestamp", replay.end.isoformat()),
             ),
-            LessThanOrEqual("_nats_seq", up_to),
+            LessThanOrEqual("_nats_seq", replay.up_to),
         )
         properties = self._summary(self.position, commit_metadata)
-        rows = up_to_position(in_window(rows, start, end), up_to)
-        dead = up_to_position(in_window(dead_letters, start, end), up_to)
+        rows, dead = replay.rows, replay.dead_letters
         dead_count = 0
         try:
             if dead is not None and (self._dead is not None or dead.num_rows):

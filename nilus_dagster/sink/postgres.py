@@ -37,7 +37,7 @@ from nilus_dagster.sink.postgres_types import (
     quote,
     without_long_names,
 )
-from nilus_dagster.sink.rows import after_position, in_window, latest_per_key, up_to_position
+from nilus_dagster.sink.rows import after_position, latest_per_key
 from nilus_dagster.sink.schema import METADATA_SCHEMA
 from nilus_dagster.sink.writer import (
     STREAM_CREATED_KEY,
@@ -327,17 +327,15 @@ class PostgresSink(SinkWriter):
         it belong to the writer that keeps appending (a service run).
         """
         conn = self._require_conn()
-        start, end = as_utc(start), as_utc(end)
-        if end <= start:
-            raise SinkError(f"empty window {start.isoformat()}..{end.isoformat()}")
-        up_to = self._position if up_to is None else min(up_to, self._position)
-        # Messages past the position are the next normal run's to write.
-        rows = up_to_position(in_window(rows, start, end), up_to)
-        dead = up_to_position(in_window(dead_letters, start, end), up_to)
+        replay = self.replay_window(rows, dead_letters, start, end, up_to)
+        rows, dead = replay.rows, replay.dead_letters
+        start, end = replay.start, replay.end
         if self._columns is None and (rows is None or rows.num_rows == 0):
             return CommitResult(0, 0, None, self._position)
         rows = rows if rows is not None else METADATA_SCHEMA.empty_table()
-        window = f"_nats_timestamp >= $1 AND _nats_timestamp < $2 AND _nats_seq <= {int(up_to)}"
+        window = (
+            f"_nats_timestamp >= $1 AND _nats_timestamp < $2 AND _nats_seq <= {int(replay.up_to)}"
+        )
         try:
             self._lock_position()
             columns = self._ensure_table(self.table_name, rows, self._columns)

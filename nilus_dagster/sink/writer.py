@@ -28,6 +28,8 @@ from nilus_dagster.messages import MessageBatch
 from nilus_dagster.redaction import redact
 from nilus_dagster.sink.conform import conform
 from nilus_dagster.sink.decode import BatchDecoder, Decoded, decode
+from nilus_dagster.sink.rows import in_window, up_to_position
+from nilus_dagster.times import as_utc
 
 STREAM_CREATED_KEY = "nilus.stream_created"
 """Commit metadata key holding the creation time of the stream the position belongs to."""
@@ -91,6 +93,25 @@ class TableFacts:
     schema: pa.Schema | None
     row_count: int
     newest_timestamp: datetime | None
+
+
+@dataclass(frozen=True)
+class ReplayWindow:
+    """What a window replacement writes: the UTC bounds, the sequence bound, and the rows.
+
+    Attributes:
+        start: The window's start (UTC, inclusive).
+        end: The window's end (UTC, exclusive).
+        up_to: Only rows with ``_nats_seq <= up_to`` are replaced and written.
+        rows: The given rows inside the window and the bound (``None`` when none were given).
+        dead_letters: The same for the given dead letters.
+    """
+
+    start: datetime
+    end: datetime
+    up_to: int
+    rows: pa.Table | None
+    dead_letters: pa.Table | None
 
 
 class SinkWriter(ABC):
@@ -303,6 +324,34 @@ class SinkWriter(ABC):
             PositionConflict: Another writer committed since :meth:`open`; re-open.
             SinkError: ``last_seq`` is not past the position, or the write failed.
         """
+
+    def replay_window(
+        self,
+        rows: pa.Table | None,
+        dead_letters: pa.Table | None,
+        start: datetime,
+        end: datetime,
+        up_to: int | None,
+    ) -> ReplayWindow:
+        """The part of a replay :meth:`replace_window` writes, the same for every writer.
+
+        Messages past the position are the next normal run's to write (writing them here would
+        write them twice), and past ``up_to`` the appending writer's (a service run).
+
+        Raises:
+            SinkError: The window is empty.
+        """
+        start, end = as_utc(start), as_utc(end)
+        if end <= start:
+            raise SinkError(f"empty window {start.isoformat()}..{end.isoformat()}")
+        up_to = self.position if up_to is None else min(up_to, self.position)
+        return ReplayWindow(
+            start,
+            end,
+            up_to,
+            up_to_position(in_window(rows, start, end), up_to),
+            up_to_position(in_window(dead_letters, start, end), up_to),
+        )
 
     @abstractmethod
     def replace_window(
