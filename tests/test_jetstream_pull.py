@@ -13,6 +13,7 @@ from conftest import Publisher
 
 from nilus_dagster.jetstream import BulkPuller, JetStreamSource, parse_ack_reply
 from nilus_dagster.jetstream.ack import ack_fields, ack_fields_each
+from nilus_dagster.jetstream.errors import PullInterrupted
 from nilus_dagster.jetstream.local_server import LocalNatsServer
 from nilus_dagster.manifest.address import parse_nats_address
 from nilus_dagster.messages import MessageBatch
@@ -295,6 +296,31 @@ def test_bulk_puller_on_a_consumer_of_its_own(
     got, empty = asyncio.run(go())
     assert got == list(range(501, 1001))  # at or below after_seq: dropped
     assert len(empty) == 0
+
+
+def test_bulk_puller_on_a_connection_that_just_closed_is_interrupted_not_crashed(
+    nats_server: LocalNatsServer, stream_name: str
+) -> None:
+    # A rolling restart can close the connection between the consumer's creation and the
+    # puller's subscription: the source must see an interruption it recovers from, not
+    # nats-py's own error (which ended a run in CI).
+    pub = Publisher(nats_server.url)
+    pub.create_stream(stream_name, [stream_name])
+    pub.publish_orders(stream_name, 10)
+
+    async def go() -> PullInterrupted:
+        nc = await nats.connect(nats_server.url)
+        info = await nc.jetstream().add_consumer(
+            stream_name, name="gone", ack_policy="none", inactive_threshold=30.0
+        )
+        await nc.close()
+        puller = BulkPuller(nc, stream_name, info.name, batch_size=5, expires=1.0)
+        with pytest.raises(PullInterrupted) as caught:
+            await puller.start()
+        return caught.value
+
+    interrupted = asyncio.run(go())
+    assert interrupted.connection_lost and interrupted.retryable
 
 
 def test_parse_ack_reply_v1_and_v2() -> None:

@@ -21,6 +21,7 @@ from nats.aio.msg import Msg
 
 from nilus_dagster.errors import SourceError
 from nilus_dagster.jetstream.errors import (
+    NATS_CONNECTION_GONE,
     ConnectionLost,
     JsApiError,
     NoResponders,
@@ -313,7 +314,7 @@ class Link:
             if not self.is_open:
                 raise ConnectionLost(f"the connection to NATS at {self.hosts} closed") from None
             raise RequestTimeout(subject, timeout) from None
-        except (nats.errors.ConnectionClosedError, asyncio.CancelledError):
+        except (*NATS_CONNECTION_GONE, asyncio.CancelledError):
             raise ConnectionLost(f"the connection to NATS at {self.hosts} closed") from None
 
     async def api(
@@ -349,7 +350,10 @@ class Link:
             PermissionViolation: The user may not subscribe to ``subject``.
         """
         seen = len(self.violations)
-        sub = await self.nc.subscribe(subject)
+        try:
+            sub = await self.nc.subscribe(subject)
+        except NATS_CONNECTION_GONE:
+            raise ConnectionLost(f"the connection to NATS at {self.hosts} closed") from None
         try:
             # A round trip normally brings any -ERR the SUB caused before its PONG; nats-server
             # 2.9 sometimes sends it just after, so make a second one.
@@ -359,6 +363,8 @@ class Link:
                     break
         except (nats.errors.TimeoutError, asyncio.TimeoutError):
             raise RequestTimeout("PING", timeout or self.request_timeout) from None
+        except NATS_CONNECTION_GONE:
+            raise ConnectionLost(f"the connection to NATS at {self.hosts} closed") from None
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()

@@ -8,6 +8,8 @@ message, so a reworded message cannot change what is retried. The source turns t
 
 import re
 
+import nats.errors
+
 # JetStream API error codes (``err_code``) acted on.
 ERR_STREAM_NOT_FOUND = 10059
 ERR_CONSUMER_NOT_FOUND = 10014
@@ -25,6 +27,17 @@ _PASSING_CODES = (ERR_CLUSTER_NOT_AVAILABLE, *JS_NOT_ENABLED_CODES)
 _VIOLATION = re.compile(
     r"permissions violation for (?P<kind>publish|subscription) to \"?(?P<subject>[^\"\s']+)",
     re.IGNORECASE,
+)
+
+
+# What nats-py raises for a publish or a subscription on a connection that closed or is going
+# away: the server behind it stopped or restarted while a call was on its way.
+NATS_CONNECTION_GONE = (
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionDrainingError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.StaleConnectionError,
+    nats.errors.OutboundBufferLimitError,
 )
 
 

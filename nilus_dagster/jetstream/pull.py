@@ -21,7 +21,7 @@ from nats.aio.client import Client
 
 from nilus_dagster.jetstream.ack import ack_fields, ack_fields_each
 from nilus_dagster.jetstream.admin import API_PREFIX, next_subject
-from nilus_dagster.jetstream.errors import PullInterrupted
+from nilus_dagster.jetstream.errors import NATS_CONNECTION_GONE, PullInterrupted
 from nilus_dagster.jetstream.inbox import ColumnInbox, ColumnSubscription, subscribe_columns
 from nilus_dagster.messages import MessageBatch
 
@@ -131,7 +131,10 @@ class BulkPuller:
         self._inbox = self.nc.new_inbox()
         # The inbox's frames are read into columns (see inbox.py) instead of becoming one Msg
         # each; the queue only carries a wake-up token per burst.
-        self._subscription = await subscribe_columns(self.nc, self._inbox, _WAKE)
+        try:
+            self._subscription = await subscribe_columns(self.nc, self._inbox, _WAKE)
+        except NATS_CONNECTION_GONE:
+            raise PullInterrupted("the connection to NATS closed", connection_lost=True) from None
         self._queue = self._subscription.queue
         self._inbox_columns = self._subscription.inbox
         return self
@@ -342,7 +345,13 @@ class BulkPuller:
         # Full requests only, except the tail of a bounded pull.
         while deficit >= self.batch_size or (deficit > 0 and target < self.max_credit):
             batch = min(self.batch_size, deficit)
-            await self.nc.publish(self._next_subject, self._request_payload(batch), self._inbox)
+            try:
+                # A publish can wait for the socket, and the connection can close meanwhile.
+                await self.nc.publish(self._next_subject, self._request_payload(batch), self._inbox)
+            except NATS_CONNECTION_GONE:
+                raise PullInterrupted(
+                    "the connection to NATS closed", connection_lost=True
+                ) from None
             self._credit += batch
             deficit -= batch
 
