@@ -1,5 +1,5 @@
 """A PostgreSQL pipeline as a Dagster asset: kind, run metadata, column types, EnvVar secrets,
-and its table as a downstream asset's input."""
+its table as a downstream asset's input, and the sensor's lag against its position."""
 
 import dagster as dg
 import pyarrow as pa
@@ -10,8 +10,10 @@ from nilus_dagster.dagster import (
     NilusTableIOManager,
     PostgresResource,
     build_nilus_asset,
+    build_pipeline_definitions,
 )
 from nilus_dagster.dagster.translator import DagsterNilusTranslator
+from nilus_dagster.manifest import parse_pipeline
 
 
 def test_materialize_into_postgresql_with_connection_settings_from_the_resource(
@@ -61,3 +63,53 @@ def test_materialize_into_postgresql_with_connection_settings_from_the_resource(
     # The downstream asset reads the PostgreSQL table through the package's IO manager.
     assert downstream.success
     assert sorted(seen["orders"].column("_nats_seq").to_pylist()) == published
+
+
+def test_the_sensor_measures_lag_against_the_position_in_postgresql(
+    postgres_database, nats_server, publisher, stream_name, write_manifest
+):
+    db = postgres_database
+    subject = f"{stream_name}.orders"
+    publisher.create_stream(stream_name, [f"{stream_name}.>"])
+    manifest = write_manifest(
+        address=f"nats+jetstream://{nats_server.hostport}?subject={subject}&timeout=2",
+        stream=stream_name,
+        run_mode="per_tick",
+        sink_address=f"postgresql://{db.user}@{db.host}:{db.port}/{db.name}",
+    )
+    defs = build_pipeline_definitions(parse_pipeline(manifest))
+    sensor = defs.resolve_sensor_def("orders_sensor")
+
+    def tick(instance: dg.DagsterInstance) -> dg.SensorResult:
+        with dg.build_sensor_context(
+            instance=instance, definitions=defs, resources=defs.resources
+        ) as context:
+            return sensor.evaluate_tick(context)
+
+    def observed(data: dg.SensorResult) -> dict[str, object]:
+        [event] = [e for e in data.asset_events if isinstance(e, dg.AssetObservation)]
+        return {key: value.value for key, value in event.metadata.items()}
+
+    published = publisher.publish_orders(subject, 30)
+    with dg.instance_for_test() as instance:
+        first = tick(instance)
+        [request] = first.run_requests
+        result = dg.materialize(
+            [defs.get_assets_def("orders")],
+            instance=instance,
+            resources=defs.resources,
+            tags=request.tags,
+        )
+        caught_up = tick(instance)
+        publisher.publish_orders(subject, 7, start=30)
+        behind = tick(instance)
+
+    assert observed(first)["nats/sequence_lag"] == 30 and observed(first)["nilus/position"] == 0
+    assert result.success
+    assert not caught_up.run_requests and "up to date" in (caught_up.skip_message or "")
+    now = observed(caught_up)
+    assert now["nilus/position"] == published[-1] and now["nats/sequence_lag"] == 0
+    # The newest row's time comes from the PostgreSQL table.
+    assert 0 <= now["nats/lag_seconds"] < 60  # type: ignore[operator]
+    assert observed(behind)["nats/sequence_lag"] == 7
+    assert behind.run_requests[0].tags["nilus/position"] == str(published[-1])
