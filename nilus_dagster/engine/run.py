@@ -18,19 +18,20 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import ParamSpec
 
-import pyarrow as pa
-
 from nilus_dagster.engine.backfill import replay_window
+from nilus_dagster.engine.committer import Committer
 from nilus_dagster.engine.report import RunReport
 from nilus_dagster.engine.settings import RuntimeSettings, runtime_settings
 from nilus_dagster.engine.table import check_stream_identity, open_sink
 from nilus_dagster.jetstream import JetStreamSource, StreamState
 from nilus_dagster.manifest.loader import Pipeline
 from nilus_dagster.messages import MessageBatch
-from nilus_dagster.sink import STREAM_CREATED_KEY, Decoded, PositionConflict, SinkWriter
+from nilus_dagster.sink import SinkWriter
 
 logger = logging.getLogger("nilus_dagster.engine")
 P = ParamSpec("P")
+
+_Committer = Committer  # the name the service and tests know
 
 PART_ROWS = 16_384
 """Most messages decoded at a time while a commit's chunk fills (a quarter of the commit size
@@ -51,119 +52,6 @@ class Progress:
     def messages_per_second(self) -> float:
         """Messages a second so far."""
         return self.messages / self.elapsed_seconds if self.elapsed_seconds > 0 else 0.0
-
-
-class _Committer:
-    """Decodes and commits chunks, in order, in a worker thread; tracks what was committed."""
-
-    def __init__(self, sink: SinkWriter, settings: RuntimeSettings, created: str):
-        self.sink = sink
-        self.settings = settings
-        self.pipeline = settings.pipeline
-        self.replace_first = self.pipeline.manifest.sink.options.incremental_strategy == "replace"
-        self.metadata = {STREAM_CREATED_KEY: created, "nilus.pipeline": self.pipeline.name}
-        self.first_seq: int | None = None
-        self.last_seq: int | None = None
-        self.newest_ns: int | None = None
-        self.rows = 0
-        self.dead = 0
-        self.messages = 0
-        self.bytes = 0
-        self.commits = 0
-        self.total_commits = 0  # never reset: ``replace`` overwrites on the first only
-        self._parts: list[tuple[int, int, Decoded]] = []
-        self._failed: BaseException | None = None
-
-    def reset_tally(self) -> None:
-        """Start counting afresh (a service reports what it committed since its last report).
-
-        The newest message time stays: it is the table's, not the interval's.
-        """
-        self.first_seq = self.last_seq = None
-        self.rows = self.dead = self.messages = self.bytes = self.commits = 0
-
-    def prepare_part(self, part: MessageBatch) -> None:
-        """Decode the next part of the coming commit's chunk ahead of that commit.
-
-        Runs in the commit thread, in order with the commits, so it sees the table schema the
-        commit will write against. A failure is raised by that commit.
-        """
-        if self._failed is not None:
-            return
-        try:
-            decoded = self.sink.prepare(part, format=self.settings.address.format)
-        except BaseException as exc:  # raised by the next commit, which owns the error
-            self._failed = exc
-            return
-        self._parts.append((part.first_seq, part.last_seq, decoded))
-
-    def _assemble(self, chunk: MessageBatch, parts: list[tuple[int, int, Decoded]]) -> Decoded:
-        """``chunk`` decoded: its parts decoded ahead, plus the rest decoded now.
-
-        The parts are used only when they hold the chunk's prefix and all came out with the
-        same columns and types; otherwise (a field appears, disappears or changes type within
-        the chunk) the chunk is decoded whole, exactly as if no part had been decoded ahead.
-        """
-        fmt = self.settings.address.format
-        if not parts or parts[0][0] != chunk.first_seq or parts[-1][1] > chunk.last_seq:
-            return self.sink.prepare(chunk, format=fmt)
-        pieces = [decoded for _, _, decoded in parts]
-        rest = chunk.after(parts[-1][1])
-        if len(rest):
-            pieces.append(self.sink.prepare(rest, format=fmt))
-        if len(pieces) == 1:
-            return pieces[0]
-        schema = pieces[0].rows.schema
-        if any(not p.rows.schema.equals(schema) for p in pieces[1:]):
-            return self.sink.prepare(chunk, format=fmt)
-        try:
-            return Decoded(
-                pa.concat_tables([p.rows for p in pieces]),
-                pa.concat_tables([p.dead_letters for p in pieces]),
-            )
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
-            return self.sink.prepare(chunk, format=fmt)
-
-    def commit(self, chunk: MessageBatch) -> int:
-        """Decode (what was not decoded ahead) and commit ``chunk``; returns the position."""
-        parts, self._parts = self._parts, []
-        failed, self._failed = self._failed, None
-        if failed is not None:
-            raise failed
-        while True:
-            chunk = chunk.after(self.sink.position)
-            if not len(chunk):
-                return self.sink.position
-            decoded = self._assemble(chunk, parts)
-            parts = []  # after a conflict the chunk is decoded again, against the new schema
-            try:
-                result = self.sink.commit(
-                    decoded.rows,
-                    decoded.dead_letters,
-                    last_seq=chunk.last_seq,
-                    overwrite=self.replace_first and self.total_commits == 0,
-                    commit_metadata=self.metadata,
-                )
-                break
-            except PositionConflict:
-                # Another writer committed first: re-read its position and keep only what is
-                # still ours to write. Nothing is written twice.
-                self.sink.open()
-                logger.warning(
-                    "%s: a concurrent commit moved the position to %s; continuing after it",
-                    self.pipeline.name,
-                    self.sink.position,
-                )
-        self.commits += 1
-        self.total_commits += 1
-        self.first_seq = chunk.first_seq if self.first_seq is None else self.first_seq
-        self.last_seq = chunk.last_seq
-        self.newest_ns = max(self.newest_ns or 0, max(chunk.timestamps_ns))
-        self.rows += result.rows_written
-        self.dead += result.dead_letters
-        self.messages += len(chunk)
-        self.bytes += chunk.nbytes
-        return self.sink.position
 
 
 def _gc_frozen(run: Callable[P, Awaitable[RunReport]]) -> Callable[P, Awaitable[RunReport]]:
@@ -195,7 +83,7 @@ class Ingestion:
     settings: RuntimeSettings
     sink: SinkWriter
     src: JetStreamSource
-    committer: _Committer
+    committer: Committer
     started: float
 
     @property
@@ -312,7 +200,7 @@ async def run_pipeline_async(
         if window is not None:
             return await replay_window(settings, sink, src, stream, window, started, log)
         run = Ingestion(
-            settings, sink, src, _Committer(sink, settings, stream.created.isoformat()), started
+            settings, sink, src, Committer(sink, settings, stream.created.isoformat()), started
         )
         gap = await log_gap(log, run, stream, sink.position)
         start_seq, start_time = run.start_point(first=True)
@@ -431,6 +319,9 @@ async def drain_to(
         # Normally idle by now; after a failure or a cancel, no sink work may outlive the
         # drain: a commit already running finishes (it is atomic), queued work is dropped.
         worker.shutdown(wait=True, cancel_futures=True)
+        # After a failure or a cancel, rows written ahead of a commit that never came must
+        # not ride along with a later one (a service drains again through the same sink).
+        committer.drop_parts()
 
 
 async def build_report(run: Ingestion, *, gap: int, since: float) -> RunReport:

@@ -19,10 +19,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from nilus_dagster.engine.committer import Committer
 from nilus_dagster.engine.report import RunReport
 from nilus_dagster.engine.run import (
     Ingestion,
-    _Committer,
     build_report,
     drain_to,
     log_gap,
@@ -260,7 +260,7 @@ async def _serve_once(
 ) -> None:
     async with open_pipeline(pipeline, env=env, servers=servers) as (settings, sink, src, stream):
         started = time.monotonic()
-        committer = _Committer(sink, settings, stream.created.isoformat())
+        committer = Committer(sink, settings, stream.created.isoformat())
         run = Ingestion(settings, sink, src, committer, started)
         gap = await log_gap(log, run, stream, sink.position)
         gap_checked = (stream.first_seq, sink.position)

@@ -8,7 +8,6 @@ writer waits on the lock and then finds the position moved (:class:`PositionConf
 process killed at any point leaves either the whole commit or none of it.
 """
 
-import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -21,7 +20,9 @@ from nilus_dagster.manifest.depots import DEAD_LETTER_SUFFIX, TableLocation
 from nilus_dagster.manifest.model import IncrementalStrategy
 from nilus_dagster.messages import MessageBatch
 from nilus_dagster.sink import postgres_catalog as catalog
+from nilus_dagster.sink import postgres_load as load
 from nilus_dagster.sink.decode import BatchDecoder, Decoded, PayloadFormat
+from nilus_dagster.sink.postgres_ahead import Ahead, Loads
 from nilus_dagster.sink.postgres_catalog import POSITIONS_TABLE
 from nilus_dagster.sink.postgres_position import (
     lock_position,
@@ -31,13 +32,10 @@ from nilus_dagster.sink.postgres_position import (
 from nilus_dagster.sink.postgres_types import (
     arrow_type,
     check_identifier,
-    column_for,
-    postgres_type,
     qualified,
-    quote,
     without_long_names,
 )
-from nilus_dagster.sink.rows import after_position, latest_per_key
+from nilus_dagster.sink.rows import after_position
 from nilus_dagster.sink.schema import METADATA_SCHEMA
 from nilus_dagster.sink.writer import (
     STREAM_CREATED_KEY,
@@ -51,7 +49,6 @@ from nilus_dagster.times import as_utc
 
 logger = logging.getLogger("nilus_dagster.sink")
 
-_STAGE = "nilus_stage"
 _NAME_FIX = "shorten it (PostgreSQL names hold 63 bytes)"
 
 
@@ -103,6 +100,8 @@ class PostgresSink(SinkWriter):
         self._stream_created: str | None = None
         self._newest: datetime | None = None
         self._opened = False
+        self._ahead: Ahead | None = None  # rows written ahead in the open transaction
+        self._loads = Loads()
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -228,6 +227,7 @@ class PostgresSink(SinkWriter):
         if self._columns is None:
             return 0
         conn = self._require_conn()
+        self.discard_ahead()  # its commit ends the transaction: never with rows written ahead
         count = catalog.query(
             conn, f"SELECT count(*) FROM {qualified(self.schema_name, self.table_name)}"
         )[0][0]
@@ -268,6 +268,7 @@ class PostgresSink(SinkWriter):
         """Rows, dead letters and the position row in one transaction (see the class)."""
         conn = self._require_conn()
         if last_seq <= self._position:
+            self.discard_ahead()
             raise SinkError(
                 f"refusing to commit up to sequence {last_seq}: {self.location.uri} already "
                 f"holds everything up to {self._position} (drop what is at or below the "
@@ -278,10 +279,20 @@ class PostgresSink(SinkWriter):
         rows = after_position(rows, self._position)
         dead = after_position(dead_letters, self._position) if dead_letters is not None else None
         created = (commit_metadata or {}).get(STREAM_CREATED_KEY, self._stream_created)
-        newest = newest_timestamp_with(rows, self._newest)
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            ahead = Ahead(self._columns, self._dead_columns, self._newest)
         try:
-            self._lock_position()
-            columns = self._ensure_table(self.table_name, rows, self._columns)
+            self._loads.wait()  # the last part written ahead (its failure fails the commit)
+            newest = newest_timestamp_with(rows, ahead.newest)
+            if ahead.last_seq > last_seq:
+                raise SinkError(
+                    f"rows up to sequence {ahead.last_seq} were written ahead of a commit up "
+                    f"to {last_seq}: they belong to another chunk (rolled back)"
+                )
+            if not ahead.locked:
+                self._lock_position()
+            columns = self._ensure_table(self.table_name, rows, ahead.columns)
             if self.strategy == "merge":
                 self._merge(rows, columns, "<")
             else:
@@ -290,7 +301,7 @@ class PostgresSink(SinkWriter):
                         conn, f"TRUNCATE {qualified(self.schema_name, self.table_name)}"
                     )
                 self._load(self.table_name, rows, columns)
-            dead_columns, dead_count = self._write_dead_letters(dead)
+            dead_columns, dead_count = self._write_dead_letters(dead, ahead.dead_columns)
             move_position(
                 self._conn,
                 self.schema_name,
@@ -309,7 +320,69 @@ class PostgresSink(SinkWriter):
             raise catalog.write_error(exc, f"cannot commit to {self.location.uri}") from None
         self._columns, self._dead_columns = columns, dead_columns
         self._position, self._stream_created, self._newest = last_seq, created, newest
-        return CommitResult(rows.num_rows, dead_count, None, last_seq)
+        return CommitResult(
+            ahead.rows + rows.num_rows, ahead.dead_letters + dead_count, None, last_seq
+        )
+
+    def write_ahead(self, decoded: Decoded, *, last_seq: int) -> bool:
+        """Load a part of the coming commit's rows into its transaction (``append`` only).
+
+        The first part opens the transaction by locking the position row, exactly as the
+        commit would (a concurrent writer waits there, and a moved position fails this part).
+        Each part then loads in the sink's load thread while the caller decodes the next
+        (``postgres_ahead``); the commit waits for it, adds its own rows and moves the
+        position. ``merge`` upserts the chunk's latest row per key and ``replace`` empties the
+        table first: both load at the commit.
+        """
+        if self.strategy != "append":
+            return False
+        self._require_conn()
+        rows = after_position(decoded.rows, self._position)
+        dead = after_position(decoded.dead_letters, self._position)
+        ahead = self._ahead or Ahead(self._columns, self._dead_columns, self._newest)
+        try:
+            self._loads.wait()
+            if not ahead.locked:
+                self._lock_position()
+                ahead.locked = True
+                self._ahead = ahead
+            if last_seq <= ahead.last_seq:
+                raise SinkError(
+                    f"a part ending at sequence {last_seq} is not after the rows written "
+                    f"ahead (up to {ahead.last_seq})"
+                )
+            ahead.last_seq = last_seq
+            self._loads.submit(self._load_ahead, ahead, rows, dead)
+        except Exception as exc:
+            self._ahead = ahead  # also roll back a lock taken before the first load
+            self.discard_ahead()
+            if isinstance(exc, SinkError):
+                raise
+            raise catalog.write_error(exc, f"cannot write to {self.location.uri}") from None
+        return True
+
+    def _load_ahead(self, ahead: Ahead, rows: pa.Table, dead: pa.Table) -> None:
+        """In the load thread: one part's rows and dead letters, into the open transaction."""
+        ahead.columns = self._ensure_table(self.table_name, rows, ahead.columns)
+        self._load(self.table_name, rows, ahead.columns)
+        ahead.dead_columns, dead_count = self._write_dead_letters(dead, ahead.dead_columns)
+        ahead.rows += rows.num_rows
+        ahead.dead_letters += dead_count
+        ahead.newest = newest_timestamp_with(rows, ahead.newest)
+
+    def discard_ahead(self) -> None:
+        """Roll back the transaction holding what :meth:`write_ahead` loaded."""
+        if self._ahead is None:
+            return
+        self._ahead = None
+        try:
+            self._loads.wait()
+        except Exception as exc:  # rolled back below in any case
+            logger.debug("a load ahead into %s failed: %s", self.location.uri, error_text(exc))
+        try:
+            self._conn.rollback()
+        except Exception as exc:  # a broken connection: the next commit reports it
+            logger.debug("rolling back %s: %s", self.location.uri, error_text(exc))
 
     def replace_window(
         self,
@@ -327,6 +400,7 @@ class PostgresSink(SinkWriter):
         it belong to the writer that keeps appending (a service run).
         """
         conn = self._require_conn()
+        self.discard_ahead()
         replay = self.replay_window(rows, dead_letters, start, end, up_to)
         rows, dead = replay.rows, replay.dead_letters
         start, end = replay.start, replay.end
@@ -350,7 +424,7 @@ class PostgresSink(SinkWriter):
                 if self._dead_columns is not None:
                     target = qualified(self.schema_name, self.dead_table)
                     catalog.execute(conn, f"DELETE FROM {target} WHERE {window}", [start, end])
-                dead_columns, dead_count = self._write_dead_letters(dead)
+                dead_columns, dead_count = self._write_dead_letters(dead, self._dead_columns)
             conn.commit()
         except PositionConflict:
             conn.rollback()
@@ -364,7 +438,9 @@ class PostgresSink(SinkWriter):
         return CommitResult(rows.num_rows, dead_count, None, self._position)
 
     def close(self) -> None:
-        """Close the connection (open() connects again)."""
+        """Close the connection (open() connects again); what was written ahead is dropped."""
+        self._ahead = None
+        self._loads.close()
         if self._conn is not None:
             try:
                 self._conn.close()
@@ -393,94 +469,25 @@ class PostgresSink(SinkWriter):
     def _ensure_table(
         self, table: str, rows: pa.Table, columns: dict[str, str] | None
     ) -> dict[str, str]:
-        """Create the table, or add the rows' new columns; returns the columns after that."""
-        name = qualified(self.schema_name, table)
-        wanted = {
-            f.name: kind
-            for f in rows.schema
-            if (kind := postgres_type(f.type)) is not None
-            and (columns is None or f.name not in columns)
-        }
-        if columns is None:
-            body = ", ".join(f"{quote(n)} {k}" for n, k in wanted.items())
-            catalog.execute(self._conn, f"CREATE TABLE {name} ({body})")
-            columns = {}
-        elif wanted:
-            adds = ", ".join(f"ADD COLUMN IF NOT EXISTS {quote(n)} {k}" for n, k in wanted.items())
-            catalog.execute(self._conn, f"ALTER TABLE {name} {adds}")
-        columns = {**columns, **wanted}
-        if table == self.table_name and self.strategy == "merge":
-            self._ensure_key_index(name, columns)
-        return columns
-
-    def _ensure_key_index(self, name: str, columns: Mapping[str, str]) -> None:
-        if not all(k in columns for k in self.primary_key):
-            return  # no key column yet: the first keyed rows create it
-        index = quote(_short(f"{self.table_name}__nilus_key"))
-        keys = ", ".join(quote(k) for k in self.primary_key)
-        catalog.execute(self._conn, f"CREATE UNIQUE INDEX IF NOT EXISTS {index} ON {name} ({keys})")
+        key = self.primary_key if table == self.table_name and self.strategy == "merge" else ()
+        return load.ensure_table(self._conn, self.schema_name, table, rows, columns, unique_key=key)
 
     def _load(self, table: str, rows: pa.Table, columns: Mapping[str, str]) -> None:
-        if rows.num_rows == 0:
-            return
-        data = _for_postgres(rows, columns)
-        with self._conn.cursor() as cur:
-            cur.adbc_ingest(table, data, mode="append", db_schema_name=self.schema_name)
+        load.load(self._conn, self.schema_name, table, rows, columns)
 
     def _merge(self, rows: pa.Table, columns: Mapping[str, str], newer: str) -> None:
-        """Upsert through a staging table; a row is replaced only by a newer message.
-
-        ``newer`` is ``<`` for runs, ``<=`` for window replays.
-        """
-        if rows.num_rows == 0:
-            return
-        data = _for_postgres(latest_per_key(rows, self.primary_key), columns)
-        target = qualified(self.schema_name, self.table_name)
-        catalog.execute(
-            self._conn,
-            f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} (LIKE {target}) ON COMMIT DROP",
-        )
-        with self._conn.cursor() as cur:
-            cur.adbc_ingest(_STAGE, data, mode="append", temporary=True)
-        names = ", ".join(quote(n) for n in data.column_names)
-        keys = ", ".join(quote(k) for k in self.primary_key)
-        updates = ", ".join(
-            f"{quote(n)} = EXCLUDED.{quote(n)}"
-            for n in data.column_names
-            if n not in self.primary_key
-        )
-        catalog.execute(
-            self._conn,
-            f"INSERT INTO {target} AS t ({names}) SELECT {names} FROM {_STAGE} "
-            f"ON CONFLICT ({keys}) DO UPDATE SET {updates} "
-            f"WHERE t._nats_seq {newer} EXCLUDED._nats_seq",
+        load.merge(
+            self._conn, self.schema_name, self.table_name, rows, columns, self.primary_key, newer
         )
 
-    def _write_dead_letters(self, dead: pa.Table | None) -> tuple[dict[str, str] | None, int]:
+    def _write_dead_letters(
+        self, dead: pa.Table | None, columns: dict[str, str] | None
+    ) -> tuple[dict[str, str] | None, int]:
         if dead is None or dead.num_rows == 0:
-            return self._dead_columns, 0
-        columns = self._ensure_table(self.dead_table, dead, self._dead_columns)
+            return columns, 0
+        columns = self._ensure_table(self.dead_table, dead, columns)
         self._load(self.dead_table, dead, columns)
         return columns, dead.num_rows
-
-
-def _for_postgres(rows: pa.Table, columns: Mapping[str, str]) -> pa.Table:
-    """``rows`` with each column in the form the bulk load writes into its table column."""
-    arrays, names = [], []
-    for field, column in zip(rows.schema, rows.columns, strict=True):
-        kind = columns.get(field.name)
-        if kind is None:  # only nulls so far: no column was made for it
-            continue
-        arrays.append(column_for(column, kind))
-        names.append(field.name)
-    return pa.table(arrays, names=names)
-
-
-def _short(name: str) -> str:
-    if len(name.encode()) <= 63:
-        return name
-    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
-    return name.encode()[:50].decode("utf-8", "ignore") + "_" + digest
 
 
 __all__ = ["PostgresSink"]

@@ -325,6 +325,32 @@ class SinkWriter(ABC):
             SinkError: ``last_seq`` is not past the position, or the write failed.
         """
 
+    def write_ahead(self, decoded: Decoded, *, last_seq: int) -> bool:
+        """Write part of the coming commit's rows now, into that commit's open transaction.
+
+        For stores whose commit is a transaction that can take rows bit by bit (PostgreSQL):
+        the engine hands over each part of a chunk as it is decoded, so the load runs while
+        the pull goes on instead of all at the commit. Nothing is visible, and the position
+        does not move, until :meth:`commit` (which then writes its own rows on top); an
+        :meth:`open`, :meth:`discard_ahead` or a failed commit drops what was written ahead.
+        Writers that cannot do this keep the default, which writes nothing.
+
+        Args:
+            decoded: Conformed rows and dead letters of the part (from :meth:`prepare`).
+            last_seq: The stream sequence of the part's last message.
+
+        Returns:
+            Whether the part was written (``False``: give its rows to :meth:`commit`).
+
+        Raises:
+            SinkError: The write failed; what was written ahead is dropped. The engine then
+                gives the whole chunk to :meth:`commit`, which meets the same cause.
+        """
+        return False
+
+    def discard_ahead(self) -> None:  # noqa: B027 - nothing written ahead by default
+        """Drop what :meth:`write_ahead` wrote since the last commit (the commit gets it all)."""
+
     def replay_window(
         self,
         rows: pa.Table | None,
