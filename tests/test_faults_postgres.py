@@ -9,12 +9,15 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 from checker import check_exactly_once, check_orders
 from conftest import Publisher, order, start_cli_run
+from own_postgres import OwnPostgres, find_bin_dir
 
 from nilus_dagster.engine import run_pipeline
+from nilus_dagster.errors import SinkError
 from nilus_dagster.manifest import parse_pipeline
 
 SMALL_COMMITS = "commit_max_rows: 500\n"
@@ -239,3 +242,65 @@ def _attempt(pipeline):  # type: ignore[no-untyped-def]
         return run_pipeline(pipeline, drain=True)
     except BaseException as exc:  # asserted by the test
         return exc
+
+
+@pytest.fixture(scope="session")
+def own_postgres() -> Iterator[OwnPostgres]:
+    """A PostgreSQL server of the session's own (the shared one is never restarted)."""
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        pytest.fail("PostgreSQL's initdb and pg_ctl are not installed: apt-get install postgresql")
+    server = OwnPostgres(bin_dir).init()
+    server.start()
+    yield server
+    server.destroy()
+
+
+def _own_position(url: str, pipeline) -> int:  # type: ignore[no-untyped-def]
+    import psycopg
+
+    try:
+        with psycopg.connect(url, connect_timeout=2) as conn:
+            found = conn.execute(
+                "SELECT last_seq FROM analytics.nilus_positions WHERE pipeline = %s",
+                (pipeline.app_id,),
+            ).fetchone()
+    except psycopg.Error:  # not created yet, or the server is restarting
+        return 0
+    return int(found[0]) if found else 0
+
+
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
+def test_postgresql_restarted_mid_run(own_postgres, publisher, stream_pipeline, mode):
+    import psycopg
+
+    pg = own_postgres
+    with psycopg.connect(pg.url(), autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE restart_{mode}")  # type: ignore[arg-type]
+    url = pg.url(f"restart_{mode}")
+    subject, pipeline = stream_pipeline(
+        query="&batch_size=250", sink_address=url, sink_options=SMALL_COMMITS
+    )
+    payloads = _payloads(40_000)
+    published = publisher.publish(subject, payloads)
+    outcome: list[object] = []
+    run = threading.Thread(target=lambda: outcome.append(_attempt(pipeline)), daemon=True)
+    run.start()
+    deadline = time.monotonic() + 30
+    while _own_position(url, pipeline) == 0 and run.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.002)
+    pg.stop(mode)  # fast: sessions ended, transactions rolled back; immediate: a crash
+    pg.start()
+    at_restart = _own_position(url, pipeline)
+    run.join(60)
+
+    assert 0 < at_restart < published[-1], "the run ended before the restart; publish more"
+    first = outcome[0]
+    if isinstance(first, BaseException):
+        # Failing is fine if it says what happened; nothing committed may be lost.
+        assert isinstance(first, SinkError), repr(first)
+        assert "connection to PostgreSQL was lost" in str(first), str(first)
+    report = run_pipeline(pipeline, drain=True)
+    assert report.position == published[-1]
+    result = check_orders(report.table_uri, published, pipeline.app_id, payloads)
+    assert result.ok, str(result)

@@ -313,10 +313,10 @@ class PostgresSink(SinkWriter):
             )
             conn.commit()
         except PositionConflict:
-            conn.rollback()
+            self._rollback()
             raise
         except Exception as exc:
-            conn.rollback()
+            self._rollback()
             raise catalog.write_error(exc, f"cannot commit to {self.location.uri}") from None
         self._columns, self._dead_columns = columns, dead_columns
         self._position, self._stream_created, self._newest = last_seq, created, newest
@@ -379,9 +379,12 @@ class PostgresSink(SinkWriter):
             self._loads.wait()
         except Exception as exc:  # rolled back below in any case
             logger.debug("a load ahead into %s failed: %s", self.location.uri, error_text(exc))
+        self._rollback()
+
+    def _rollback(self) -> None:
         try:
             self._conn.rollback()
-        except Exception as exc:  # a broken connection: the next commit reports it
+        except Exception as exc:  # a lost connection: the error being raised says so
             logger.debug("rolling back %s: %s", self.location.uri, error_text(exc))
 
     def replace_window(
@@ -427,10 +430,10 @@ class PostgresSink(SinkWriter):
                 dead_columns, dead_count = self._write_dead_letters(dead, self._dead_columns)
             conn.commit()
         except PositionConflict:
-            conn.rollback()
+            self._rollback()
             raise
         except Exception as exc:
-            conn.rollback()
+            self._rollback()
             raise catalog.write_error(
                 exc, f"cannot replace the window of {self.location.uri}"
             ) from None

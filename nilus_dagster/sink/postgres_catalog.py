@@ -236,6 +236,18 @@ def ensure_positions_table(conn: Any, schema: str, where: str) -> None:
     )
 
 
+# How libpq and the server say the connection is gone (the server shut down or restarted:
+# SQLSTATE 57P01..57P03, or no SQLSTATE at all when the socket just closed).
+_LOST = (
+    "server closed the connection",
+    "no connection to the server",
+    "terminating connection",
+    "the database system is shutting down",
+    "the database system is starting up",
+    "could not receive data from server",
+    "could not send data to server",
+)
+
 # SQLSTATEs of a lost race with another writer creating the same table, column or index.
 _RACES = ("23505", "42P07", "42701", "40P01", "40001")
 
@@ -259,7 +271,7 @@ def write_error(exc: Exception, where: str) -> SinkError:
             "on the schema, INSERT (merge: SELECT, UPDATE, DELETE; replace: TRUNCATE) on the "
             "table, and ownership of the table to add columns"
         )
-    if state.startswith("08") or "server closed the connection" in text:
+    if state.startswith(("08", "57P")) or any(sign in text for sign in _LOST):
         return SinkError(f"{where}: the connection to PostgreSQL was lost ({text}); retry")
     return SinkError(f"{where}: {text}")
 
