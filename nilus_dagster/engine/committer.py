@@ -144,6 +144,7 @@ class Committer:
         while True:
             chunk = chunk.after(self.sink.position)
             if not len(chunk):
+                self.sink.discard_ahead()  # nothing is left to commit: no lock stays held
                 return self.sink.position
             decoded = self._assemble(chunk, parts)
             parts = []  # after a conflict the chunk is decoded again, against the new schema
