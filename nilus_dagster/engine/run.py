@@ -304,10 +304,14 @@ async def drain_to(
                     decoded_ahead = 0
                     await flush(ready)
                 # What is left is within both bounds, so all of it belongs to the next
-                # commit: decode it ahead in parts while the pull goes on.
-                if len(chunk) - decoded_ahead >= part_rows:
-                    part = chunk.split(decoded_ahead)[1]
-                    decoded_ahead = len(chunk)
+                # commit: decode it ahead in parts while the pull goes on. Parts are whole
+                # multiples of part_rows, so the commit finds fewer than part_rows messages
+                # not decoded (for PostgreSQL: not loaded) yet whatever the pull's batch size
+                # (1,696 of the default 100,000), not up to a part plus a batch.
+                ahead = (len(chunk) - decoded_ahead) // part_rows * part_rows
+                if ahead:
+                    part = chunk.split(decoded_ahead)[1].split(ahead)[0]
+                    decoded_ahead += ahead
                     loop.run_in_executor(worker, committer.prepare_part, part)
                 if (deadline and time.monotonic() > deadline) or (stopping and stopping()):
                     break
