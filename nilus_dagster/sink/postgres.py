@@ -5,7 +5,9 @@ stream's creation time). Every commit locks that row (``SELECT ... FOR UPDATE``)
 still holds the position this writer read, bulk-loads the rows from Arrow (ADBC's PostgreSQL
 driver: binary ``COPY``, never a statement per row), moves the position and commits. A second
 writer waits on the lock and then finds the position moved (:class:`PositionConflict`); a
-process killed at any point leaves either the whole commit or none of it.
+process killed at any point leaves either the whole commit or none of it. With ``append`` the
+transaction begins earlier: :meth:`PostgresSink.write_ahead` loads each part of a commit's rows
+into it while the engine still pulls, and the commit only adds the rest.
 """
 
 import logging
