@@ -123,17 +123,28 @@ async def open_pipeline(
     settings = runtime_settings(pipeline, env=env, servers=servers)
     sink = open_sink(settings)
     with sink:
-        state = await asyncio.to_thread(sink.open)
-        async with JetStreamSource(
-            settings.address,
-            pipeline.stream,
-            servers=settings.servers,
-            failover_timeout=settings.failover_timeout,
-        ) as src:
-            stream = await src.stream_state()
-            await src.check_subject(stream)
-            check_stream_identity(pipeline, stream, state.position, state.stream_created)
-            yield settings, sink, src, stream
+        # The table is read (and a database driver loaded and connected) while the source
+        # connects and checks the stream: a short run's start-up is the longer of the two.
+        opening = asyncio.ensure_future(asyncio.to_thread(sink.open))
+        try:
+            async with JetStreamSource(
+                settings.address,
+                pipeline.stream,
+                servers=settings.servers,
+                failover_timeout=settings.failover_timeout,
+            ) as src:
+                stream = await src.stream_state()
+                await src.check_subject(stream)
+                state = await opening
+                check_stream_identity(pipeline, stream, state.position, state.stream_created)
+                yield settings, sink, src, stream
+        except BaseException:
+            # The sink may not be closed under a thread still opening it; and when both sides
+            # failed, the sink's error is the one to report, as when it was opened first.
+            await asyncio.wait([opening])
+            if not opening.cancelled() and opening.exception() is not None:
+                raise opening.exception() from None  # type: ignore[misc]
+            raise
 
 
 async def log_gap(log: logging.Logger, run: "Ingestion", stream: StreamState, position: int) -> int:
