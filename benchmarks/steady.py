@@ -53,6 +53,7 @@ PG_ADMIN = {"host": "127.0.0.1", "port": 5432, "user": "postgres", "dbname": "po
 
 def _manifest(folder: Path, name: str, url: str, stream: str, mode: str, args: Any) -> Path:
     path = folder / f"{name}.yaml"
+    extra = f", max_pipelines: {args.max_pipelines}" if args.max_pipelines else ""
     path.write_text(
         textwrap.dedent(
             f"""\
@@ -68,7 +69,7 @@ def _manifest(folder: Path, name: str, url: str, stream: str, mode: str, args: A
               dagster:
                 partitions: none
                 run_mode: {mode}
-                service: {{run_seconds: {args.run_seconds}, report_every_seconds: 60}}
+                service: {{run_seconds: {args.run_seconds}, report_every_seconds: 60{extra}}}
             """
         )
         + (f"    sensor_interval_seconds: {args.sensor_interval}\n" if args.sensor_interval else "")
@@ -355,6 +356,12 @@ def main(argv: list[str] | None = None) -> int:
         "pipeline's lag",
     )
     parser.add_argument("--rate-per-pipeline", type=float, default=5.0)
+    parser.add_argument(
+        "--max-pipelines",
+        type=int,
+        default=None,
+        help="spec.dagster.service.max_pipelines (default: the manifests' default)",
+    )
     args = parser.parse_args(argv)
     if args.fleet:
         args.modes, args.pipelines = "service", args.fleet
