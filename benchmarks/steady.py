@@ -308,7 +308,9 @@ def _markdown(results: list[dict[str, Any]], args: Any) -> str:
     lines = [
         f"Steady state: {args.pipelines} pipeline(s), {args.rate:g} msg/s in total for "
         f"{args.seconds:g} s, `dagster dev` on PostgreSQL; sensor interval "
-        f"{args.sensor_interval} s (per-tick), service runs of {args.run_seconds:g} s.",
+        f"{f'{args.sensor_interval} s' if args.sensor_interval else 'as in the manifests'}, "
+        f"service runs of {args.run_seconds:g} s"
+        + (f", at most {args.max_pipelines} pipelines a run." if args.max_pipelines else "."),
         "",
         "| mode | messages | CPU s | CPU s / 1M msg | cores | p50 s | p99 s | runs / pipeline-h "
         "| event-log rows / pipeline-h | exactly once |",
