@@ -54,6 +54,7 @@ PG_ADMIN = {"host": "127.0.0.1", "port": 5432, "user": "postgres", "dbname": "po
 def _manifest(folder: Path, name: str, url: str, stream: str, mode: str, args: Any) -> Path:
     path = folder / f"{name}.yaml"
     extra = f", max_pipelines: {args.max_pipelines}" if args.max_pipelines else ""
+    extra += f", poll_seconds: {args.poll_seconds}" if args.poll_seconds else ""
     path.write_text(
         textwrap.dedent(
             f"""\
@@ -363,6 +364,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         help="spec.dagster.service.max_pipelines (default: the manifests' default)",
+    )
+    parser.add_argument(
+        "--poll-seconds",
+        type=float,
+        default=None,
+        help="spec.dagster.service.poll_seconds (default: the manifests' default, 1)",
     )
     args = parser.parse_args(argv)
     if args.fleet:
