@@ -17,6 +17,11 @@ publisher at ``--rate`` msg/s for ``--seconds``, and reports per mode:
 
 Every table is checked: each published sequence exactly once. Results go to
 ``benchmarks/results/steady-<time>.json`` and ``.md``.
+
+``--fleet N`` is the fleet measurement: N service-mode pipelines on one stream, one subject
+each, ``--rate-per-pipeline`` msg/s each (5), supervisors at their default interval; it adds the
+definitions load time, the sensor tick total, the run workers' summed RSS and every pipeline's
+lag (:mod:`benchmarks.fleet`).
 """
 
 import argparse
@@ -25,20 +30,18 @@ import contextlib
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import psutil
-
+from benchmarks import fleet
 from benchmarks import latency as lat
+from benchmarks.tree import TreeCpu, stop_dev
 from benchmarks.workload import create_stream, orders
 from nilus_dagster.jetstream.local_server import LocalNatsServer, free_port
 
@@ -48,86 +51,10 @@ DAGSTER_DEV = [sys.executable, "-m", "dagster", "dev", "-w"]
 PG_ADMIN = {"host": "127.0.0.1", "port": 5432, "user": "postgres", "dbname": "postgres"}
 
 
-class TreeCpu:
-    """CPU-seconds used by a process and all its descendants, sampled in a thread."""
-
-    def __init__(self, root: int, every: float = 0.2):
-        self.root = root
-        self.every = every
-        self.seen: dict[tuple[int, float], tuple[float, float]] = {}  # (pid, born): first, last
-        self.kinds: dict[tuple[int, float], str] = {}
-        self.peak_rss = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _tree(self) -> list[psutil.Process]:
-        try:
-            root = psutil.Process(self.root)
-            return [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
-
-    def sample(self, baseline: bool = False) -> None:
-        rss = 0
-        for proc in self._tree():
-            try:
-                key = (proc.pid, proc.create_time())
-                times = proc.cpu_times()
-                used = times.user + times.system
-                rss += proc.memory_info().rss
-            except psutil.Error:
-                continue
-            first, _ = self.seen.get(key, (used if baseline else 0.0, 0.0))
-            self.seen[key] = (first, used)
-            if key not in self.kinds:
-                self.kinds[key] = _kind(proc)
-        self.peak_rss = max(self.peak_rss, rss)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.every):
-            self.sample()
-
-    def start(self) -> None:
-        self.seen.clear()
-        self.sample(baseline=True)
-        self._thread.start()
-
-    def stop(self) -> float:
-        self._stop.set()
-        self._thread.join()
-        self.sample()
-        return sum(last - first for first, last in self.seen.values())
-
-    def by_kind(self) -> dict[str, float]:
-        """CPU-seconds per kind of process (webserver, daemon, code server, run worker...)."""
-        totals: dict[str, float] = {}
-        for key, (first, last) in self.seen.items():
-            kind = self.kinds.get(key, "other")
-            totals[kind] = round(totals.get(kind, 0.0) + last - first, 2)
-        return totals
-
-
-def _kind(proc: psutil.Process) -> str:
-    try:
-        cmd = " ".join(proc.cmdline())
-    except psutil.Error:
-        return "other"
-    for needle, kind in (
-        ("dagster_webserver", "webserver"),
-        ("_daemon run", "daemon"),
-        ("api grpc", "code server"),
-        ("code-server start", "code server proxy"),
-        ("dagster dev", "dagster dev"),
-        ("multiprocessing", "run worker"),
-        ("execute_run", "run worker"),
-    ):
-        if needle in cmd:
-            return kind
-    return cmd[:60]
-
-
 def _manifest(folder: Path, name: str, url: str, stream: str, mode: str, args: Any) -> Path:
     path = folder / f"{name}.yaml"
+    extra = f", max_pipelines: {args.max_pipelines}" if args.max_pipelines else ""
+    extra += f", poll_seconds: {args.poll_seconds}" if args.poll_seconds else ""
     path.write_text(
         textwrap.dedent(
             f"""\
@@ -143,10 +70,10 @@ def _manifest(folder: Path, name: str, url: str, stream: str, mode: str, args: A
               dagster:
                 partitions: none
                 run_mode: {mode}
-                sensor_interval_seconds: {args.sensor_interval}
-                service: {{run_seconds: {args.run_seconds}, report_every_seconds: 60}}
+                service: {{run_seconds: {args.run_seconds}, report_every_seconds: 60{extra}}}
             """
         )
+        + (f"    sensor_interval_seconds: {args.sensor_interval}\n" if args.sensor_interval else "")
     )
     return path
 
@@ -202,6 +129,15 @@ def _max_event_id(db: str) -> int:
         return int(cursor.fetchone()[0])
 
 
+def _runs_started(db: str) -> int:
+    """How many runs are running now."""
+    import psycopg2
+
+    with psycopg2.connect(**{**PG_ADMIN, "dbname": db}) as conn, conn.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM runs WHERE status = 'STARTED'")
+        return int(cursor.fetchone()[0])
+
+
 def _run_weights(db: str, since: datetime, until: datetime, run_seconds: float) -> float:
     """Runs in the window, each weighted by the share of its life inside the window."""
     import psycopg2
@@ -248,6 +184,10 @@ def run_mode(mode: str, args: Any, work: Path, server: LocalNatsServer) -> dict[
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        if args.fleet:
+            # Before `dagster dev` starts: the load has the machine to itself.
+            load = fleet.definitions_load(env)
+            print(f"definitions load: {json.dumps(load)}", flush=True)
         try:
             warm = asyncio.run(_publish_each(server.url, stream, names, 1))
             for name in names:
@@ -263,31 +203,30 @@ def run_mode(mode: str, args: Any, work: Path, server: LocalNatsServer) -> dict[
             for name in names:
                 if not lat.wait_for_commit(uris[name], sent[name][-1], timeout=300):
                     raise RuntimeError(f"{mode}: {name} did not catch up within 300 s")
+            uss = fleet.run_worker_uss(cpu.pids("run worker")) if args.fleet else 0
             cpu_seconds = cpu.stop()
             until = datetime.now(timezone.utc)
             event_rows = _max_event_id(db) - first_event
+            alive = _runs_started(db)
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                dev.send_signal(signal.SIGINT)
-            try:
-                dev.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(dev.pid, signal.SIGKILL)
-                dev.wait(10)
+            stop_dev(dev)
             log.close()
         hours = (until - since).total_seconds() / 3600
         pipeline_hours = hours * len(names)
         runs = _run_weights(db, since, until, args.run_seconds)
+        ticks = fleet.sensor_ticks(home, since, until) if args.fleet else None
     latencies: list[float] = []
+    each: dict[str, list[float]] = {}
     exact = True
     messages = 0
     for name in names:
-        latencies += lat.row_latencies(uris[name], f"nilus-dagster/{name}", skip_until=warm[name])
+        each[name] = lat.row_latencies(uris[name], f"nilus-dagster/{name}", skip_until=warm[name])
+        latencies += each[name]
         rows = _table_seqs(uris[name])
         expected = [warm[name], *sent[name]]
         exact &= sorted(rows) == expected
         messages += len(sent[name])
-    return {
+    result = {
         "mode": mode,
         "pipelines": len(names),
         "messages": messages,
@@ -303,6 +242,18 @@ def run_mode(mode: str, args: Any, work: Path, server: LocalNatsServer) -> dict[
         "event_rows_per_pipeline_hour": round(event_rows / pipeline_hours),
         "exactly_once": exact,
     }
+    if args.fleet:
+        peak, mean = cpu.rss_mb("run worker")
+        result["fleet"] = {
+            "definitions_load": load,
+            "sensor_ticks": ticks,
+            "runs": alive,
+            "run_worker_rss_peak_mb": peak,
+            "run_worker_rss_mean_mb": mean,
+            "run_worker_uss_mb": uss,
+            "lags": fleet.pipeline_lags(each),
+        }
+    return result
 
 
 async def _publish_each(url: str, stream: str, names: list[str], count: int) -> dict[str, int]:
@@ -358,7 +309,9 @@ def _markdown(results: list[dict[str, Any]], args: Any) -> str:
     lines = [
         f"Steady state: {args.pipelines} pipeline(s), {args.rate:g} msg/s in total for "
         f"{args.seconds:g} s, `dagster dev` on PostgreSQL; sensor interval "
-        f"{args.sensor_interval} s (per-tick), service runs of {args.run_seconds:g} s.",
+        f"{f'{args.sensor_interval} s' if args.sensor_interval else 'as in the manifests'}, "
+        f"service runs of {args.run_seconds:g} s"
+        + (f", at most {args.max_pipelines} pipelines a run." if args.max_pipelines else "."),
         "",
         "| mode | messages | CPU s | CPU s / 1M msg | cores | p50 s | p99 s | runs / pipeline-h "
         "| event-log rows / pipeline-h | exactly once |",
@@ -376,6 +329,9 @@ def _markdown(results: list[dict[str, Any]], args: Any) -> str:
         cpu = svc["cpu_per_million"] / tick["cpu_per_million"]
         rows = svc["event_rows_per_pipeline_hour"] / max(1, tick["event_rows_per_pipeline_hour"])
         lines += ["", f"service / per-tick: CPU per message {cpu:.3f}, event-log rows {rows:.3f}"]
+    for r in results:
+        if "fleet" in r:
+            lines += fleet.markdown(r)
     return "\n".join(lines) + "\n"
 
 
@@ -386,9 +342,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=300.0)
     parser.add_argument("--pipelines", type=int, default=1)
     parser.add_argument("--size", type=int, default=220)
-    parser.add_argument("--sensor-interval", type=int, default=1)
+    parser.add_argument(
+        "--sensor-interval",
+        type=int,
+        default=None,
+        help="spec.dagster.sensor_interval_seconds (default 1; with --fleet, the manifests')",
+    )
     parser.add_argument("--run-seconds", type=float, default=3600.0)
+    parser.add_argument(
+        "--fleet",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N service-mode pipelines on one stream, one subject each, --rate-per-pipeline "
+        "msg/s each; adds definitions load time, sensor ticks, run workers' memory and every "
+        "pipeline's lag",
+    )
+    parser.add_argument("--rate-per-pipeline", type=float, default=5.0)
+    parser.add_argument(
+        "--max-pipelines",
+        type=int,
+        default=None,
+        help="spec.dagster.service.max_pipelines (default: the manifests' default)",
+    )
+    parser.add_argument(
+        "--poll-seconds",
+        type=float,
+        default=None,
+        help="spec.dagster.service.poll_seconds (default: the manifests' default, 1)",
+    )
     args = parser.parse_args(argv)
+    if args.fleet:
+        args.modes, args.pipelines = "service", args.fleet
+        args.rate = args.fleet * args.rate_per_pipeline
+    elif args.sensor_interval is None:
+        args.sensor_interval = 1
     work = Path(tempfile.mkdtemp(prefix="nilus-steady-"))
     server = LocalNatsServer().start()
     results = []

@@ -14,7 +14,7 @@ from dagster._core.storage.asset_check_execution_record import AssetCheckExecuti
 from nilus_dagster.dagster import build_nilus_definitions
 from nilus_dagster.dagster.constants import HEARTBEAT_TAG, PID_TAG, SERVICE_TAG
 from nilus_dagster.dagster.service import service_groups
-from nilus_dagster.dagster.supervisor import RETRY_SECONDS, supervise
+from nilus_dagster.dagster.supervisor import QUEUED_TOO_LONG_SECONDS, RETRY_SECONDS, supervise
 from nilus_dagster.engine import runtime_settings
 from nilus_dagster.manifest import parse_pipeline
 from tests.checker import check_exactly_once
@@ -197,6 +197,35 @@ def test_supervisor_leaves_a_live_run_alone_and_replaces_a_silent_one(supervised
     (request,) = data.run_requests
     assert request.tags["nilus/replaces"] == run.run_id
     assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
+
+
+def test_supervisor_says_why_a_service_run_stays_queued(supervised):
+    _, instance, _ = supervised
+    from dagster._core.remote_origin import (
+        InProcessCodeLocationOrigin,
+        RemoteJobOrigin,
+        RemoteRepositoryOrigin,
+    )
+    from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+
+    # Queued by a QueuedRunCoordinator whose run slots are all taken.
+    location = InProcessCodeLocationOrigin(LoadableTargetOrigin(python_file=__file__))
+    origin = RemoteJobOrigin(RemoteRepositoryOrigin(location, "__repository__"), JOB)
+    run = instance.add_run(
+        dg.DagsterRun(
+            job_name=JOB,
+            status=dg.DagsterRunStatus.QUEUED,
+            tags={SERVICE_TAG: "nilus"},
+            remote_job_origin=origin,
+        )
+    )
+    queued = instance.get_run_record_by_id(run.run_id)
+    assert queued.dagster_run.status == dg.DagsterRunStatus.QUEUED
+    born = queued.create_timestamp.timestamp()
+    data = _tick(supervised, now=born + 5)
+    assert not data.run_requests and data.skip_reason.skip_message.endswith("is QUEUED")
+    data = _tick(supervised, now=born + QUEUED_TOO_LONG_SECONDS + 5)
+    assert not data.run_requests and "max_concurrent_runs" in data.skip_reason.skip_message
 
 
 def test_supervisor_backs_off_after_failures_and_says_why(supervised):

@@ -36,6 +36,8 @@ SUPERVISOR_INTERVAL_SECONDS = 10
 HEALTH_BUDGET_SECONDS = 20.0
 """Most time one tick spends probing lags (each probe is bounded by the NATS resource)."""
 RETRY_SECONDS = 30.0
+QUEUED_TOO_LONG_SECONDS = 60.0
+"""A service run queued longer than this gets an explanation on the supervisor's tick."""
 RETRY_MAX_SECONDS = 900.0
 _RECENT_RUNS = 20
 
@@ -100,7 +102,7 @@ def supervise(
         run = record.dagster_run
         if run.status != dg.DagsterRunStatus.STARTED:
             return dg.SensorResult(
-                skip_reason=f"service run {run.run_id} is {run.status.value}",
+                skip_reason=_not_started(run, now - record.create_timestamp.timestamp()),
                 cursor=context.cursor,
             )
         beat = (
@@ -134,6 +136,21 @@ def supervise(
     return dg.SensorResult(
         run_requests=[dg.RunRequest(job_name=job_name, tags=tags)], cursor=context.cursor
     )
+
+
+def _not_started(run: dg.DagsterRun, age: float) -> str:
+    """Why there is nothing to do about a run that is not running yet (or any more)."""
+    said = f"service run {run.run_id} is {run.status.value}"
+    if run.status == dg.DagsterRunStatus.QUEUED and age > QUEUED_TOO_LONG_SECONDS:
+        # A service run holds its run slot for its whole life: a fleet of groups can fill the
+        # instance's run queue (QueuedRunCoordinator's max_concurrent_runs, 10 by default), and
+        # the runs over the limit would wait silently.
+        said += (
+            f" for {age:.0f}s: the instance's run queue may be full (each service run holds a "
+            "slot of run_queue.max_concurrent_runs for its whole life; raise it, or carry more "
+            "pipelines per run with spec.dagster.service.max_pipelines)"
+        )
+    return said
 
 
 def _backoff(instance: dg.DagsterInstance, job_name: str, now: float) -> str | None:
