@@ -195,6 +195,7 @@ class NilusPipelinesComponent(dg.Component, dg.Resolvable):
     on_invalid: Literal["skip", "fail"] = "skip"
 
     def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:
+        """The definitions of the manifests that ``pipelines`` matches, next to defs.yaml."""
         targets = [
             pattern if Path(pattern).is_absolute() else str(context.path / pattern)
             for pattern in self.pipelines

@@ -43,8 +43,11 @@ _DEFAULT_IO_MANAGER = NilusTableIOManager(sink=_DEFAULT_SINK)
 
 
 def default_resources(resource_keys: NilusResourceKeys | None = None) -> dict[str, Any]:
-    """The NATS and sink resources and the table IO manager with default settings (manifests
-    as written), under ``resource_keys`` (``nats``, ``nilus_sink``, ``nilus_io_manager``)."""
+    """The NATS and sink resources and the table IO manager, with default settings.
+
+    Default settings use the manifests as written. The keys are ``resource_keys`` (by default
+    ``nats``, ``nilus_sink`` and ``nilus_io_manager``).
+    """
     keys = resource_keys or NilusResourceKeys()
     return {
         keys.nats: _DEFAULT_NATS,
@@ -236,8 +239,11 @@ def build_nilus_definitions(
 
 
 def _unique_streams(assets: Iterable[Any]) -> list[Any]:
-    """The assets with each stream's external spec once (pipelines reading one stream each
-    declare it; a translator may describe it differently per pipeline)."""
+    """The assets, with each stream's external spec kept once.
+
+    Every pipeline reading a stream declares it, and a translator may describe it differently
+    per pipeline.
+    """
     seen: set[dg.AssetKey] = set()
     unique = []
     for asset in assets:

@@ -41,6 +41,7 @@ def read_cursor(cursor: str | None) -> dict[str, Recorded]:
 
 
 def write_cursor(records: dict[str, Recorded]) -> str:
+    """The sensor cursor that holds ``records`` (read back by :func:`read_cursor`)."""
     return json.dumps({"health": {name: asdict(r) for name, r in sorted(records.items())}})
 
 

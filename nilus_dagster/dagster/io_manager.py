@@ -40,10 +40,16 @@ class NilusTableIOManager(dg.ConfigurableIOManager):
     )
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
+        """Store nothing: the pipeline's run has committed its rows already."""
         # The run committed the rows with its position already; there is nothing to store.
         return None
 
     def load_input(self, context: dg.InputContext) -> Any:
+        """The upstream pipeline's table (its window for a partitioned run), as annotated.
+
+        Raises:
+            Failure: The upstream asset is not a Nilus pipeline, or its table cannot be read.
+        """
         upstream = context.upstream_output
         manifest = upstream.definition_metadata.get(META_MANIFEST) if upstream else None
         if manifest is None:

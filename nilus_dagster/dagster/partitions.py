@@ -1,5 +1,6 @@
-"""Event-time partitions of a pipeline's table: daily (default) or hourly windows on
-``_nats_timestamp``, UTC, including the window that is filling now.
+"""Event-time partitions of a pipeline's table: daily (default) or hourly windows, UTC.
+
+The windows are on ``_nats_timestamp`` and include the one that is filling now.
 
 How runs map onto partitions:
 
@@ -29,10 +30,12 @@ from nilus_dagster.manifest.loader import Pipeline
 
 
 def partitions_start(pipeline: Pipeline) -> tuple[str, str | None]:
-    """The first partition's date (``YYYY-MM-DD``, or ``YYYY-MM-DD-HH:00`` for hourly) and
-    where it comes from: ``spec.dagster.partitions_start``, else the address's ``start_time``
-    (the stream holds nothing the pipeline reads before it), else ``None``, meaning the
-    fallback ``DEFAULT_PARTITIONS_START``, which ``nilus-dagster validate`` warns about.
+    """The first partition's date and where it comes from.
+
+    The date is ``YYYY-MM-DD``, or ``YYYY-MM-DD-HH:00`` for hourly partitions. It comes from
+    ``spec.dagster.partitions_start``, else the address's ``start_time`` (the stream holds
+    nothing the pipeline reads before it), else ``None``, meaning the fallback
+    ``DEFAULT_PARTITIONS_START``, which ``nilus-dagster validate`` warns about.
     """
     settings = pipeline.manifest.spec.dagster
     hourly = settings.partitions == "hourly"

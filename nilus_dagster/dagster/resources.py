@@ -1,7 +1,7 @@
 """Deployment settings for the engine: where NATS is, which credentials, where the tables live.
 
 Manifests say *what* a pipeline does; these resources say *where it runs*. Both are
-``ConfigurableResource``\\ s, so a deployment overrides them (``Definitions(resources=...)``,
+``ConfigurableResource`` subclasses, so a deployment overrides them (``Definitions(resources=...)``,
 the component's ``nats:``/``sink:`` blocks) and tests swap them. Secrets go in as
 ``dg.EnvVar("NAME")``: Dagster reads the variable when a run or a sensor tick starts, and shows
 only its name in the UI.
@@ -36,7 +36,7 @@ class NatsResource(dg.ConfigurableResource):
     """How every pipeline reaches NATS in this deployment.
 
     Everything is optional: by default each pipeline uses its manifest's address, with
-    ``{PLACEHOLDER}``\\ s filled from the process environment at run time.
+    every ``{PLACEHOLDER}`` filled from the process environment at run time.
 
     Examples:
         .. code-block:: python
@@ -188,8 +188,10 @@ class NilusResourceKeys:
 
 @dataclass(frozen=True)
 class DeployedPipeline(Pipeline):
-    """A pipeline with the deployment's storage options (Delta) or connection settings
-    (PostgreSQL) added to its table location."""
+    """A pipeline whose table location carries the deployment's settings.
+
+    Those are storage options for Delta tables and connection settings for PostgreSQL.
+    """
 
     storage_options: Mapping[str, str] = field(default_factory=dict)
     postgres_options: Mapping[str, str] = field(default_factory=dict)
@@ -197,6 +199,7 @@ class DeployedPipeline(Pipeline):
     def table_location(
         self, env: Mapping[str, str] | None = None, *, fill_secrets: bool = True
     ) -> TableLocation:
+        """The manifest's table location with the deployment's settings added."""
         location = super().table_location(env, fill_secrets=fill_secrets)
         extra = self.postgres_options if location.kind == "postgresql" else self.storage_options
         if not extra or (location.kind == "postgresql" and not fill_secrets):

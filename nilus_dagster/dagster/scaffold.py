@@ -1,5 +1,7 @@
-"""``dg scaffold defs nilus_dagster.dagster.NilusPipelinesComponent PATH``: a defs.yaml that
-loads the manifests next to it, and one sample manifest to start from."""
+"""What ``dg scaffold defs nilus_dagster.dagster.NilusPipelinesComponent PATH`` writes.
+
+That is a defs.yaml that loads the manifests next to it, and one sample manifest to start from.
+"""
 
 import dagster as dg
 from dagster.components.component_scaffolding import scaffold_component
@@ -34,6 +36,7 @@ class NilusPipelinesScaffolder(dg.Scaffolder):
     """Writes ``defs.yaml`` (``pipelines: [pipelines]``) and ``pipelines/orders.yaml``."""
 
     def scaffold(self, request: dg.ScaffoldRequest) -> None:
+        """Write defs.yaml and ``pipelines/`` with a sample manifest at the request's path."""
         from datetime import datetime, timezone
 
         scaffold_component(request, {"pipelines": ["pipelines"]})

@@ -67,18 +67,22 @@ class ServiceGroup:
 
     @property
     def job_name(self) -> str:
+        """The group's service job: ``nilus_service_<group>``."""
         return dagster_name(f"nilus_service_{self.name}")
 
     @property
     def sensor_name(self) -> str:
+        """The group's supervisor sensor."""
         return dagster_name(f"nilus_service_{self.name}_supervisor")
 
     @property
     def run_seconds(self) -> float:
+        """How long a service run lives: the shortest ``run_seconds`` of its pipelines."""
         return min(p.manifest.spec.dagster.service.run_seconds for p in self.pipelines)
 
     @property
     def heartbeat_seconds(self) -> float:
+        """How often a service run beats: the shortest ``heartbeat_seconds`` of its pipelines."""
         return min(p.manifest.spec.dagster.service.heartbeat_seconds for p in self.pipelines)
 
     @property

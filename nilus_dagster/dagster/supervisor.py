@@ -59,8 +59,10 @@ def build_service_sensor(
     nats_key: str = "nats",
     sink_key: str = "nilus_sink",
 ) -> dg.SensorDefinition:
-    """The supervisor of ``group``'s service runs (RUNNING by default); it probes the lag
-    through the NATS and sink resources under ``nats_key`` and ``sink_key``."""
+    """The supervisor sensor of ``group``'s service runs (RUNNING by default).
+
+    It probes the lag through the NATS and sink resources under ``nats_key`` and ``sink_key``.
+    """
     names = ", ".join(p.name for p in group.pipelines)
 
     @dg.sensor(

@@ -72,8 +72,10 @@ class DagsterNilusTranslator:
     display_env: Mapping[str, str] | None = field(default=None)
 
     def get_asset_spec(self, pipeline: Pipeline) -> dg.AssetSpec:
-        """The asset spec of ``pipeline``: key, group, description, tags, kinds, metadata and
-        partitions."""
+        """The asset spec of ``pipeline``.
+
+        It holds the key, group, description, tags, kinds, metadata and partitions.
+        """
         return dg.AssetSpec(
             key=self.get_asset_key(pipeline),
             description=self.get_description(pipeline),
@@ -87,13 +89,18 @@ class DagsterNilusTranslator:
         )
 
     def get_stream_asset_key(self, pipeline: Pipeline) -> dg.AssetKey:
-        """The key of the JetStream stream the pipeline reads (an upstream external asset,
-        shared by every pipeline that reads the stream)."""
+        """The key of the JetStream stream the pipeline reads.
+
+        The stream is an upstream external asset, shared by every pipeline that reads it.
+        """
         return dg.AssetKey(["nats", pipeline.stream])
 
     def get_stream_asset_spec(self, pipeline: Pipeline) -> dg.AssetSpec:
-        """The external asset standing for the stream: only what every pipeline reading it
-        shares (the name), so that specs built for several pipelines are equal and merge."""
+        """The external asset standing for the stream.
+
+        It holds only what every pipeline reading the stream shares (the name), so that specs
+        built for several pipelines are equal and merge.
+        """
         return dg.AssetSpec(
             key=self.get_stream_asset_key(pipeline),
             description=f"NATS JetStream stream `{pipeline.stream}` (read by Nilus pipelines).",
@@ -103,12 +110,15 @@ class DagsterNilusTranslator:
         )
 
     def get_asset_key(self, pipeline: Pipeline) -> dg.AssetKey:
+        """The pipeline's asset key: its name."""
         return dg.AssetKey([pipeline.name])
 
     def get_group_name(self, pipeline: Pipeline) -> str:
+        """``spec.dagster.group``, else the default group."""
         return pipeline.manifest.spec.dagster.group or DEFAULT_GROUP
 
     def get_description(self, pipeline: Pipeline) -> str:
+        """The manifest's description, and where the pipeline reads and writes."""
         manifest = pipeline.manifest
         flow = (
             f"NATS JetStream stream `{pipeline.stream}`, subject `{pipeline.subject}` -> "
@@ -118,6 +128,7 @@ class DagsterNilusTranslator:
         return f"{manifest.description.strip()}\n\n{flow}" if manifest.description else flow
 
     def get_tags(self, pipeline: Pipeline) -> dict[str, str]:
+        """The manifest's tags, as Dagster labels."""
         # Nilus tags are labels; Dagster shows a tag with an empty value as a label.
         return {_tag_key(tag): "" for tag in pipeline.manifest.tags if tag.strip()}
 
@@ -130,20 +141,26 @@ class DagsterNilusTranslator:
         return sink_kind(pipeline).dagster_kind
 
     def get_table_name(self, pipeline: Pipeline) -> str:
-        """The fully qualified table name: ``<depot>.<schema>.<table>`` for a depot address,
-        ``<schema>.<table>`` otherwise."""
+        """The fully qualified table name.
+
+        That is ``<depot>.<schema>.<table>`` for a depot address, ``<schema>.<table>`` otherwise.
+        """
         sink = pipeline.manifest.sink
         depot = sink.address.depot if sink.address.is_depot else None
         name = sink.options.qualified_name
         return f"{depot}.{name}" if depot else name
 
     def get_partitions_def(self, pipeline: Pipeline) -> dg.TimeWindowPartitionsDefinition | None:
+        """The pipeline's event-time partitions, or ``None`` when it is not partitioned."""
         return build_partitions_def(pipeline)
 
     def get_metadata(self, pipeline: Pipeline) -> dict[str, Any]:
-        """Static facts: redacted addresses, stream, subject, table, manifest file, and the
-        column schema when the table already exists (local tables only: no I/O to remote
-        storage while definitions load)."""
+        """Static facts about the pipeline, for the asset's metadata.
+
+        They are the redacted addresses, stream, subject, table, manifest file, and the column
+        schema when the table already exists (local tables only: no I/O to remote storage
+        while definitions load).
+        """
         manifest = pipeline.manifest
         path = pipeline.path.resolve()
         metadata: dict[str, Any] = {
@@ -190,12 +207,15 @@ class DagsterNilusTranslator:
         return f"nilus/{pipeline.name}"
 
     def get_op_name(self, pipeline: Pipeline) -> str:
+        """The name of the op that runs the pipeline."""
         return dagster_name(f"nilus_{pipeline.name}")
 
     def get_job_name(self, pipeline: Pipeline) -> str:
+        """The pipeline's own in-process job: ``<name>_job``."""
         return dagster_name(f"{pipeline.name}_job")
 
     def get_sensor_name(self, pipeline: Pipeline) -> str:
+        """The pipeline's per-tick sensor: ``<name>_sensor``."""
         return dagster_name(f"{pipeline.name}_sensor")
 
 
