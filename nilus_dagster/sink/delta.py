@@ -112,8 +112,6 @@ class DeltaSink(SinkWriter):
         self._version: int | None = None  # txn version as read; None when never committed
         self._dead_version: int | None = None
         self._stream_created: str | None = None
-        self._opened = False
-        self._stale = False
         self._commits = 0
         self._schema: tuple[int, pa.Schema] | None = None
 
@@ -145,13 +143,8 @@ class DeltaSink(SinkWriter):
         self._dead = self._load(self.dead_letter_location.uri)
         self._dead_version = self._dead.transaction_version(self.app_id) if self._dead else None
         self._stream_created = find_stream_created(self._table) if self._table else None
-        self._opened = True
-        self._stale = False
-        return SinkState(
-            exists=self._table is not None,
-            position=self.position,
-            stream_created=self._stream_created,
-            schema=self.schema(),
+        return self._opened_state(
+            exists=self._table is not None, stream_created=self._stream_created
         )
 
     @property
@@ -328,13 +321,7 @@ class DeltaSink(SinkWriter):
     # -- internals -----------------------------------------------------------------------------
 
     def _require_open(self) -> None:
-        if not self._opened:
-            raise SinkError("DeltaSink.open() must be called before writing")
-        if self._stale:
-            raise PositionConflict(
-                f"{redact(self.location.uri)}: a commit conflicted; open() the sink again to "
-                "read the current position"
-            )
+        super()._require_open()
         if self._table is not None and self._table.transaction_version(self.app_id) != (
             self._version
         ):

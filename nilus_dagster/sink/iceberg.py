@@ -124,8 +124,6 @@ class IcebergSink(SinkWriter):
         self._version: int | None = None
         self._dead_version: int | None = None
         self._stream_created: str | None = None
-        self._opened = False
-        self._stale = False
         self._commits = 0
         self._schema: tuple[int, pa.Schema] | None = None
 
@@ -179,13 +177,8 @@ class IcebergSink(SinkWriter):
         self._version, self._stream_created = read_position(self._table, self.app_id)
         self._dead = self._load(self.dead_identifier)
         self._dead_version = read_position(self._dead, self.app_id)[0]
-        self._opened = True
-        self._stale = False
-        return SinkState(
-            exists=self._table is not None,
-            position=self.position,
-            stream_created=self._stream_created,
-            schema=self.schema(),
+        return self._opened_state(
+            exists=self._table is not None, stream_created=self._stream_created
         )
 
     @property
@@ -351,15 +344,6 @@ class IcebergSink(SinkWriter):
         self._opened = False
 
     # -- internals -----------------------------------------------------------------------------
-
-    def _require_open(self) -> None:
-        if not self._opened:
-            raise SinkError("IcebergSink.open() must be called before writing")
-        if self._stale:
-            raise PositionConflict(
-                f"{'.'.join(self.identifier)}: a commit conflicted; open() the sink again to "
-                "read the current position"
-            )
 
     def _load(self, ident: tuple[str, str]) -> Table | None:
         assert self._catalog is not None

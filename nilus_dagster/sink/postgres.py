@@ -101,7 +101,6 @@ class PostgresSink(SinkWriter):
         self._position = 0
         self._stream_created: str | None = None
         self._newest: datetime | None = None
-        self._opened = False
         self._ahead: Ahead | None = None  # rows written ahead in the open transaction
         self._loads = Loads()
 
@@ -122,12 +121,8 @@ class PostgresSink(SinkWriter):
         except Exception:
             self.close()
             raise
-        self._opened = True
-        return SinkState(
-            exists=self._columns is not None,
-            position=self._position,
-            stream_created=self._stream_created,
-            schema=self.schema(),
+        return self._opened_state(
+            exists=self._columns is not None, stream_created=self._stream_created
         )
 
     def _check_and_read(self) -> None:

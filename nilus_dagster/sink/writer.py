@@ -153,6 +153,8 @@ class SinkWriter(ABC):
         self.create_table = create_table
         self._decoders: dict[str, BatchDecoder] = {}
         self._required = self.primary_key if strategy == "merge" else ()
+        self._opened = False
+        self._stale = False  # a commit conflicted: the position must be read again
 
     @classmethod
     def from_options(
@@ -187,6 +189,32 @@ class SinkWriter(ABC):
             SinkError: The table is missing and ``create_table`` is false, or the store
                 cannot be reached.
         """
+
+    def _opened_state(self, *, exists: bool, stream_created: str | None) -> SinkState:
+        """Mark the writer open and current, and describe what :meth:`open` read."""
+        self._opened = True
+        self._stale = False
+        return SinkState(
+            exists=exists,
+            position=self.position,
+            stream_created=stream_created,
+            schema=self.schema(),
+        )
+
+    def _require_open(self) -> None:
+        """Check the writer may write: opened, and no conflict since.
+
+        Raises:
+            SinkError: :meth:`open` was not called.
+            PositionConflict: A commit conflicted; the position must be read again.
+        """
+        if not self._opened:
+            raise SinkError(f"{type(self).__name__}.open() must be called before writing")
+        if self._stale:
+            raise PositionConflict(
+                f"{redact(self.table_uri)}: a commit conflicted; open() the sink again to read "
+                "the current position"
+            )
 
     @property
     @abstractmethod
