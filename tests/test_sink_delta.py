@@ -2,6 +2,7 @@
 
 import json
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from nilus_dagster.sink.delta import (
     DeltaSink,
     PositionConflict,
 )
+from nilus_dagster.sink.delta_maintenance import table_configuration
 
 DAY0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
 APP = "pipeline-orders"
@@ -426,6 +428,48 @@ def test_checkpoints_and_compaction_keep_the_position(tmp_path: Path) -> None:
     assert reopened.position == 12
     write(reopened, batch([{"id": 12}], start=13))
     assert reopened.row_count() == 13
+
+
+def test_compaction_counts_table_versions_so_runs_of_one_commit_compact_too(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "t"
+    for i in range(25):  # 25 per-tick runs of one commit each: 25 writers
+        write(sink_at(path, compact_every=10), batch([{"id": i}], start=i + 1))
+    table = DeltaTable(str(path))
+    assert len(table.file_uris()) < 10
+    assert table.transaction_version(APP) == 25
+    assert [r["id"] for r in table_rows(path)] == list(range(25))
+
+
+def test_a_local_table_keeps_15_minutes_of_log_and_cleans_older_entries(tmp_path: Path) -> None:
+    path = tmp_path / "t"
+    write(sink_at(path), batch([{"id": 0}], start=1))
+    retention = DeltaTable(str(path)).metadata().configuration
+    assert retention["delta.logRetentionDuration"] == "interval 900 seconds"
+
+    short = tmp_path / "short"
+    sink = sink_at(short, log_retention_hours=1 / 3600)
+    for i in range(100):  # Delta's own checkpoint at version 99
+        write(sink, batch([{"id": i}], start=i + 1))
+    time.sleep(1.5)  # that checkpoint and the entries before it are now past the retention
+    for i in range(100, 200):  # the next checkpoint cleans the entries before the first
+        write(sink, batch([{"id": i}], start=i + 1))
+    entries = [p for p in (short / "_delta_log").iterdir() if p.suffix == ".json"]
+    assert len(entries) < 120
+    reopened = sink_at(short)
+    assert reopened.position == 200
+    assert reopened.row_count() == 200
+
+
+def test_object_store_tables_keep_deltas_default_log_retention() -> None:
+    s3 = TableLocation("s3://bucket/analytics/orders")
+    assert table_configuration(s3, None) is None
+    assert table_configuration(s3, 48) == {"delta.logRetentionDuration": "interval 172800 seconds"}
+    local = TableLocation("file:///data/orders")
+    assert table_configuration(local, None) == {
+        "delta.logRetentionDuration": "interval 900 seconds"
+    }
 
 
 def test_maintenance_that_picks_up_another_writer_makes_the_next_commit_conflict(

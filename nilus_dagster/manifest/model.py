@@ -25,6 +25,7 @@ from nilus_dagster.manifest.address import (
 IncrementalStrategy = Literal["append", "replace", "merge"]
 DEFAULT_COMPACT_EVERY = 100
 DEFAULT_CHECKPOINT_EVERY = 10
+LOCAL_LOG_RETENTION_HOURS = 0.25
 DEFAULT_EXPIRE_EVERY = 10
 DEFAULT_KEEP_SNAPSHOTS = 20
 
@@ -113,12 +114,28 @@ class SinkOptions(_Strict):
     compact_every: int = Field(
         default=DEFAULT_COMPACT_EVERY,
         ge=0,
-        description="Compact small files every N commits (0: never).",
+        description=(
+            "Compact small files every N commits (0: never): table versions for Delta, commits "
+            "of a run for Iceberg."
+        ),
     )
     checkpoint_every: int = Field(
         default=DEFAULT_CHECKPOINT_EVERY,
         ge=0,
-        description="Write a Delta checkpoint every N commits (0: never).",
+        description=(
+            "Write a Delta checkpoint every N table versions (0: only Delta's own, every "
+            "delta.checkpointInterval = 100 versions)."
+        ),
+    )
+    log_retention_hours: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "Hours of Delta log history (time travel) a table the sink creates keeps: its "
+            "delta.logRetentionDuration. Default: "
+            f"{LOCAL_LOG_RETENTION_HOURS:g} on a local file system, where every commit lists "
+            "the whole log; Delta's own 30 days on object stores."
+        ),
     )
     expire_every: int = Field(
         default=DEFAULT_EXPIRE_EVERY,

@@ -29,7 +29,7 @@ from nilus_dagster.sink.delta_facts import (
     newest_timestamp,
     read_delta_schema,
 )
-from nilus_dagster.sink.delta_maintenance import maintain_table
+from nilus_dagster.sink.delta_maintenance import maintain_table, table_configuration
 from nilus_dagster.sink.delta_writes import (
     commit_properties,
     one_chunk_layout,
@@ -70,8 +70,11 @@ class DeltaSink(SinkWriter):
         primary_key: Merge key columns (required for ``merge``).
         create_table: Create the table with the first commit; ``False`` makes a missing table
             an error.
-        compact_every: Run ``optimize.compact()`` every this many commits (0 disables).
-        checkpoint_every: Write a checkpoint every this many commits (0 disables).
+        compact_every: Run ``optimize.compact()`` every this many table versions (0 disables).
+        checkpoint_every: Write a checkpoint every this many table versions (0: only Delta's
+            own, every ``delta.checkpointInterval``).
+        log_retention_hours: ``delta.logRetentionDuration`` of the tables it creates;
+            ``None``: 15 minutes on a local file system, Delta's default (30 days) elsewhere.
         partition_by: Partition columns, set when the table is created (checked against the
             first rows' columns then, and against an existing table's partitioning on open).
     """
@@ -80,6 +83,7 @@ class DeltaSink(SinkWriter):
     writer_options: ClassVar[tuple[str, ...]] = (
         "compact_every",
         "checkpoint_every",
+        "log_retention_hours",
         "partition_by",
     )
 
@@ -93,6 +97,7 @@ class DeltaSink(SinkWriter):
         create_table: bool = True,
         compact_every: int = DEFAULT_COMPACT_EVERY,
         checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+        log_retention_hours: float | None = None,
         partition_by: Sequence[str] | None = None,
     ):
         super().__init__(
@@ -105,6 +110,7 @@ class DeltaSink(SinkWriter):
         self.dead_letter_location = location.sibling(DEAD_LETTER_SUFFIX)
         self.compact_every = compact_every
         self.checkpoint_every = checkpoint_every
+        self.log_retention_hours = log_retention_hours
         self.partition_by = tuple(partition_by or ())
         self._options = {str(k): str(v) for k, v in location.storage_options.items()} or None
         self._table: DeltaTable | None = None
@@ -112,7 +118,6 @@ class DeltaSink(SinkWriter):
         self._version: int | None = None  # txn version as read; None when never committed
         self._dead_version: int | None = None
         self._stream_created: str | None = None
-        self._commits = 0
         self._schema: tuple[int, pa.Schema] | None = None
 
     @classmethod
@@ -223,6 +228,7 @@ class DeltaSink(SinkWriter):
         try:
             if self._table is None:
                 self._table = self._create(self.location.uri, rows, self._version)
+            before = self._table.version()
             if self.strategy == "merge":
                 self._merge(rows, properties, "t.`_nats_seq` < s.`_nats_seq`")
             elif self.strategy == "replace" and overwrite:
@@ -233,16 +239,14 @@ class DeltaSink(SinkWriter):
             raise self._error(exc, "commit to") from None
         self._version = last_seq
         self._stream_created = metadata.get(STREAM_CREATED_KEY, self._stream_created)
-        self._commits += 1
-        if self._table is not None:
-            maintain_table(
-                self._table,
-                self.location.uri,
-                commits=self._commits,
-                compact_every=self.compact_every,
-                checkpoint_every=self.checkpoint_every,
-                metadata=metadata,
-            )
+        maintain_table(
+            self._table,
+            self.location.uri,
+            versions=(before, self._table.version()),
+            compact_every=self.compact_every,
+            checkpoint_every=self.checkpoint_every,
+            metadata=metadata,
+        )
         return CommitResult(rows.num_rows, dead_count, self.table_version, self.position)
 
     def replace_window(
@@ -374,6 +378,7 @@ class DeltaSink(SinkWriter):
             rows.slice(0, 0),
             mode="ignore",
             partition_by=list(self.partition_by) if main and self.partition_by else None,
+            configuration=table_configuration(self.location, self.log_retention_hours),
             storage_options=self._options,
         )
         table = DeltaTable(uri, storage_options=self._options)

@@ -1,6 +1,15 @@
-"""Keeping a Delta table of a long-running pipeline cheap to read: compaction and checkpoints.
+"""Keeping a Delta table of a long-running pipeline cheap to write and read.
 
-Both are optimisations: a failure is logged and skipped, never fails the commit that ran it.
+Measured on deltalake 1.6.6 with small commits (a few rows each, as a service run makes them):
+a commit costs about 6 ms of CPU on a fresh table, plus about 0.17 ms for every small file in
+the snapshot (compaction resets that) and, on a local file system, about 12 us for every entry
+in ``_delta_log`` (each commit lists the whole folder; object stores list from the current
+version). Without log cleanup a pipeline committing every second would pay about 1 s a commit
+after a day. Hence compaction counted in table versions (so runs of a commit or two compact
+too), and a short log retention for local tables, cleaned at Delta's own checkpoints.
+
+Compaction and checkpoints are optimisations: a failure is logged and skipped, never fails the
+commit that ran it.
 """
 
 import logging
@@ -9,32 +18,59 @@ from collections.abc import Mapping
 from deltalake import CommitProperties, DeltaTable
 from deltalake.exceptions import CommitFailedError, DeltaError
 
+from nilus_dagster.manifest.depots import TableLocation
+from nilus_dagster.manifest.model import LOCAL_LOG_RETENTION_HOURS
 from nilus_dagster.redaction import redact
 from nilus_dagster.sink.writer import error_text
 
 logger = logging.getLogger("nilus_dagster.sink")
+
+LOG_RETENTION_PROPERTY = "delta.logRetentionDuration"
+
+
+def table_configuration(
+    location: TableLocation, log_retention_hours: float | None
+) -> dict[str, str] | None:
+    """The table properties a table the sink creates starts with (``None``: Delta's defaults).
+
+    Args:
+        location: Where the table is created (local tables get a short log retention).
+        log_retention_hours: The manifest's ``log_retention_hours``; ``None`` for the default.
+    """
+    hours = log_retention_hours
+    if hours is None and location.is_local:
+        hours = LOCAL_LOG_RETENTION_HOURS
+    if hours is None:
+        return None
+    return {LOG_RETENTION_PROPERTY: f"interval {max(1, round(hours * 3600))} seconds"}
+
+
+def crossed(before: int, after: int, every: int) -> bool:
+    """Whether table versions ``before`` -> ``after`` passed a multiple of ``every`` (0: never)."""
+    return every > 0 and after // every > before // every
 
 
 def maintain_table(
     table: DeltaTable,
     uri: str,
     *,
-    commits: int,
+    versions: tuple[int, int],
     compact_every: int,
     checkpoint_every: int,
     metadata: Mapping[str, str],
 ) -> None:
-    """Compact and checkpoint ``table`` when ``commits`` reaches a multiple of their interval.
+    """Compact and checkpoint ``table`` when a commit moved its version past their interval.
 
     Args:
         table: The snapshot just committed through.
         uri: The table's URI (redacted before it is logged).
-        commits: Commits made by this writer so far.
-        compact_every: Compact every this many commits (0 disables).
-        checkpoint_every: Checkpoint every this many commits (0 disables).
+        versions: The table's version before and after the commit.
+        compact_every: Compact every this many table versions (0 disables).
+        checkpoint_every: Checkpoint every this many table versions (0: Delta's own only).
         metadata: ``commitInfo`` entries the compaction commit carries.
     """
-    if compact_every and commits % compact_every == 0:
+    before, after = versions
+    if crossed(before, after, compact_every):
         try:
             table.optimize.compact(
                 commit_properties=CommitProperties(custom_metadata=dict(metadata) or None)
@@ -42,7 +78,7 @@ def maintain_table(
         except (CommitFailedError, DeltaError) as exc:
             # Compaction is an optimisation; a concurrent merge or overwrite wins.
             logger.warning("%s: compaction skipped: %s", redact(uri), error_text(exc))
-    if checkpoint_every and commits % checkpoint_every == 0:
+    if crossed(before, after, checkpoint_every):
         try:
             table.create_checkpoint()
         except DeltaError as exc:
