@@ -1,5 +1,7 @@
 """The PostgreSQL sink's connection: ADBC's low-level API, without its DB-API module."""
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import datetime, timezone
 
@@ -9,6 +11,39 @@ import pytest
 
 from nilus_dagster.sink import postgres_connection
 from nilus_dagster.sink.postgres_connection import PostgresConnection
+
+# Runs the CLI in a fresh interpreter (the test session's own imports do not count) and prints
+# which of the modules ADBC's DB-API module brings along a PostgreSQL run imported: the DB-API
+# modules themselves, pyarrow.dataset (which imports pandas) and polars, about 0.4 s of CPU.
+# pandas is not among them: pyarrow imports it anyway on its first conversion of Python values
+# (pa.scalar, pa.array), which every run's decoding makes.
+_RUN_AND_LIST_IMPORTS = """
+import sys
+from nilus_dagster.cli import main
+code = main(["run", sys.argv[1], "--drain"])
+heavy = (
+    "adbc_driver_manager.dbapi", "adbc_driver_postgresql.dbapi", "pyarrow.dataset", "polars"
+)
+print("IMPORTED", [name for name in heavy if name in sys.modules])
+sys.exit(code)
+"""
+
+
+def test_a_postgresql_run_imports_neither_the_dbapi_module_nor_pyarrow_dataset_or_polars(
+    postgres_database, publisher, stream_pipeline
+) -> None:
+    subject, pipeline = stream_pipeline(sink_address=postgres_database.url)
+    publisher.publish_orders(subject, 30)
+    done = subprocess.run(
+        [sys.executable, "-c", _RUN_AND_LIST_IMPORTS, str(pipeline.path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "IMPORTED []" in done.stdout, done.stdout
+    assert postgres_database.query("SELECT count(*) FROM analytics.orders") == [(30,)]
+
 
 T0 = datetime(2025, 3, 1, 12, 30, tzinfo=timezone.utc)
 # Without parameters the driver reads a result through COPY, so an error in a later row arrives
