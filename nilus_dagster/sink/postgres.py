@@ -13,7 +13,7 @@ into it while the engine still pulls, and the commit only adds the rest.
 import logging
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import pyarrow as pa
 
@@ -26,6 +26,7 @@ from nilus_dagster.sink import postgres_load as load
 from nilus_dagster.sink.decode import BatchDecoder, Decoded, PayloadFormat
 from nilus_dagster.sink.postgres_ahead import Ahead, Loads
 from nilus_dagster.sink.postgres_catalog import POSITIONS_TABLE
+from nilus_dagster.sink.postgres_connection import PostgresConnection
 from nilus_dagster.sink.postgres_position import (
     lock_position,
     move_position,
@@ -95,7 +96,7 @@ class PostgresSink(SinkWriter):
             f"the dead-letter table of dest_table {location.table!r}",
             f"shorten the table name to {63 - len(DEAD_LETTER_SUFFIX)} bytes or fewer",
         )
-        self._conn: Any = None
+        self._conn: PostgresConnection | None = None
         self._columns: dict[str, str] | None = None  # name -> type; None: no table yet
         self._dead_columns: dict[str, str] | None = None
         self._position = 0
@@ -149,8 +150,7 @@ class PostgresSink(SinkWriter):
             catalog.check_table_privileges(
                 conn, schema, self.dead_table, ("INSERT",), "dead letters go there", where
             )
-        found = catalog.query(
-            conn,
+        found = conn.query(
             f"SELECT last_seq, stream_created, newest_timestamp FROM "
             f"{qualified(schema, POSITIONS_TABLE)} WHERE pipeline = $1 AND table_name = $2",
             [self.app_id, table],
@@ -225,9 +225,8 @@ class PostgresSink(SinkWriter):
             return 0
         conn = self._require_conn()
         self.discard_ahead()  # its commit ends the transaction: never with rows written ahead
-        count = catalog.query(
-            conn, f"SELECT count(*) FROM {qualified(self.schema_name, self.table_name)}"
-        )[0][0]
+        table = qualified(self.schema_name, self.table_name)
+        count = conn.query(f"SELECT count(*) FROM {table}")[0][0]
         conn.commit()
         return int(count)
 
@@ -294,9 +293,7 @@ class PostgresSink(SinkWriter):
                 self._merge(rows, columns, "<")
             else:
                 if self.strategy == "replace" and overwrite:
-                    catalog.execute(
-                        conn, f"TRUNCATE {qualified(self.schema_name, self.table_name)}"
-                    )
+                    conn.execute(f"TRUNCATE {qualified(self.schema_name, self.table_name)}")
                 self._load(self.table_name, rows, columns)
             dead_columns, dead_count = self._write_dead_letters(dead, ahead.dead_columns)
             move_position(
@@ -417,13 +414,13 @@ class PostgresSink(SinkWriter):
                 self._merge(rows, columns, "<=")
             else:
                 target = qualified(self.schema_name, self.table_name)
-                catalog.execute(conn, f"DELETE FROM {target} WHERE {window}", [start, end])
+                conn.execute(f"DELETE FROM {target} WHERE {window}", [start, end])
                 self._load(self.table_name, rows, columns)
             dead_columns, dead_count = self._dead_columns, 0
             if dead is not None and dead.num_rows:
                 if self._dead_columns is not None:
                     target = qualified(self.schema_name, self.dead_table)
-                    catalog.execute(conn, f"DELETE FROM {target} WHERE {window}", [start, end])
+                    conn.execute(f"DELETE FROM {target} WHERE {window}", [start, end])
                 dead_columns, dead_count = self._write_dead_letters(dead, self._dead_columns)
             conn.commit()
         except PositionConflict:
@@ -451,7 +448,7 @@ class PostgresSink(SinkWriter):
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _require_conn(self) -> Any:
+    def _require_conn(self) -> PostgresConnection:
         if not self._opened or self._conn is None:
             raise SinkError("PostgresSink.open() must be called before writing")
         return self._conn

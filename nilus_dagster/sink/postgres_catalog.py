@@ -10,8 +10,11 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+import adbc_driver_manager
+
 from nilus_dagster.errors import SinkError
 from nilus_dagster.manifest.postgres_url import connection_uri
+from nilus_dagster.sink.postgres_connection import PostgresConnection
 from nilus_dagster.sink.postgres_types import qualified, quote
 from nilus_dagster.sink.writer import PositionConflict, error_text
 
@@ -32,19 +35,16 @@ REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
 }
 
 
-def connect(options: Mapping[str, str], where: str) -> Any:
-    """An ADBC connection (autocommit off) to the database ``options`` name.
+def connect(options: Mapping[str, str], where: str) -> PostgresConnection:
+    """A connection (autocommit off) to the database ``options`` name.
 
     Raises:
         SinkError: The server cannot be reached, refuses the user, or lacks the database.
     """
-    import adbc_driver_manager
-    import adbc_driver_postgresql.dbapi as adbc
-
     params = dict(options)
     params.setdefault("connect_timeout", CONNECT_TIMEOUT_SECONDS)
     try:
-        return adbc.connect(connection_uri(params))
+        return PostgresConnection(connection_uri(params))
     except adbc_driver_manager.Error as exc:
         raise connect_error(exc, options, where) from None
 
@@ -85,43 +85,29 @@ def connect_error(exc: Exception, options: Mapping[str, str], where: str) -> Sin
     return SinkError(f"{where}: {cause} ({text})")
 
 
-def query(conn: Any, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-    """The rows ``sql`` returns (``$1``-style parameters)."""
-    with conn.cursor() as cur:
-        cur.execute(sql, tuple(params) if params else None)
-        return list(cur.fetchall())
-
-
-def execute(conn: Any, sql: str, params: Sequence[Any] = ()) -> None:
-    """Run a statement that returns nothing (``$1``-style parameters)."""
-    with conn.cursor() as cur:
-        cur.execute(sql, tuple(params) if params else None)
-
-
-def check_writable(conn: Any, where: str) -> None:
+def check_writable(conn: PostgresConnection, where: str) -> None:
     """Raises: SinkError: The server or database only allows reading."""
-    if query(conn, "SELECT current_setting('transaction_read_only')")[0][0] == "on":
+    if conn.query("SELECT current_setting('transaction_read_only')")[0][0] == "on":
         raise SinkError(
             f"{where}: the PostgreSQL server is read-only (a standby, or "
             "default_transaction_read_only is on): point the sink at the primary server"
         )
 
 
-def ensure_schema(conn: Any, schema: str, *, where: str) -> None:
+def ensure_schema(conn: PostgresConnection, schema: str, *, where: str) -> None:
     """Create ``schema`` when it is missing and the user may; check USAGE on it.
 
     Raises:
         SinkError: It is missing and may not be created, or the user lacks USAGE.
     """
-    rows = query(
-        conn,
+    rows = conn.query(
         "SELECT has_schema_privilege(oid, 'USAGE'), current_user, current_database() "
         "FROM pg_namespace WHERE nspname = $1",
         [schema],
     )
     if not rows:
-        user, db = query(conn, "SELECT current_user, current_database()")[0]
-        may_create = query(conn, "SELECT has_database_privilege(current_database(), 'CREATE')")
+        user, db = conn.query("SELECT current_user, current_database()")[0]
+        may_create = conn.query("SELECT has_database_privilege(current_database(), 'CREATE')")
         if not may_create[0][0]:
             raise SinkError(
                 f"{where}: schema {schema!r} does not exist in database {db!r} and user "
@@ -129,7 +115,7 @@ def ensure_schema(conn: Any, schema: str, *, where: str) -> None:
                 f"(CREATE SCHEMA {quote(schema)}) or GRANT CREATE ON DATABASE {quote(db)} "
                 f"TO {quote(user)}"
             )
-        execute(conn, f"CREATE SCHEMA IF NOT EXISTS {quote(schema)}")
+        conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote(schema)}")
         conn.commit()
         return
     usage, user, _ = rows[0]
@@ -140,9 +126,9 @@ def ensure_schema(conn: Any, schema: str, *, where: str) -> None:
         )
 
 
-def check_create(conn: Any, schema: str, what: str, where: str) -> None:
+def check_create(conn: PostgresConnection, schema: str, what: str, where: str) -> None:
     """Raises: SinkError: The user may not create ``what`` in ``schema`` (CREATE missing)."""
-    may, user = query(conn, "SELECT has_schema_privilege($1, 'CREATE'), current_user", [schema])[0]
+    may, user = conn.query("SELECT has_schema_privilege($1, 'CREATE'), current_user", [schema])[0]
     if not may:
         raise SinkError(
             f"{where}: user {user!r} lacks CREATE on schema {schema!r}, needed to create "
@@ -152,13 +138,18 @@ def check_create(conn: Any, schema: str, what: str, where: str) -> None:
 
 
 def check_table_privileges(
-    conn: Any, schema: str, table: str, privileges: Sequence[str], why: str, where: str
+    conn: PostgresConnection,
+    schema: str,
+    table: str,
+    privileges: Sequence[str],
+    why: str,
+    where: str,
 ) -> None:
     """Raises: SinkError: naming the first privilege on the table the user lacks, and why."""
     name = qualified(schema, table)
     for privilege in privileges:
-        has, user = query(
-            conn, "SELECT has_table_privilege($1, $2), current_user", [name, privilege]
+        has, user = conn.query(
+            "SELECT has_table_privilege($1, $2), current_user", [name, privilege]
         )[0]
         if not has:
             raise SinkError(
@@ -167,10 +158,9 @@ def check_table_privileges(
             )
 
 
-def table_columns(conn: Any, schema: str, table: str) -> dict[str, str] | None:
+def table_columns(conn: PostgresConnection, schema: str, table: str) -> dict[str, str] | None:
     """The table's columns and their types in order, ``None`` when there is no such table."""
-    rows = query(
-        conn,
+    rows = conn.query(
         "SELECT a.attname, format_type(a.atttypid, NULL) FROM pg_attribute a "
         "JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
         "WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p') "
@@ -178,8 +168,7 @@ def table_columns(conn: Any, schema: str, table: str) -> dict[str, str] | None:
         [schema, table],
     )
     if not rows:
-        exists = query(
-            conn,
+        exists = conn.query(
             "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
             "WHERE n.nspname = $1 AND c.relname = $2",
             [schema, table],
@@ -207,13 +196,12 @@ def check_compatible(columns: Mapping[str, str], schema: str, table: str, where:
         )
 
 
-def ensure_positions_table(conn: Any, schema: str, where: str) -> None:
+def ensure_positions_table(conn: PostgresConnection, schema: str, where: str) -> None:
     """Create ``<schema>.nilus_positions`` when missing; check the user may read and move it."""
     if table_columns(conn, schema, POSITIONS_TABLE) is None:
         check_create(conn, schema, f"the position table {schema}.{POSITIONS_TABLE}", where)
         try:
-            execute(
-                conn,
+            conn.execute(
                 f"CREATE TABLE IF NOT EXISTS {qualified(schema, POSITIONS_TABLE)} ("
                 "pipeline text NOT NULL, table_name text NOT NULL, last_seq bigint NOT NULL, "
                 "stream_created text, newest_timestamp timestamptz, "
@@ -293,14 +281,12 @@ def read_table(
     """
     conn = connect(options, where)
     sql = f"SELECT * FROM {qualified(schema, table)}"
-    params: tuple[Any, ...] | None = None
+    params: tuple[Any, ...] = ()
     if window is not None:
         sql += " WHERE _nats_timestamp >= $1 AND _nats_timestamp < $2"
         params = window
     try:
-        with conn.cursor() as cur:
-            cur.execute(sql, params)
-            return cur.fetch_arrow_table()
+        return conn.read_arrow(sql, params)
     except Exception as exc:
         raise SinkError(f"cannot read {where}: {error_text(exc)}") from None
     finally:

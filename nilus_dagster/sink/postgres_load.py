@@ -6,11 +6,10 @@ goes into one transaction with the position row.
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import pyarrow as pa
 
-from nilus_dagster.sink import postgres_catalog as catalog
+from nilus_dagster.sink.postgres_connection import PostgresConnection
 from nilus_dagster.sink.postgres_types import column_for, postgres_type, qualified, quote
 from nilus_dagster.sink.rows import latest_per_key
 
@@ -18,7 +17,7 @@ _STAGE = "nilus_stage"
 
 
 def ensure_table(
-    conn: Any,
+    conn: PostgresConnection,
     schema: str,
     table: str,
     rows: pa.Table,
@@ -45,31 +44,31 @@ def ensure_table(
     }
     if columns is None:
         body = ", ".join(f"{quote(n)} {k}" for n, k in wanted.items())
-        catalog.execute(conn, f"CREATE TABLE {name} ({body})")
+        conn.execute(f"CREATE TABLE {name} ({body})")
         columns = {}
     elif wanted:
         adds = ", ".join(f"ADD COLUMN IF NOT EXISTS {quote(n)} {k}" for n, k in wanted.items())
-        catalog.execute(conn, f"ALTER TABLE {name} {adds}")
+        conn.execute(f"ALTER TABLE {name} {adds}")
     columns = {**columns, **wanted}
     if unique_key and all(k in columns for k in unique_key):
         # Before that, no key column yet: the first keyed rows create it.
         index = quote(short_name(f"{table}__nilus_key"))
         keys = ", ".join(quote(k) for k in unique_key)
-        catalog.execute(conn, f"CREATE UNIQUE INDEX IF NOT EXISTS {index} ON {name} ({keys})")
+        conn.execute(f"CREATE UNIQUE INDEX IF NOT EXISTS {index} ON {name} ({keys})")
     return columns
 
 
-def load(conn: Any, schema: str, table: str, rows: pa.Table, columns: Mapping[str, str]) -> None:
+def load(
+    conn: PostgresConnection, schema: str, table: str, rows: pa.Table, columns: Mapping[str, str]
+) -> None:
     """Bulk-load ``rows`` (binary ``COPY`` through ADBC) into a table that has their columns."""
     if rows.num_rows == 0:
         return
-    data = for_postgres(rows, columns)
-    with conn.cursor() as cur:
-        cur.adbc_ingest(table, data, mode="append", db_schema_name=schema)
+    conn.bulk_load(table, for_postgres(rows, columns), schema=schema)
 
 
 def merge(
-    conn: Any,
+    conn: PostgresConnection,
     schema: str,
     table: str,
     rows: pa.Table,
@@ -85,18 +84,14 @@ def merge(
         return
     data = for_postgres(latest_per_key(rows, primary_key), columns)
     target = qualified(schema, table)
-    catalog.execute(
-        conn, f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} (LIKE {target}) ON COMMIT DROP"
-    )
-    with conn.cursor() as cur:
-        cur.adbc_ingest(_STAGE, data, mode="append", temporary=True)
+    conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} (LIKE {target}) ON COMMIT DROP")
+    conn.bulk_load(_STAGE, data, temporary=True)
     names = ", ".join(quote(n) for n in data.column_names)
     keys = ", ".join(quote(k) for k in primary_key)
     updates = ", ".join(
         f"{quote(n)} = EXCLUDED.{quote(n)}" for n in data.column_names if n not in primary_key
     )
-    catalog.execute(
-        conn,
+    conn.execute(
         f"INSERT INTO {target} AS t ({names}) SELECT {names} FROM {_STAGE} "
         f"ON CONFLICT ({keys}) DO UPDATE SET {updates} "
         f"WHERE t._nats_seq {newer} EXCLUDED._nats_seq",

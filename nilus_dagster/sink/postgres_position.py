@@ -5,20 +5,19 @@ writer read, and moves it in the same transaction as the rows.
 """
 
 from datetime import datetime
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from nilus_dagster.sink import postgres_catalog as catalog
 from nilus_dagster.sink.postgres_catalog import POSITIONS_TABLE
+from nilus_dagster.sink.postgres_connection import PostgresConnection
 from nilus_dagster.sink.postgres_types import qualified
 from nilus_dagster.sink.writer import PositionConflict
 from nilus_dagster.times import as_utc
 
 
 def lock_position(
-    conn: Any, schema: str, app_id: str, table: str, *, expected: int, where: str
+    conn: PostgresConnection, schema: str, app_id: str, table: str, *, expected: int, where: str
 ) -> None:
     """Lock the position row of ``app_id`` and ``table`` for the transaction (made at 0).
 
@@ -27,14 +26,12 @@ def lock_position(
     """
     positions = qualified(schema, POSITIONS_TABLE)
     key = [app_id, table]
-    catalog.execute(
-        conn,
+    conn.execute(
         f"INSERT INTO {positions} (pipeline, table_name, last_seq) VALUES ($1, $2, 0) "
         "ON CONFLICT (pipeline, table_name) DO NOTHING",
         key,
     )
-    found = catalog.query(
-        conn,
+    found = conn.query(
         f"SELECT last_seq FROM {positions} WHERE pipeline = $1 AND table_name = $2 FOR UPDATE",
         key,
     )
@@ -47,7 +44,7 @@ def lock_position(
 
 
 def move_position(
-    conn: Any,
+    conn: PostgresConnection,
     schema: str,
     app_id: str,
     table: str,
@@ -66,8 +63,7 @@ def move_position(
         else:
             params.append(value)
             sets.append(f"{column} = ${len(params)}")
-    catalog.execute(
-        conn,
+    conn.execute(
         f"UPDATE {qualified(schema, POSITIONS_TABLE)} SET {', '.join(sets)} "
         "WHERE pipeline = $1 AND table_name = $2",
         params,
