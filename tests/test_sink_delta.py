@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from deltalake import DeltaTable
+from deltalake import DeltaTable, write_deltalake
 
 from nilus_dagster.errors import SinkError
 from nilus_dagster.manifest.depots import TableLocation
@@ -460,6 +460,34 @@ def test_a_local_table_keeps_15_minutes_of_log_and_cleans_older_entries(tmp_path
     reopened = sink_at(short)
     assert reopened.position == 200
     assert reopened.row_count() == 200
+
+
+def test_a_table_from_before_gets_the_log_retention_at_the_first_commit(tmp_path: Path) -> None:
+    path = tmp_path / "t"
+    write(sink_at(path), batch([{"id": 0}], start=1))
+    DeltaTable(str(path)).alter.set_table_properties(
+        {"delta.logRetentionDuration": "interval 30 days"}
+    )
+    old = tmp_path / "old"  # as tables were created before the sink set a retention
+    write_deltalake(str(old), pa.table({"id": pa.array([], pa.int64())}), mode="ignore")
+    assert "delta.logRetentionDuration" not in DeltaTable(str(old)).metadata().configuration
+
+    sink = sink_at(old)
+    for i in range(3):
+        write(sink, batch([{"id": i}], start=i + 1))
+    table = DeltaTable(str(old))
+    assert table.metadata().configuration["delta.logRetentionDuration"] == "interval 900 seconds"
+    assert table.transaction_version(APP) == 3
+    assert sink_at(old).position == 3
+
+    # A retention set on the table is kept, unless the manifest asks for another.
+    write(sink_at(path), batch([{"id": 1}], start=2))
+    kept = DeltaTable(str(path)).metadata().configuration["delta.logRetentionDuration"]
+    assert kept == "interval 30 days"
+    write(sink_at(path, log_retention_hours=2), batch([{"id": 2}], start=3))
+    changed = DeltaTable(str(path)).metadata().configuration["delta.logRetentionDuration"]
+    assert changed == "interval 7200 seconds"
+    assert [r["id"] for r in table_rows(path)] == [0, 1, 2]
 
 
 def test_object_store_tables_keep_deltas_default_log_retention() -> None:

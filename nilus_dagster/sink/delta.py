@@ -29,7 +29,11 @@ from nilus_dagster.sink.delta_facts import (
     newest_timestamp,
     read_delta_schema,
 )
-from nilus_dagster.sink.delta_maintenance import maintain_table, table_configuration
+from nilus_dagster.sink.delta_maintenance import (
+    bound_log_retention,
+    maintain_table,
+    table_configuration,
+)
 from nilus_dagster.sink.delta_writes import (
     commit_properties,
     one_chunk_layout,
@@ -111,6 +115,7 @@ class DeltaSink(SinkWriter):
         self.compact_every = compact_every
         self.checkpoint_every = checkpoint_every
         self.log_retention_hours = log_retention_hours
+        self._retention_bounded = False  # an existing table's, checked at the first commit
         self.partition_by = tuple(partition_by or ())
         self._options = {str(k): str(v) for k, v in location.storage_options.items()} or None
         self._table: DeltaTable | None = None
@@ -228,6 +233,9 @@ class DeltaSink(SinkWriter):
         try:
             if self._table is None:
                 self._table = self._create(self.location.uri, rows, self._version)
+            elif not self._retention_bounded:
+                bound_log_retention(self._table, self.location, self.log_retention_hours, metadata)
+            self._retention_bounded = True
             before = self._table.version()
             if self.strategy == "merge":
                 self._merge(rows, properties, "t.`_nats_seq` < s.`_nats_seq`")

@@ -45,6 +45,41 @@ def table_configuration(
     return {LOG_RETENTION_PROPERTY: f"interval {max(1, round(hours * 3600))} seconds"}
 
 
+def bound_log_retention(
+    table: DeltaTable,
+    location: TableLocation,
+    log_retention_hours: float | None,
+    metadata: Mapping[str, str],
+) -> None:
+    """Give an existing table the log retention a table the sink creates would get.
+
+    Tables created before the sink set it keep Delta's 30 days, and on a local file system
+    their commits slow down without bound. A retention someone set on the table is kept
+    unless the manifest sets ``log_retention_hours``.
+
+    Args:
+        table: The table about to be written.
+        location: Where it is.
+        log_retention_hours: The manifest's ``log_retention_hours``; ``None`` for the default.
+        metadata: ``commitInfo`` entries the property's commit carries.
+    """
+    wanted = table_configuration(location, log_retention_hours)
+    if wanted is None:
+        return
+    current = table.metadata().configuration.get(LOG_RETENTION_PROPERTY)
+    if current == wanted[LOG_RETENTION_PROPERTY] or (
+        current is not None and log_retention_hours is None
+    ):
+        return
+    try:
+        table.alter.set_table_properties(
+            wanted, commit_properties=CommitProperties(custom_metadata=dict(metadata) or None)
+        )
+    except (CommitFailedError, DeltaError) as exc:
+        # An optimisation too; the next run tries again.
+        logger.warning("%s: log retention not set: %s", redact(location.uri), error_text(exc))
+
+
 def crossed(before: int, after: int, every: int) -> bool:
     """Whether table versions ``before`` -> ``after`` passed a multiple of ``every`` (0: never)."""
     return every > 0 and after // every > before // every
