@@ -490,6 +490,19 @@ def test_a_table_from_before_gets_the_log_retention_at_the_first_commit(tmp_path
     assert [r["id"] for r in table_rows(path)] == [0, 1, 2]
 
 
+def test_setting_the_retention_never_lets_another_writers_rows_through_twice(
+    tmp_path: Path,
+) -> None:
+    old = tmp_path / "old"
+    write_deltalake(str(old), pa.table({"id": pa.array([], pa.int64())}), mode="ignore")
+    mine, theirs = sink_at(old), sink_at(old)
+    write(theirs, batch([{"id": 1}], start=1))
+    with pytest.raises(PositionConflict):
+        write(mine, batch([{"id": 1}], start=1))
+    write(sink_at(old), batch([{"id": 2}], start=2))
+    assert [r["_nats_seq"] for r in table_rows(old)] == [1, 2]
+
+
 def test_object_store_tables_keep_deltas_default_log_retention() -> None:
     s3 = TableLocation("s3://bucket/analytics/orders")
     assert table_configuration(s3, None) is None

@@ -223,6 +223,11 @@ class DeltaSink(SinkWriter):
                 "position before committing)"
             )
         metadata = self._metadata(commit_metadata)
+        if self._table is not None and not self._retention_bounded:
+            self._retention_bounded = True
+            bound_log_retention(self._table, self.location, self.log_retention_hours, metadata)
+            # That commit may have taken in another writer's since open(): check again.
+            self._require_open()
         if rows is None or rows.num_columns == 0:
             rows = METADATA_SCHEMA.empty_table()
         rows = after_position(rows, self.position)
@@ -233,9 +238,6 @@ class DeltaSink(SinkWriter):
         try:
             if self._table is None:
                 self._table = self._create(self.location.uri, rows, self._version)
-            elif not self._retention_bounded:
-                bound_log_retention(self._table, self.location, self.log_retention_hours, metadata)
-            self._retention_bounded = True
             before = self._table.version()
             if self.strategy == "merge":
                 self._merge(rows, properties, "t.`_nats_seq` < s.`_nats_seq`")
