@@ -162,6 +162,9 @@ def test_keep_running_publishes_until_interrupted_and_a_second_demo_reuses_it(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # Ctrl-C as in a terminal: a suite started in the background of a non-interactive
+        # shell runs with SIGINT ignored, which every child would inherit.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         lines: list[str] = []
