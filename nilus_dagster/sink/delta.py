@@ -383,6 +383,7 @@ class DeltaSink(SinkWriter):
         main = uri == self.location.uri
         if main:
             check_partition_columns(self.partition_by, rows, uri)
+            self._retention_bounded = True  # created with it: nothing to set at the next commit
         write_deltalake(
             uri,
             rows.slice(0, 0),
