@@ -133,7 +133,7 @@ def test_two_processes_running_one_pipeline_write_every_sequence_once(
     payloads: list[bytes | dict[str, object]] = []
     conflicts = 0
     for round_ in range(2):
-        batch = _payloads(2_500, start=round_ * 2_500, poison_every=41)
+        batch = _payloads(6_000, start=round_ * 6_000, poison_every=41)
         published += publisher.publish(subject, batch)
         payloads += batch
         runs = [
