@@ -442,6 +442,21 @@ def test_compaction_counts_table_versions_so_runs_of_one_commit_compact_too(
     assert [r["id"] for r in table_rows(path)] == list(range(25))
 
 
+def test_writers_sharing_a_table_take_turns_to_compact(tmp_path: Path) -> None:
+    # deltalake 1.6.6 lets two compactions of the same files both commit, doubling the rows;
+    # only the writer of the version on the interval compacts, however stale its snapshot.
+    path = tmp_path / "t"
+    write(sink_at(path), batch([{"id": 0}], start=1))  # versions 0 (create) and 1
+    late = sink_at(path, compact_every=5)
+    other = sink_at(path, app_id="other", compact_every=5)
+    for i in range(1, 5):  # versions 2..5: the one at 5 compacts (version 6)
+        write(other, batch([{"id": i}], start=100 + i))
+    write(late, batch([{"id": 9}], start=2))  # version 7, opened at 1: not its turn
+    operations = [entry["operation"] for entry in DeltaTable(str(path)).history()]
+    assert operations.count("OPTIMIZE") == 1
+    assert sorted(r["id"] for r in table_rows(path)) == [0, 1, 2, 3, 4, 9]
+
+
 def test_a_local_table_keeps_15_minutes_of_log_and_cleans_older_entries(tmp_path: Path) -> None:
     path = tmp_path / "t"
     write(sink_at(path), batch([{"id": 0}], start=1))

@@ -24,6 +24,12 @@ from nilus_dagster.manifest.model import (
     IncrementalStrategy,
 )
 from nilus_dagster.redaction import redact
+from nilus_dagster.sink.delta_append import (
+    AppendConflict,
+    append_to_log,
+    fast_appends_allowed,
+    rows_for_table,
+)
 from nilus_dagster.sink.delta_facts import (
     find_stream_created,
     newest_timestamp,
@@ -32,20 +38,17 @@ from nilus_dagster.sink.delta_facts import (
 from nilus_dagster.sink.delta_maintenance import (
     bound_log_retention,
     maintain_table,
+    maintenance_due,
     table_configuration,
 )
 from nilus_dagster.sink.delta_writes import (
     commit_properties,
-    one_chunk_layout,
-    quote_column,
+    merge_rows,
     timestamp_literal,
     write_rows,
 )
 from nilus_dagster.sink.partitioning import check_partition_columns, check_partitioning
-from nilus_dagster.sink.rows import (
-    after_position,
-    latest_per_key,
-)
+from nilus_dagster.sink.rows import after_position
 from nilus_dagster.sink.schema import METADATA_SCHEMA
 from nilus_dagster.sink.storage_errors import storage_error
 from nilus_dagster.sink.writer import (
@@ -59,7 +62,7 @@ from nilus_dagster.sink.writer import (
 
 # What deltalake raises for a failed write (object stores surface as OSError); anything else
 # is a bug and propagates as is.
-_WRITE_ERRORS = (DeltaError, OSError, pa.ArrowException)
+_WRITE_ERRORS = (DeltaError, AppendConflict, OSError, pa.ArrowException)
 
 
 class DeltaSink(SinkWriter):
@@ -124,6 +127,8 @@ class DeltaSink(SinkWriter):
         self._dead_version: int | None = None
         self._stream_created: str | None = None
         self._schema: tuple[int, pa.Schema] | None = None
+        self._fast_appends = False  # appends may bypass deltalake (delta_append)
+        self._appended: int | None = None  # version of the last such append, ahead of _table
 
     @classmethod
     def read_schema(cls, location: TableLocation) -> pa.Schema | None:
@@ -145,10 +150,13 @@ class DeltaSink(SinkWriter):
                 "false: create the table first, or set create_table: true under "
                 "spec.sink.options to let the first run create it"
             )
+        self._appended = None
+        self._fast_appends = False
         if self._table is not None:
             check_partitioning(
                 self.partition_by, self._table.metadata().partition_columns, self.location.uri
             )
+            self._fast_appends = fast_appends_allowed(self._table, local=self.location.is_local)
         self._version = self._table.transaction_version(self.app_id) if self._table else None
         self._dead = self._load(self.dead_letter_location.uri)
         self._dead_version = self._dead.transaction_version(self.app_id) if self._dead else None
@@ -164,8 +172,10 @@ class DeltaSink(SinkWriter):
 
     @property
     def table_version(self) -> int | None:
-        """The Delta table's version as of the snapshot, ``None`` without a table."""
-        return self._table.version() if self._table is not None else None
+        """The Delta table's version as of the last commit or read, ``None`` without a table."""
+        if self._table is None:
+            return None
+        return self._appended if self._appended is not None else self._table.version()
 
     def schema(self) -> pa.Schema | None:
         """The table's schema as Arrow, or ``None`` when the table does not exist."""
@@ -180,11 +190,15 @@ class DeltaSink(SinkWriter):
         """Rows in the table, from the file statistics of the snapshot (no data read)."""
         if self._table is None:
             return 0
+        self._catch_up()
         return self._table.count()
 
     def newest_timestamp(self) -> datetime | None:
         """The newest ``_nats_timestamp`` in the table (from file statistics when present)."""
-        return newest_timestamp(self._table) if self._table is not None else None
+        if self._table is None:
+            return None
+        self._catch_up()
+        return newest_timestamp(self._table)
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -238,25 +252,39 @@ class DeltaSink(SinkWriter):
         try:
             if self._table is None:
                 self._table = self._create(self.location.uri, rows, self._version)
-            before = self._table.version()
-            if self.strategy == "merge":
-                self._merge(rows, properties, "t.`_nats_seq` < s.`_nats_seq`")
-            elif self.strategy == "replace" and overwrite:
-                write_rows(self._table, rows, "overwrite", properties)
-            else:
-                write_rows(self._table, rows, "append", properties)
+            before = self.table_version
+            assert before is not None
+            appending = self.strategy == "append" or (self.strategy == "replace" and not overwrite)
+            if not (appending and self._append_directly(rows, before, last_seq, metadata)):
+                self._sync_snapshot()
+                if self.strategy == "merge":
+                    when = "t.`_nats_seq` < s.`_nats_seq`"
+                    merge_rows(self._table, rows, self.primary_key, properties, when=when)
+                else:
+                    mode = "overwrite" if overwrite else "append"
+                    write_rows(self._table, rows, mode, properties)
         except _WRITE_ERRORS as exc:
             raise self._error(exc, "commit to") from None
         self._version = last_seq
         self._stream_created = metadata.get(STREAM_CREATED_KEY, self._stream_created)
-        maintain_table(
-            self._table,
-            self.location.uri,
-            versions=(before, self._table.version()),
-            compact_every=self.compact_every,
-            checkpoint_every=self.checkpoint_every,
-            metadata=metadata,
-        )
+        # Maintenance is due by this commit's own version, which has one writer: writers that
+        # share a table take turns. deltalake 1.6.6 lets two compactions of the same files
+        # both commit (removes with dataChange=false pass its conflict check), which doubles
+        # every row compacted; counting from a stale ``before`` let several writers compact
+        # at once (measured: three writers racing, three compactions, rows three times).
+        after = self.table_version
+        assert after is not None
+        versions = (max(before, after - 1), after)
+        if maintenance_due(versions, self.compact_every, self.checkpoint_every):
+            self._catch_up()
+            maintain_table(
+                self._table,
+                self.location.uri,
+                versions=versions,
+                compact_every=self.compact_every,
+                checkpoint_every=self.checkpoint_every,
+                metadata=metadata,
+            )
         return CommitResult(rows.num_rows, dead_count, self.table_version, self.position)
 
     def replace_window(
@@ -279,8 +307,8 @@ class DeltaSink(SinkWriter):
         Append and replace tables overwrite exactly that window (rows outside it are left
         alone; given rows outside it, or past the position, are ignored). Merge tables merge
         ``rows`` in, a row being replaced by a message with an equal or higher sequence, so a
-        re-run changes nothing. The position does not move: the same ``txn`` version is
-        committed again. Dead letters (when given) replace the dead-letter table's rows of the
+        re-run changes nothing. The position does not move: the commit carries no ``txn``, so
+        a service appending meanwhile does not conflict with it. Dead letters (when given) replace the dead-letter table's rows of the
         window the same way.
 
         Raises:
@@ -288,6 +316,7 @@ class DeltaSink(SinkWriter):
             SinkError: The write failed.
         """
         self._require_open()
+        self._sync_snapshot()
         replay = self.replay_window(rows, dead_letters, start, end, up_to)
         metadata = self._metadata(commit_metadata)
         start_text, end_text = timestamp_literal(replay.start), timestamp_literal(replay.end)
@@ -314,7 +343,10 @@ class DeltaSink(SinkWriter):
             except _WRITE_ERRORS as exc:
                 raise self._error(exc, "replace the window of", dead=True) from None
             dead_count = dead.num_rows
-        properties = self._properties(self._version, metadata)
+        # No txn: the position is not this commit's to set. A service appending meanwhile
+        # (rows after ``up_to``, in files whose statistics say so) does not conflict with it;
+        # with the txn, frequent small appends kept a replay retrying until they paused.
+        properties = self._properties(None, metadata)
         if self._table is None and (rows is None or rows.num_rows == 0):
             return CommitResult(0, dead_count, None, self.position)
         try:
@@ -323,7 +355,10 @@ class DeltaSink(SinkWriter):
                 self._table = self._create(self.location.uri, rows, self._version)
             source = rows if rows is not None else self._empty_rows()
             if self.strategy == "merge":
-                self._merge(source, properties, "t.`_nats_seq` <= s.`_nats_seq`", move=False)
+                when = "t.`_nats_seq` <= s.`_nats_seq`"
+                merge_rows(
+                    self._table, source, self.primary_key, properties, when=when, commit=False
+                )
             else:
                 write_rows(self._table, source, "overwrite", properties, predicate=predicate)
         except _WRITE_ERRORS as exc:
@@ -334,8 +369,36 @@ class DeltaSink(SinkWriter):
 
     # -- internals -----------------------------------------------------------------------------
 
+    def _append_directly(
+        self, rows: pa.Table, version: int, last_seq: int, metadata: Mapping[str, str]
+    ) -> bool:
+        """Append through :func:`append_to_log`; ``False`` when deltalake must write ``rows``."""
+        schema = self.schema()
+        fitted = rows_for_table(rows, schema) if self._fast_appends and schema else None
+        if fitted is not None:
+            root = self.location.uri.removeprefix("file://")
+            self._appended = append_to_log(
+                root, version, fitted, app_id=self.app_id, txn_version=last_seq, metadata=metadata
+            )
+        return fitted is not None
+
+    def _catch_up(self) -> None:
+        """Bring the snapshot up to the table's newest version after direct appends."""
+        if self._appended is not None and self._table is not None:
+            self._table.update_incremental()
+            self._appended = None
+
+    def _sync_snapshot(self) -> None:
+        """Catch up before deltalake writes, and check that the position is still this run's."""
+        if self._appended is not None:
+            self._catch_up()
+            self._require_open()
+
     def _require_open(self) -> None:
         super()._require_open()
+        if self._appended is not None:
+            # Direct appends check the position themselves; the snapshot is behind them.
+            return
         if self._table is not None and self._table.transaction_version(self.app_id) != (
             self._version
         ):
@@ -400,44 +463,13 @@ class DeltaSink(SinkWriter):
                 f"another writer created {redact(uri)} and committed up to {found} since it was "
                 "opened; open() again to read the current position"
             )
+        if main:
+            self._fast_appends = fast_appends_allowed(table, local=self.location.is_local)
         return table
 
     def _empty_rows(self) -> pa.Table:
         assert self._table is not None
         return pa.schema(self._table.schema().to_arrow()).empty_table()
-
-    def _merge(
-        self, rows: pa.Table, properties: CommitProperties, when: str, move: bool = True
-    ) -> None:
-        assert self._table is not None
-        before = self._table.version()
-        target = set(self._table.schema().to_arrow().names)
-        if rows.num_rows and not set(self.primary_key) <= target:
-            # No table row has a key yet, so nothing can match: insert (merge would fail to
-            # resolve the key column on the target side).
-            write_rows(self._table, latest_per_key(rows, self.primary_key), "append", properties)
-        elif rows.num_rows:
-            source = one_chunk_layout(latest_per_key(rows, self.primary_key))
-            on = " AND ".join(
-                f"t.{quote_column(k)} = s.{quote_column(k)}" for k in self.primary_key
-            )
-            (
-                self._table.merge(
-                    source,
-                    on,
-                    source_alias="s",
-                    target_alias="t",
-                    merge_schema=True,
-                    commit_properties=properties,
-                )
-                .when_matched_update_all(predicate=when)
-                .when_not_matched_insert_all()
-                .execute()
-            )
-        if move and self._table.version() == before:
-            # A merge that changes nothing commits nothing (measured), so the position
-            # would not move: commit it with an empty append through the same snapshot.
-            write_rows(self._table, rows.slice(0, 0), "append", properties)
 
     def _write_dead_letters(
         self, dead: pa.Table | None, last_seq: int, metadata: Mapping[str, str]
@@ -468,7 +500,7 @@ class DeltaSink(SinkWriter):
         # deltalake 1.6.6 raised CommitFailedError for every lost race measured (racing
         # writers, local table): a concurrent txn, data or overwrite, metadata or protocol
         # changed by a racing create, a taken commit version retried until out of attempts.
-        if isinstance(exc, CommitFailedError):
+        if isinstance(exc, (CommitFailedError, AppendConflict)):
             self._stale = True
             return PositionConflict(
                 f"another writer committed to {redact(uri)} since it was opened ({text}); "

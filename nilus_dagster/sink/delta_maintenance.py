@@ -6,7 +6,8 @@ the snapshot (compaction resets that) and, on a local file system, about 12 us f
 in ``_delta_log`` (each commit lists the whole folder; object stores list from the current
 version). Without log cleanup a pipeline committing every second would pay about 1 s a commit
 after a day. Hence compaction counted in table versions (so runs of a commit or two compact
-too), and a short log retention for local tables, cleaned at Delta's own checkpoints.
+too), and a short log retention for local tables, cleaned every ``LOG_CLEANUP_EVERY`` versions
+(Delta's own cleanup runs only after deltalake's commits, and direct appends bypass it).
 
 Compaction and checkpoints are optimisations: a failure is logged and skipped, never fails the
 commit that ran it.
@@ -26,6 +27,8 @@ from nilus_dagster.sink.writer import error_text
 logger = logging.getLogger("nilus_dagster.sink")
 
 LOG_RETENTION_PROPERTY = "delta.logRetentionDuration"
+LOG_CLEANUP_EVERY = 100
+"""Table versions between removals of log entries past the retention (Delta's own interval)."""
 
 
 def table_configuration(
@@ -85,6 +88,16 @@ def crossed(before: int, after: int, every: int) -> bool:
     return every > 0 and after // every > before // every
 
 
+def maintenance_due(versions: tuple[int, int], compact_every: int, checkpoint_every: int) -> bool:
+    """Whether a commit from ``versions[0]`` to ``versions[1]`` leaves work for maintenance."""
+    before, after = versions
+    return (
+        crossed(before, after, compact_every)
+        or crossed(before, after, checkpoint_every)
+        or crossed(before, after, LOG_CLEANUP_EVERY)
+    )
+
+
 def maintain_table(
     table: DeltaTable,
     uri: str,
@@ -118,3 +131,8 @@ def maintain_table(
             table.create_checkpoint()
         except DeltaError as exc:
             logger.warning("%s: checkpoint skipped: %s", redact(uri), error_text(exc))
+    if crossed(before, after, LOG_CLEANUP_EVERY):
+        try:
+            table.cleanup_metadata()
+        except DeltaError as exc:
+            logger.warning("%s: log cleanup skipped: %s", redact(uri), error_text(exc))

@@ -4,12 +4,14 @@ Kept apart from :mod:`nilus_dagster.sink.delta` so the sink holds the exactly-on
 (which snapshot, which position) and this module the mechanics of one write.
 """
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Literal
 
 import pyarrow as pa
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+
+from nilus_dagster.sink.rows import latest_per_key
 
 
 def commit_properties(
@@ -42,6 +44,53 @@ def write_rows(
             schema_mode="merge",
             commit_properties=properties,
         )
+
+
+def merge_rows(
+    table: DeltaTable,
+    rows: pa.Table,
+    primary_key: Sequence[str],
+    properties: CommitProperties,
+    *,
+    when: str,
+    commit: bool = True,
+) -> None:
+    """Upsert the newest row per key of ``rows`` into ``table``, replacing rows matching ``when``.
+
+    Args:
+        table: The snapshot to merge through (``t`` in ``when``; the rows are ``s``).
+        rows: Rows to merge.
+        primary_key: The key columns.
+        properties: The commit's properties (the position's txn among them).
+        when: The condition under which a source row replaces a matched target row.
+        commit: Commit even when the merge changes nothing, so that the position moves.
+    """
+    before = table.version()
+    target = set(table.schema().to_arrow().names)
+    if rows.num_rows and not set(primary_key) <= target:
+        # No table row has a key yet, so nothing can match: insert (merge would fail to
+        # resolve the key column on the target side).
+        write_rows(table, latest_per_key(rows, primary_key), "append", properties)
+    elif rows.num_rows:
+        source = one_chunk_layout(latest_per_key(rows, primary_key))
+        on = " AND ".join(f"t.{quote_column(k)} = s.{quote_column(k)}" for k in primary_key)
+        (
+            table.merge(
+                source,
+                on,
+                source_alias="s",
+                target_alias="t",
+                merge_schema=True,
+                commit_properties=properties,
+            )
+            .when_matched_update_all(predicate=when)
+            .when_not_matched_insert_all()
+            .execute()
+        )
+    if commit and table.version() == before:
+        # A merge that changes nothing commits nothing (measured), so the position would not
+        # move: commit it with an empty append through the same snapshot.
+        write_rows(table, rows.slice(0, 0), "append", properties)
 
 
 def one_chunk_layout(rows: pa.Table) -> pa.Table:
