@@ -1,6 +1,7 @@
 """The Delta sink: strategies, position, schema growth, dead letters, concurrency, backfills."""
 
 import json
+import os
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -21,7 +22,11 @@ from nilus_dagster.sink.delta import (
     DeltaSink,
     PositionConflict,
 )
-from nilus_dagster.sink.delta_maintenance import table_configuration
+from nilus_dagster.sink.delta_maintenance import (
+    COMPACTION_LOCK,
+    maintain_table,
+    table_configuration,
+)
 
 DAY0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
 APP = "pipeline-orders"
@@ -455,6 +460,53 @@ def test_writers_sharing_a_table_take_turns_to_compact(tmp_path: Path) -> None:
     operations = [entry["operation"] for entry in DeltaTable(str(path)).history()]
     assert operations.count("OPTIMIZE") == 1
     assert sorted(r["id"] for r in table_rows(path)) == [0, 1, 2, 3, 4, 9]
+
+
+@pytest.mark.parametrize("lock_age", [None, 5.0, 3600.0], ids=["none", "held", "stale"])
+def test_a_compaction_in_progress_makes_the_next_one_wait_its_turn(
+    tmp_path: Path, lock_age: float | None
+) -> None:
+    path = tmp_path / "t"
+    sink = sink_at(path, compact_every=0)
+    for i in range(6):
+        write(sink, batch([{"id": i}], start=i + 1))
+    lock = path / COMPACTION_LOCK
+    if lock_age is not None:  # another writer compacting (or killed while it did)
+        lock.touch()
+        os.utime(lock, (time.time() - lock_age, time.time() - lock_age))
+    table = DeltaTable(str(path))
+    maintain_table(
+        table,
+        TableLocation(str(path)),
+        versions=(9, 10),
+        compact_every=10,
+        checkpoint_every=0,
+        metadata={},
+    )
+    compacted = [e["operation"] for e in DeltaTable(str(path)).history()].count("OPTIMIZE")
+    assert compacted == (0 if lock_age == 5.0 else 1)
+    assert lock.exists() == (lock_age == 5.0)  # a lock it took is released
+    assert [r["id"] for r in table_rows(path)] == list(range(6))
+
+
+def test_a_compaction_from_a_stale_snapshot_reads_the_table_again_first(tmp_path: Path) -> None:
+    # deltalake 1.6.6 lets two compactions of the same files both commit (every compacted row
+    # twice); the second one, taken from the same snapshot, must see the first's result.
+    path = tmp_path / "t"
+    sink = sink_at(path, compact_every=0)
+    for i in range(6):
+        write(sink, batch([{"id": i}], start=i + 1))
+    first, second = DeltaTable(str(path)), DeltaTable(str(path))
+    for table in (first, second):
+        maintain_table(
+            table,
+            TableLocation(str(path)),
+            versions=(9, 10),
+            compact_every=10,
+            checkpoint_every=0,
+            metadata={},
+        )
+    assert [r["id"] for r in table_rows(path)] == list(range(6))
 
 
 def test_a_local_table_keeps_15_minutes_of_log_and_cleans_older_entries(tmp_path: Path) -> None:

@@ -1,7 +1,9 @@
 """Direct appends to local Delta tables: what deltalake reads back, conflicts, and fallbacks."""
 
 import json
+import os
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -9,6 +11,7 @@ import pyarrow as pa
 import pytest
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 
+from nilus_dagster.errors import SinkError
 from nilus_dagster.manifest.depots import TableLocation
 from nilus_dagster.messages import MessageBatch
 from nilus_dagster.sink.delta import DeltaSink, PositionConflict
@@ -17,6 +20,7 @@ from nilus_dagster.sink.delta_append import (
     append_to_log,
     fast_appends_allowed,
     file_statistics,
+    remove_abandoned_entries,
 )
 
 APP = "pipeline-orders"
@@ -46,7 +50,7 @@ def orders(start: int, count: int, **extra: object) -> MessageBatch:
     )
 
 
-def open_sink(path: Path, app_id: str = APP, **options: object) -> DeltaSink:
+def open_sink(path: Path | str, app_id: str = APP, **options: object) -> DeltaSink:
     sink = DeltaSink(TableLocation(str(path)), app_id=app_id, **options)  # type: ignore[arg-type]
     sink.open()
     return sink
@@ -164,12 +168,14 @@ def test_another_pipelines_commit_in_between_is_no_conflict(tmp_path: Path) -> N
     assert sequences(path) == [1, 2, 3, 4, 5, 6, 100, 101]
 
 
-def test_a_window_replay_in_between_makes_the_append_conflict(tmp_path: Path) -> None:
+def test_a_commit_of_the_pipelines_position_in_between_makes_the_append_conflict(
+    tmp_path: Path,
+) -> None:
     path = tmp_path / "t"
     commit(open_sink(path), orders(1, 3))
     service = open_sink(path)
     commit(service, orders(4, 3))
-    # A backfill's replace commits the same position again, through deltalake.
+    # Another run of the pipeline commits its position through deltalake.
     write_deltalake(
         str(path),
         DeltaTable(str(path)).to_pyarrow_table(filters=[("_nats_seq", "<=", 3)]).slice(0, 0),
@@ -254,3 +260,97 @@ def test_append_to_log_refuses_a_version_whose_commit_changed_the_schema(tmp_pat
     assert {p.name for p in path.glob("*.parquet")} == {
         a["path"] for a in pa.table(DeltaTable(str(path)).get_add_actions()).to_pylist()
     }
+
+
+def test_a_window_replay_and_direct_appends_in_between_do_not_conflict(tmp_path: Path) -> None:
+    path = tmp_path / "t"
+    commit(open_sink(path), orders(1, 6))
+    service, replay = open_sink(path), open_sink(path)
+    commit(service, orders(7, 3))  # after the replay read the position (6)
+    window = (T0 - timedelta(seconds=1), T0 + timedelta(seconds=1))
+    prepared = replay.prepare(orders(1, 6, note="replayed"))
+    replay.replace_window(prepared.rows, None, start=window[0], end=window[1], up_to=6)
+    commit(service, orders(10, 3))  # the replay moved no position: no conflict either way
+    rows = DeltaTable(str(path)).to_pyarrow_table().sort_by("_nats_seq").to_pylist()
+    assert [r["_nats_seq"] for r in rows] == list(range(1, 13))
+    assert [r["note"] for r in rows[:6]] == ["replayed"] * 6
+    assert DeltaTable(str(path)).transaction_version(APP) == 12
+
+
+def test_an_append_after_the_log_was_cleaned_past_it_conflicts_and_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    # A quiet pipeline sharing a table with a busy one: the busy one's checkpoints and log
+    # cleanup remove the entry the quiet one would append after. A link into that freed
+    # version number would succeed and never be read.
+    path = tmp_path / "t"
+    seconds = 1 / 3600
+    quiet = open_sink(path, log_retention_hours=seconds)
+    commit(quiet, orders(1, 3))
+    commit(quiet, orders(4, 3))
+    busy = open_sink(path, app_id="busy", log_retention_hours=seconds, compact_every=0)
+    for start in range(1000, 1100):  # up to a checkpoint at version 100
+        commit(busy, orders(start, 1))
+    time.sleep(1.5)  # that checkpoint and the entries before it pass the retention
+    for start in range(1100, 1200):  # the cleanup at version 200 removes them
+        commit(busy, orders(start, 1))
+    assert not (path / "_delta_log" / f"{2:020d}.json").exists()
+    with pytest.raises(PositionConflict, match="left the log"):
+        commit(quiet, orders(7, 3))
+    assert quiet.open().position == 6
+    commit(quiet, orders(7, 3))
+    assert [s for s in sequences(path) if s < 1000] == list(range(1, 10))
+
+
+def test_a_constraint_added_later_sends_appends_back_through_deltalake(tmp_path: Path) -> None:
+    path = tmp_path / "t"
+    sink = open_sink(path)
+    commit(sink, orders(1, 3))
+    commit(sink, orders(4, 3))
+    DeltaTable(str(path)).alter.add_constraint({"positive": "amount > 0"})
+    commit(sink, orders(7, 3, coupon="X"))  # a new column: deltalake, which catches up
+    with pytest.raises(SinkError, match=r"positive|constraint|amount"):
+        commit(sink, orders(10, 3, coupon="Y", amount=-5.0))
+    assert writers(path)[-1].startswith("delta-rs")
+    assert sequences(path) == list(range(1, 10))
+
+
+def test_statistics_skip_non_finite_floats_so_row_counts_stay_right(tmp_path: Path) -> None:
+    path = tmp_path / "t"
+    sink = open_sink(path)
+    commit(sink, orders(1, 3))
+    commit(sink, orders(4, 3, ratio=1.5))
+    commit(sink, orders(7, 3, ratio=float("inf")))
+    assert writers(path)[-1].startswith("nilus-dagster-")
+    assert DeltaTable(str(path)).count() == 9
+    assert file_statistics(pa.table({"x": [1.0, float("nan")]}))["minValues"] == {}
+
+
+def test_rows_that_do_not_cast_to_the_table_go_through_deltalake(tmp_path: Path) -> None:
+    path = tmp_path / "t"
+    schema = pa.schema([pa.field("id", pa.string(), nullable=False)])
+    DeltaTable.create(str(path), schema)
+    sink = open_sink(path)
+    with pytest.raises(SinkError):  # deltalake names the NOT NULL column it refuses
+        commit(sink, orders(1, 3, id=None))
+    assert DeltaTable(str(path)).count() == 0
+
+
+def test_a_file_uri_with_escaped_characters_is_appended_to_directly(tmp_path: Path) -> None:
+    folder = tmp_path / "my table"
+    sink = open_sink(folder.as_uri())  # file:///.../my%20table
+    commit(sink, orders(1, 3))
+    commit(sink, orders(4, 3))
+    assert writers(folder)[-1].startswith("nilus-dagster-")
+    assert sequences(folder) == list(range(1, 7))
+
+
+def test_log_entries_a_killed_writer_left_half_made_are_removed_when_old(tmp_path: Path) -> None:
+    log = tmp_path / "_delta_log"
+    log.mkdir()
+    old, fresh = log / "_commit_old.json.tmp", log / "_commit_fresh.json.tmp"
+    for entry in (old, fresh):
+        entry.write_text("{")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    assert remove_abandoned_entries(tmp_path, 3600) == 1
+    assert not old.exists() and fresh.exists()

@@ -28,6 +28,7 @@ from nilus_dagster.sink.delta_append import (
     AppendConflict,
     append_to_log,
     fast_appends_allowed,
+    local_path,
     rows_for_table,
 )
 from nilus_dagster.sink.delta_facts import (
@@ -127,7 +128,7 @@ class DeltaSink(SinkWriter):
         self._dead_version: int | None = None
         self._stream_created: str | None = None
         self._schema: tuple[int, pa.Schema] | None = None
-        self._fast_appends = False  # appends may bypass deltalake (delta_append)
+        self._direct: tuple[int, bool] | None = None  # (snapshot version, direct appends allowed)
         self._appended: int | None = None  # version of the last such append, ahead of _table
 
     @classmethod
@@ -151,12 +152,10 @@ class DeltaSink(SinkWriter):
                 "spec.sink.options to let the first run create it"
             )
         self._appended = None
-        self._fast_appends = False
         if self._table is not None:
             check_partitioning(
                 self.partition_by, self._table.metadata().partition_columns, self.location.uri
             )
-            self._fast_appends = fast_appends_allowed(self._table, local=self.location.is_local)
         self._version = self._table.transaction_version(self.app_id) if self._table else None
         self._dead = self._load(self.dead_letter_location.uri)
         self._dead_version = self._dead.transaction_version(self.app_id) if self._dead else None
@@ -279,7 +278,7 @@ class DeltaSink(SinkWriter):
             self._catch_up()
             maintain_table(
                 self._table,
-                self.location.uri,
+                self.location,
                 versions=versions,
                 compact_every=self.compact_every,
                 checkpoint_every=self.checkpoint_every,
@@ -308,8 +307,10 @@ class DeltaSink(SinkWriter):
         alone; given rows outside it, or past the position, are ignored). Merge tables merge
         ``rows`` in, a row being replaced by a message with an equal or higher sequence, so a
         re-run changes nothing. The position does not move: the commit carries no ``txn``, so
-        a service appending meanwhile does not conflict with it. Dead letters (when given) replace the dead-letter table's rows of the
-        window the same way.
+        a service appending meanwhile does not conflict with it. Dead letters (when given)
+        replace the dead-letter table's rows of the window the same way, with that table's
+        ``txn``: a concurrent commit of dead letters conflicts, and the replay tries again,
+        rather than move that table's position back.
 
         Raises:
             PositionConflict: Another writer committed since :meth:`open`; re-open.
@@ -374,13 +375,30 @@ class DeltaSink(SinkWriter):
     ) -> bool:
         """Append through :func:`append_to_log`; ``False`` when deltalake must write ``rows``."""
         schema = self.schema()
-        fitted = rows_for_table(rows, schema) if self._fast_appends and schema else None
+        fitted = rows_for_table(rows, schema) if schema and self._direct_allowed() else None
         if fitted is not None:
-            root = self.location.uri.removeprefix("file://")
             self._appended = append_to_log(
-                root, version, fitted, app_id=self.app_id, txn_version=last_seq, metadata=metadata
+                local_path(self.location.uri),
+                version,
+                fitted,
+                app_id=self.app_id,
+                txn_version=last_seq,
+                metadata=metadata,
             )
         return fitted is not None
+
+    def _direct_allowed(self) -> bool:
+        """Whether the snapshot's protocol and metadata let appends bypass deltalake.
+
+        Read again whenever the snapshot moves: a writer may have added a constraint or a
+        table feature since. Versions a direct append skips over are read by it instead.
+        """
+        assert self._table is not None
+        version = self._table.version()
+        if self._direct is None or self._direct[0] != version:
+            allowed = fast_appends_allowed(self._table, local=self.location.is_local)
+            self._direct = (version, allowed)
+        return self._direct[1]
 
     def _catch_up(self) -> None:
         """Bring the snapshot up to the table's newest version after direct appends."""
@@ -463,8 +481,6 @@ class DeltaSink(SinkWriter):
                 f"another writer created {redact(uri)} and committed up to {found} since it was "
                 "opened; open() again to read the current position"
             )
-        if main:
-            self._fast_appends = fast_appends_allowed(table, local=self.location.is_local)
         return table
 
     def _empty_rows(self) -> pa.Table:

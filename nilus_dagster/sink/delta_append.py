@@ -29,6 +29,8 @@ import uuid
 from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -37,6 +39,8 @@ from deltalake import DeltaTable
 
 from nilus_dagster.version import __version__
 
+PENDING_PREFIX = "_commit_"
+"""Log entries being written (deltalake's own prefix); one left by a killed run is garbage."""
 STRING_STATS_MAX_CHARS = 32
 """Longest string kept whole in the statistics (deltalake truncates longer ones; these skip)."""
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -84,8 +88,35 @@ def rows_for_table(rows: pa.Table, schema: pa.Schema) -> pa.Table | None:
         return None
     try:
         return rows.select(schema.names).cast(schema)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
-        return None
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, ValueError):
+        return None  # ValueError: nulls for a NOT NULL column, which deltalake refuses clearly
+
+
+def local_path(uri: str) -> Path:
+    """The folder of a local table, from a plain path or a ``file:`` URI (percent-decoded)."""
+    if "://" not in uri:
+        return Path(uri)
+    parsed = urlparse(uri)
+    return Path(url2pathname(parsed.path))
+
+
+def remove_abandoned_entries(root: str | os.PathLike[str], older_than_seconds: float) -> int:
+    """Delete log entries a killed writer left half-made; return how many.
+
+    Args:
+        root: The table's folder.
+        older_than_seconds: Only files older than this (a live writer's are milliseconds old).
+    """
+    cutoff = time.time() - older_than_seconds
+    removed = 0
+    for pending in (Path(root) / "_delta_log").glob(f"{PENDING_PREFIX}*.json.tmp"):
+        try:
+            if pending.stat().st_mtime < cutoff:
+                pending.unlink()
+                removed += 1
+        except FileNotFoundError:
+            pass  # its writer (or another cleaner) got there first
+    return removed
 
 
 def append_to_log(
@@ -147,24 +178,45 @@ def append_to_log(
             "stats": json.dumps(file_statistics(rows), separators=(",", ":")),
         }
         actions.append({"add": add})
-    pending = log / f"_commit_{uuid.uuid4()}.json.tmp"
-    pending.write_text("".join(json.dumps(a, separators=(",", ":")) + "\n" for a in actions))
+    pending = log / f"{PENDING_PREFIX}{uuid.uuid4()}.json.tmp"
+    text = "".join(json.dumps(a, separators=(",", ":"), allow_nan=False) + "\n" for a in actions)
+    pending.write_text(text)
     try:
-        target = version + 1
-        while True:
-            entry = log / f"{target:020d}.json"
-            try:
-                os.link(pending, entry)
-                return target
-            except FileExistsError:
-                reason = _conflict_in(entry, app_id)
-                if reason:
-                    if data_file is not None:
-                        data_file.unlink(missing_ok=True)
-                    raise AppendConflict(f"table version {target} {reason}") from None
-                target += 1
+        return _link_after(log, version, pending, app_id)
+    except AppendConflict:
+        if data_file is not None:
+            data_file.unlink(missing_ok=True)
+        raise
     finally:
         pending.unlink(missing_ok=True)
+
+
+def _link_after(log: Path, version: int, pending: Path, app_id: str) -> int:
+    """Link ``pending`` as the first free version after ``version``; return that version.
+
+    Log cleanup removes a prefix of the entries (those before a checkpoint, past the
+    retention), so while the entry at ``version`` exists every later one that was written
+    exists too, and a free name is a free version. Without it the name may be free because it
+    was cleaned: readers start from a newer checkpoint and would never see the entry.
+    """
+    target = version + 1
+    while True:
+        base = log / f"{target - 1:020d}.json"
+        if not base.exists():
+            raise AppendConflict(f"table version {target - 1} left the log (cleaned)")
+        entry = log / f"{target:020d}.json"
+        try:
+            os.link(pending, entry)
+        except FileExistsError:
+            reason = _conflict_in(entry, app_id)
+            if reason:
+                raise AppendConflict(f"table version {target} {reason}") from None
+            target += 1
+            continue
+        if not base.exists():
+            # Cleaned in between: whether the entry counts is for the next open() to read.
+            raise AppendConflict(f"table version {target - 1} was cleaned during the commit")
+        return target
 
 
 def file_statistics(rows: pa.Table) -> dict[str, object]:
@@ -185,8 +237,8 @@ def file_statistics(rows: pa.Table) -> dict[str, object]:
         nulls[field.name] = column.null_count
         if column.null_count == len(column):
             continue
-        if pa.types.is_floating(kind) and pc.any(pc.is_nan(column)).as_py():
-            continue
+        if pa.types.is_floating(kind) and not pc.all(pc.is_finite(column)).as_py():
+            continue  # NaN or infinity: no valid JSON bound, and deltalake ignores such stats
         text = pa.types.is_string(kind) or pa.types.is_large_string(kind)
         if text and pc.max(pc.utf8_length(column)).as_py() > STRING_STATS_MAX_CHARS:
             continue
@@ -225,7 +277,11 @@ def _timestamp_text(micros: int) -> str:
 
 def _conflict_in(entry: Path, app_id: str) -> str | None:
     """Why the commit at ``entry`` conflicts with an append by ``app_id``, or ``None``."""
-    for line in entry.read_text().splitlines():
+    try:
+        text = entry.read_text()
+    except FileNotFoundError:
+        return "left the log (cleaned)"
+    for line in text.splitlines():
         if not line.strip():
             continue
         action = json.loads(line)

@@ -14,7 +14,10 @@ commit that ran it.
 """
 
 import logging
-from collections.abc import Mapping
+import os
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 from deltalake import CommitProperties, DeltaTable
 from deltalake.exceptions import CommitFailedError, DeltaError
@@ -22,6 +25,7 @@ from deltalake.exceptions import CommitFailedError, DeltaError
 from nilus_dagster.manifest.depots import TableLocation
 from nilus_dagster.manifest.model import LOCAL_LOG_RETENTION_HOURS
 from nilus_dagster.redaction import redact
+from nilus_dagster.sink.delta_append import local_path, remove_abandoned_entries
 from nilus_dagster.sink.writer import error_text
 
 logger = logging.getLogger("nilus_dagster.sink")
@@ -98,9 +102,49 @@ def maintenance_due(versions: tuple[int, int], compact_every: int, checkpoint_ev
     )
 
 
+COMPACTION_LOCK = "_nilus_compaction.lock"
+"""A local table's compaction in progress (underscored: Delta readers and vacuum skip it)."""
+STALE_LOCK_SECONDS = 600.0
+"""A lock older than this was left by a killed writer: compactions take well under a second."""
+ABANDONED_ENTRY_SECONDS = 3600.0
+
+
+@contextmanager
+def compaction_turn(location: TableLocation) -> Iterator[bool]:
+    """Whether this writer may compact now; on a local table, held exclusively until exit.
+
+    Taking turns by commit version leaves one case open: a compaction so slow that the next
+    interval's writer starts another over the same files, which deltalake 1.6.6 would let
+    commit too. A lock file created only if absent closes it where the table is local.
+    """
+    if not location.is_local:
+        yield True
+        return
+    lock = local_path(location.uri) / COMPACTION_LOCK
+    for _ in range(2):
+        try:
+            os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            break
+        except FileExistsError:
+            try:
+                if time.time() - lock.stat().st_mtime < STALE_LOCK_SECONDS:
+                    yield False
+                    return
+                lock.unlink()
+            except FileNotFoundError:
+                pass  # released meanwhile: try again
+    else:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.unlink(missing_ok=True)
+
+
 def maintain_table(
     table: DeltaTable,
-    uri: str,
+    location: TableLocation,
     *,
     versions: tuple[int, int],
     compact_every: int,
@@ -111,21 +155,27 @@ def maintain_table(
 
     Args:
         table: The snapshot just committed through.
-        uri: The table's URI (redacted before it is logged).
+        location: Where the table is (its URI is redacted before it is logged).
         versions: The table's version before and after the commit.
         compact_every: Compact every this many table versions (0 disables).
         checkpoint_every: Checkpoint every this many table versions (0: Delta's own only).
         metadata: ``commitInfo`` entries the compaction commit carries.
     """
     before, after = versions
+    uri = location.uri
     if crossed(before, after, compact_every):
-        try:
-            table.optimize.compact(
-                commit_properties=CommitProperties(custom_metadata=dict(metadata) or None)
-            )
-        except (CommitFailedError, DeltaError) as exc:
-            # Compaction is an optimisation; a concurrent merge or overwrite wins.
-            logger.warning("%s: compaction skipped: %s", redact(uri), error_text(exc))
+        with compaction_turn(location) as mine:
+            try:
+                if mine:
+                    # Read the table under the lock: a compaction that ran since the snapshot
+                    # was taken has replaced the files this one would rewrite.
+                    table.update_incremental()
+                    table.optimize.compact(
+                        commit_properties=CommitProperties(custom_metadata=dict(metadata) or None)
+                    )
+            except (CommitFailedError, DeltaError) as exc:
+                # Compaction is an optimisation; a concurrent merge or overwrite wins.
+                logger.warning("%s: compaction skipped: %s", redact(uri), error_text(exc))
     if crossed(before, after, checkpoint_every):
         try:
             table.create_checkpoint()
@@ -136,3 +186,5 @@ def maintain_table(
             table.cleanup_metadata()
         except DeltaError as exc:
             logger.warning("%s: log cleanup skipped: %s", redact(uri), error_text(exc))
+        if location.is_local:
+            remove_abandoned_entries(local_path(uri), ABANDONED_ENTRY_SECONDS)
