@@ -5,22 +5,23 @@ hour; a per-tick run commits once or twice. This times that commit alone (the si
 ``prepare`` and ``commit``, maintenance included) for ``--commits`` commits of ``--rows`` orders
 each into a fresh local table, in this one process, per setting:
 
-- ``before``: Delta's 30-day log retention, as every table had before (the same compaction
-  every 100 commits and checkpoint every 10);
-- ``now``: today's defaults (15 minutes of log on a local file system), which within the
-  benchmark's few minutes clean nothing;
-- ``bounded``: today's defaults with the log retention scaled to this benchmark's pace
-  (``--bounded-seconds``, 20 s: about 900 commits here, as 15 minutes are at a commit a
-  second), which is the steady state of a long run.
+- ``before``: every commit through deltalake, with Delta's 30-day log retention, as every
+  table had two stops ago (the same compaction every 100 versions and checkpoint every 10);
+- ``deltalake``: every commit through deltalake, with the log retention scaled to this
+  benchmark's pace (``--bounded-seconds``, 20 s: about 900 commits, as 15 minutes are at a
+  commit a second), which is the steady state of a long run as of the last stop;
+- ``now``: today's defaults, appends written directly (``sink/delta_append.py``), with the
+  same scaled retention.
 
 It reports CPU milliseconds per commit over consecutive windows of ``--window`` commits and the
 log entries left at the end.
 
     .venv/bin/python -m benchmarks.commits                 # 3,000 commits of 5 orders each
-    .venv/bin/python -m benchmarks.commits --commits 600 --settings now
+    .venv/bin/python -m benchmarks.commits --commits 600 --settings deltalake,now
 """
 
 import argparse
+import contextlib
 import resource
 import statistics
 import tempfile
@@ -30,14 +31,28 @@ from pathlib import Path
 from benchmarks.workload import order
 from nilus_dagster.manifest.depots import TableLocation
 from nilus_dagster.messages import MessageBatch
-from nilus_dagster.sink.delta import DeltaSink
+from nilus_dagster.sink import delta
 
 SETTINGS: dict[str, dict[str, object]] = {
     "before": {"log_retention_hours": 30 * 24},
-    "now": {},
-    "bounded": {},  # log_retention_hours from --bounded-seconds
+    "deltalake": {},  # log_retention_hours from --bounded-seconds
+    "now": {},  # the same
 }
-"""Sink options per setting; ``now`` is the sink's defaults."""
+"""Sink options per setting (the others are the sink's defaults)."""
+THROUGH_DELTALAKE = {"before", "deltalake"}
+"""Settings whose appends all go through deltalake, as before direct appends."""
+
+
+@contextlib.contextmanager
+def appends_through_deltalake(enabled: bool):  # type: ignore[no-untyped-def]
+    """Within it, the Delta sink treats every table as one direct appends may not write."""
+    allowed = delta.fast_appends_allowed
+    if enabled:
+        delta.fast_appends_allowed = lambda table, *, local: False  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        delta.fast_appends_allowed = allowed
 
 
 def cpu_seconds() -> float:
@@ -61,7 +76,7 @@ def run(
     setting: str, options: dict[str, object], commits: int, rows: int, folder: Path
 ) -> tuple[list[float], int, int]:
     """Commit ``commits`` small batches; CPU seconds per commit, log entries and rows left."""
-    sink = DeltaSink(TableLocation(str(folder / setting)), app_id="bench", **options)
+    sink = delta.DeltaSink(TableLocation(str(folder / setting)), app_id="bench", **options)
     sink.open()
     costs: list[float] = []
     seq = 1
@@ -80,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--commits", type=int, default=3000)
     parser.add_argument("--rows", type=int, default=5, help="orders per commit")
     parser.add_argument("--window", type=int, default=500, help="commits per column")
-    parser.add_argument("--settings", default="before,now,bounded")
+    parser.add_argument("--settings", default="before,deltalake,now")
     parser.add_argument("--bounded-seconds", type=float, default=20.0)
     args = parser.parse_args(argv)
     windows = range(0, args.commits, args.window)
@@ -95,9 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="nilus-commits-") as folder:
         for setting in args.settings.split(","):
             options = dict(SETTINGS[setting])
-            if setting == "bounded":
+            if setting != "before":
                 options["log_retention_hours"] = args.bounded_seconds / 3600
-            costs, entries, rows = run(setting, options, args.commits, args.rows, Path(folder))
+            with appends_through_deltalake(setting in THROUGH_DELTALAKE):
+                costs, entries, rows = run(setting, options, args.commits, args.rows, Path(folder))
             means = [1000 * statistics.mean(costs[w : w + args.window]) for w in windows]
             print(
                 f"| {setting} | "
