@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -280,6 +281,11 @@ async def _serve_once(
             summary.position = result.position
             committer.reset_tally()
             gap, report_since = 0, now
+            if summary.reports == 1:
+                # A run's pipelines start together and would report in the same moment every
+                # interval, their Dagster events written one after another on this loop while
+                # no pipeline polls. The first interval is drawn at random to spread them.
+                report_since -= random.uniform(0, options.report_every_seconds)
             if on_report is not None:
                 on_report(result)
 
