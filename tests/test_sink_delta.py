@@ -509,6 +509,26 @@ def test_a_compaction_from_a_stale_snapshot_reads_the_table_again_first(tmp_path
     assert [r["id"] for r in table_rows(path)] == list(range(6))
 
 
+def test_a_local_table_is_vacuumed_of_files_past_their_retention(tmp_path: Path) -> None:
+    path = tmp_path / "t"
+    sink = sink_at(path, compact_every=0)
+    for i in range(6):
+        write(sink, batch([{"id": i}], start=i + 1))
+    table = DeltaTable(str(path))
+    table.optimize.compact()
+    # Set on the table (the sink's own floor is an hour), and kept: the manifest sets none.
+    table.alter.set_table_properties({"delta.deletedFileRetentionDuration": "interval 1 seconds"})
+    (path / "part-orphan-of-a-killed-run.parquet").write_bytes(b"PAR1")
+    time.sleep(1.2)
+    args = {"compact_every": 0, "checkpoint_every": 0, "metadata": {}}
+    maintain_table(table, TableLocation(str(path)), versions=(998, 999), **args)
+    assert len(list(path.glob("*.parquet"))) == 8  # nothing due yet
+    maintain_table(table, TableLocation(str(path)), versions=(999, 1000), **args)
+    on_disk = sorted(p.name for p in path.glob("*.parquet"))
+    assert on_disk == sorted(Path(uri).name for uri in DeltaTable(str(path)).file_uris())
+    assert [r["id"] for r in table_rows(path)] == list(range(6))
+
+
 def test_a_local_table_keeps_15_minutes_of_log_and_cleans_older_entries(tmp_path: Path) -> None:
     path = tmp_path / "t"
     write(sink_at(path), batch([{"id": 0}], start=1))
@@ -544,6 +564,8 @@ def test_a_table_from_before_gets_the_log_retention_at_the_first_commit(tmp_path
         write(sink, batch([{"id": i}], start=i + 1))
     table = DeltaTable(str(old))
     assert table.metadata().configuration["delta.logRetentionDuration"] == "interval 900 seconds"
+    files = table.metadata().configuration["delta.deletedFileRetentionDuration"]
+    assert files == "interval 3600 seconds"
     assert table.transaction_version(APP) == 3
     assert sink_at(old).position == 3
 
@@ -573,10 +595,14 @@ def test_setting_the_retention_never_lets_another_writers_rows_through_twice(
 def test_object_store_tables_keep_deltas_default_log_retention() -> None:
     s3 = TableLocation("s3://bucket/analytics/orders")
     assert table_configuration(s3, None) is None
-    assert table_configuration(s3, 48) == {"delta.logRetentionDuration": "interval 172800 seconds"}
+    assert table_configuration(s3, 48) == {
+        "delta.logRetentionDuration": "interval 172800 seconds",
+        "delta.deletedFileRetentionDuration": "interval 172800 seconds",
+    }
     local = TableLocation("file:///data/orders")
     assert table_configuration(local, None) == {
-        "delta.logRetentionDuration": "interval 900 seconds"
+        "delta.logRetentionDuration": "interval 900 seconds",
+        "delta.deletedFileRetentionDuration": "interval 3600 seconds",  # at least an hour
     }
 
 

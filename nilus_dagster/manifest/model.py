@@ -132,9 +132,10 @@ class SinkOptions(_Strict):
         gt=0,
         description=(
             "Hours of Delta log history (time travel) a table the sink creates keeps: its "
-            "delta.logRetentionDuration. Default: "
+            "delta.logRetentionDuration, and its delta.deletedFileRetentionDuration (at least "
+            "1 hour). Default: "
             f"{LOCAL_LOG_RETENTION_HOURS:g} on a local file system, where every commit lists "
-            "the whole log; Delta's own 30 days on object stores."
+            "the whole log; Delta's own 30 days (and a week) on object stores."
         ),
     )
     expire_every: int = Field(

@@ -31,6 +31,10 @@ from nilus_dagster.sink.writer import error_text
 logger = logging.getLogger("nilus_dagster.sink")
 
 LOG_RETENTION_PROPERTY = "delta.logRetentionDuration"
+FILE_RETENTION_PROPERTY = "delta.deletedFileRetentionDuration"
+MIN_FILE_RETENTION_HOURS = 1.0
+VACUUM_EVERY = 1000
+"""Table versions between vacuums of a local table (files compacted away, past retention)."""
 LOG_CLEANUP_EVERY = 100
 """Table versions between removals of log entries past the retention (Delta's own interval)."""
 
@@ -39,6 +43,11 @@ def table_configuration(
     location: TableLocation, log_retention_hours: float | None
 ) -> dict[str, str] | None:
     """The table properties a table the sink creates starts with (``None``: Delta's defaults).
+
+    The log retention, and the retention of removed files, which is at least an hour: it
+    decides how long a compacted-away file's removal stays in every checkpoint (Delta's
+    default, a week, is 600,000 removals for a pipeline committing every second) and how old
+    an unreferenced file must be before vacuum deletes it (a file being committed is new).
 
     Args:
         location: Where the table is created (local tables get a short log retention).
@@ -49,7 +58,14 @@ def table_configuration(
         hours = LOCAL_LOG_RETENTION_HOURS
     if hours is None:
         return None
-    return {LOG_RETENTION_PROPERTY: f"interval {max(1, round(hours * 3600))} seconds"}
+    return {
+        LOG_RETENTION_PROPERTY: _interval(hours),
+        FILE_RETENTION_PROPERTY: _interval(max(hours, MIN_FILE_RETENTION_HOURS)),
+    }
+
+
+def _interval(hours: float) -> str:
+    return f"interval {max(1, round(hours * 3600))} seconds"
 
 
 def bound_log_retention(
@@ -58,29 +74,32 @@ def bound_log_retention(
     log_retention_hours: float | None,
     metadata: Mapping[str, str],
 ) -> None:
-    """Give an existing table the log retention a table the sink creates would get.
+    """Give an existing table the retentions a table the sink creates would get.
 
-    Tables created before the sink set it keep Delta's 30 days, and on a local file system
-    their commits slow down without bound. A retention someone set on the table is kept
-    unless the manifest sets ``log_retention_hours``.
+    Tables created before the sink set them keep Delta's defaults, and on a local file system
+    their commits and checkpoints slow down without bound. A retention someone set on the
+    table is kept unless the manifest sets ``log_retention_hours``.
 
     Args:
         table: The table about to be written.
         location: Where it is.
         log_retention_hours: The manifest's ``log_retention_hours``; ``None`` for the default.
-        metadata: ``commitInfo`` entries the property's commit carries.
+        metadata: ``commitInfo`` entries the properties' commit carries.
     """
     wanted = table_configuration(location, log_retention_hours)
     if wanted is None:
         return
-    current = table.metadata().configuration.get(LOG_RETENTION_PROPERTY)
-    if current == wanted[LOG_RETENTION_PROPERTY] or (
-        current is not None and log_retention_hours is None
-    ):
+    current = table.metadata().configuration
+    missing = {
+        key: value
+        for key, value in wanted.items()
+        if current.get(key) != value and (current.get(key) is None or log_retention_hours)
+    }
+    if not missing:
         return
     try:
         table.alter.set_table_properties(
-            wanted, commit_properties=CommitProperties(custom_metadata=dict(metadata) or None)
+            missing, commit_properties=CommitProperties(custom_metadata=dict(metadata) or None)
         )
     except (CommitFailedError, DeltaError) as exc:
         # An optimisation too; the next run tries again.
@@ -99,6 +118,7 @@ def maintenance_due(versions: tuple[int, int], compact_every: int, checkpoint_ev
         crossed(before, after, compact_every)
         or crossed(before, after, checkpoint_every)
         or crossed(before, after, LOG_CLEANUP_EVERY)
+        or crossed(before, after, VACUUM_EVERY)
     )
 
 
@@ -151,7 +171,7 @@ def maintain_table(
     checkpoint_every: int,
     metadata: Mapping[str, str],
 ) -> None:
-    """Compact and checkpoint ``table`` when a commit moved its version past their interval.
+    """Compact, checkpoint, clean the log of and vacuum ``table``, each at its interval.
 
     Args:
         table: The snapshot just committed through.
@@ -188,3 +208,11 @@ def maintain_table(
             logger.warning("%s: log cleanup skipped: %s", redact(uri), error_text(exc))
         if location.is_local:
             remove_abandoned_entries(local_path(uri), ABANDONED_ENTRY_SECONDS)
+    if location.is_local and crossed(before, after, VACUUM_EVERY):
+        # Without it every small file stays on disk after compaction, and so does each
+        # rewrite of the compacted file. Local tables only: on object stores the sink keeps
+        # Delta's retentions and leaves vacuum to their owners.
+        try:
+            table.vacuum(dry_run=False, full=True)
+        except (CommitFailedError, DeltaError) as exc:
+            logger.warning("%s: vacuum skipped: %s", redact(uri), error_text(exc))
