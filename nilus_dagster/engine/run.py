@@ -12,9 +12,9 @@ import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import ParamSpec
 
@@ -85,13 +85,6 @@ class Ingestion:
     src: JetStreamSource
     committer: Committer
     started: float
-    # One thread for all sink work, so parts and commits keep the pull's order. Kept across
-    # a service's drains: starting and joining a thread per drain cost a served pipeline's
-    # poll more than its commit's bookkeeping.
-    lane: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="nilus-commit"),
-        repr=False,
-    )
 
     @property
     def position(self) -> int:
@@ -236,7 +229,6 @@ async def run_pipeline_async(
             on_progress=on_progress,
         )
         report = await build_report(run, gap=gap, since=started)
-        run.lane.shutdown(wait=False)  # idle: the drain waited for its own work
     log.info(
         "%s: committed %d messages (%s..%s) in %.2fs, %.0f msg/s; position %d, lag %d",
         pipeline.name,
@@ -286,19 +278,15 @@ async def drain_to(
     chunk_bytes = 0
     decoded_ahead = 0  # leading messages of ``chunk`` handed to prepare_part already
     in_flight: asyncio.Future[int] | None = None
-    submitted: list[Future[object]] = []  # this drain's sink work, on the run's one thread
-
-    def submit(work: Callable[[MessageBatch], object], batch: MessageBatch) -> asyncio.Future:
-        submitted[:] = [f for f in submitted if not f.done()]
-        future = run.lane.submit(work, batch)
-        submitted.append(future)
-        return asyncio.wrap_future(future)
+    # One thread for all sink work: parts, commits and their order stay the pull's order.
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nilus-commit")
+    loop = asyncio.get_running_loop()
 
     async def flush(batch: MessageBatch) -> None:
         nonlocal in_flight
         if in_flight is not None:
             await _committed(src, in_flight)
-        in_flight = submit(committer.commit, batch)
+        in_flight = loop.run_in_executor(worker, committer.commit, batch)
         in_flight.add_done_callback(lambda _: report_progress())
 
     def report_progress() -> None:
@@ -335,7 +323,7 @@ async def drain_to(
                 if ahead:
                     part = chunk.split(decoded_ahead)[1].split(ahead)[0]
                     decoded_ahead += ahead
-                    submit(committer.prepare_part, part)
+                    loop.run_in_executor(worker, committer.prepare_part, part)
                 if (deadline and time.monotonic() > deadline) or (stopping and stopping()):
                     break
         if len(chunk):
@@ -345,9 +333,7 @@ async def drain_to(
     finally:
         # Normally idle by now; after a failure or a cancel, no sink work may outlive the
         # drain: a commit already running finishes (it is atomic), queued work is dropped.
-        for future in submitted:
-            future.cancel()
-        wait(submitted)
+        worker.shutdown(wait=True, cancel_futures=True)
         # After a failure or a cancel, rows written ahead of a commit that never came must
         # not ride along with a later one (a service drains again through the same sink).
         committer.drop_parts()

@@ -328,7 +328,6 @@ async def _serve_once(
                     await asyncio.shield(report())
                 except Exception as exc:
                     log.warning("%s: the last report failed: %s", pipeline.name, redact(exc))
-            run.lane.shutdown(wait=False)  # idle: every drain waits for its own work
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:
