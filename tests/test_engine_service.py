@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
@@ -280,3 +281,48 @@ def test_cli_serve_ingests_until_sigint_then_exits_cleanly(
         out, err = serve.communicate(timeout=30)
     assert serve.returncode == 0, err
     assert "orders: 150 messages" in out and "ended by stop" in out, out
+
+
+def test_a_subject_purged_between_polls_is_counted_as_a_gap(
+    nats_server: LocalNatsServer,
+    publisher: Publisher,
+    stream_name: str,
+    write_manifest: Callable[..., Path],
+) -> None:
+    # The service checks for a gap only when the stream removed something since its last
+    # check; other subjects' messages alone never trigger it, a purge between polls does.
+    publisher.create_stream(stream_name, [f"{stream_name}.>"])
+    pipeline = _manifest(write_manifest, nats_server, "orders", stream_name)
+    subject, other = f"{stream_name}.orders", f"{stream_name}.other"
+    options = ServiceOptions(report_every_seconds=0.3, report_every_commits=1000, poll_seconds=0.2)
+    reports: list[RunReport] = []
+
+    def lose_seven() -> None:
+        publisher.publish(subject, [order(i) for i in range(10, 17)])
+        publisher.purge(stream_name, subject=subject)
+
+    async def scenario() -> int:
+        stop = asyncio.Event()
+        first = await asyncio.to_thread(publisher.publish, subject, [order(i) for i in range(10)])
+        service = asyncio.create_task(
+            serve_pipelines_async(
+                [pipeline], stop=stop, options={pipeline.name: options}, on_report=reports.append
+            )
+        )
+        await _caught_up(reports, pipeline.name, first[-1])
+        for i in range(3):  # the stream moves, nothing is removed
+            await asyncio.to_thread(publisher.publish, other, [order(i)])
+            await asyncio.sleep(0.3)
+        # Published and purged while the loop (and so the service) is held: never pulled.
+        holder = threading.Thread(target=lose_seven)
+        holder.start()
+        holder.join()
+        last = await asyncio.to_thread(
+            publisher.publish, subject, [order(i) for i in range(17, 20)]
+        )
+        await _caught_up(reports, pipeline.name, last[-1])
+        stop.set()
+        await service
+        return sum(r.gap for r in reports if r.pipeline == pipeline.name)
+
+    assert asyncio.run(scenario()) == 7

@@ -265,6 +265,8 @@ async def _serve_once(
         run = Ingestion(settings, sink, src, committer, started)
         gap = await log_gap(log, run, stream, sink.position)
         gap_checked = (stream.first_seq, sink.position)
+        # Sequences the stream no longer stores, all subjects: it only grows with a removal.
+        removed_checked = stream.last_seq - stream.messages
         start_seq, start_time = run.start_point(first=True)
         await src.align_durable(start_seq, start_time=start_time)
         drained_to: int | None = None
@@ -296,9 +298,13 @@ async def _serve_once(
                 if stream.last_seq != drained_to and stream.last_seq > position:
                     # Once per new position (or retention move): a gap already counted after
                     # an unmoved position must not be counted again on every round.
-                    if (stream.first_seq, position) != gap_checked:
+                    # Without a removal since the last check, a message missing after the
+                    # position was missing then, after an older position: counted already.
+                    # Skipping saves a shared stream's two direct reads per poll.
+                    removed = stream.last_seq - stream.messages
+                    if (stream.first_seq, position) != gap_checked and removed != removed_checked:
                         gap += await log_gap(log, run, stream, position)
-                        gap_checked = (stream.first_seq, position)
+                        gap_checked, removed_checked = (stream.first_seq, position), removed
                     start_seq, start_time = run.start_point(first=first)
                     await drain_to(
                         run,
