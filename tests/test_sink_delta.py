@@ -24,6 +24,7 @@ from nilus_dagster.sink.delta import (
 )
 from nilus_dagster.sink.delta_maintenance import (
     COMPACTION_LOCK,
+    due,
     maintain_table,
     table_configuration,
 )
@@ -59,6 +60,12 @@ def write(sink: DeltaSink, b: MessageBatch, **kwargs: object) -> CommitResult:
         last_seq=b.last_seq,
         **kwargs,  # type: ignore[arg-type]
     )
+
+
+def turn(path: Path, every: int) -> tuple[int, int]:
+    """Versions ``(v - 1, v)`` of a commit whose version is the table's turn for ``every``."""
+    location = TableLocation(str(path))
+    return next((v - 1, v) for v in range(1, every + 1) if due(location, (v - 1, v), every))
 
 
 def table_rows(path: Path) -> list[dict]:
@@ -449,17 +456,19 @@ def test_compaction_counts_table_versions_so_runs_of_one_commit_compact_too(
 
 def test_writers_sharing_a_table_take_turns_to_compact(tmp_path: Path) -> None:
     # deltalake 1.6.6 lets two compactions of the same files both commit, doubling the rows;
-    # only the writer of the version on the interval compacts, however stale its snapshot.
+    # only the writer of the version that is the table's turn compacts, however stale its
+    # snapshot.
     path = tmp_path / "t"
     write(sink_at(path), batch([{"id": 0}], start=1))  # versions 0 (create) and 1
     late = sink_at(path, compact_every=5)
     other = sink_at(path, app_id="other", compact_every=5)
-    for i in range(1, 5):  # versions 2..5: the one at 5 compacts (version 6)
+    compacts_at = next(v for v in range(2, 7) if due(TableLocation(str(path)), (v - 1, v), 5))
+    for i in range(1, compacts_at):  # versions 2.. up to the turn; the compaction is next
         write(other, batch([{"id": i}], start=100 + i))
-    write(late, batch([{"id": 9}], start=2))  # version 7, opened at 1: not its turn
+    write(late, batch([{"id": 9}], start=2))  # opened at version 1: a stale ``before``
     operations = [entry["operation"] for entry in DeltaTable(str(path)).history()]
     assert operations.count("OPTIMIZE") == 1
-    assert sorted(r["id"] for r in table_rows(path)) == [0, 1, 2, 3, 4, 9]
+    assert sorted(r["id"] for r in table_rows(path)) == [0, *range(1, compacts_at), 9]
 
 
 @pytest.mark.parametrize("lock_age", [None, 5.0, 3600.0], ids=["none", "held", "stale"])
@@ -478,7 +487,7 @@ def test_a_compaction_in_progress_makes_the_next_one_wait_its_turn(
     maintain_table(
         table,
         TableLocation(str(path)),
-        versions=(9, 10),
+        versions=turn(path, 10),
         compact_every=10,
         checkpoint_every=0,
         metadata={},
@@ -501,7 +510,7 @@ def test_a_compaction_from_a_stale_snapshot_reads_the_table_again_first(tmp_path
         maintain_table(
             table,
             TableLocation(str(path)),
-            versions=(9, 10),
+            versions=turn(path, 10),
             compact_every=10,
             checkpoint_every=0,
             metadata={},
@@ -521,9 +530,10 @@ def test_a_local_table_is_vacuumed_of_files_past_their_retention(tmp_path: Path)
     (path / "part-orphan-of-a-killed-run.parquet").write_bytes(b"PAR1")
     time.sleep(1.2)
     args = {"compact_every": 0, "checkpoint_every": 0, "metadata": {}}
-    maintain_table(table, TableLocation(str(path)), versions=(998, 999), **args)
+    before = turn(path, 1000)
+    maintain_table(table, TableLocation(str(path)), versions=(before[0] - 1, before[0]), **args)
     assert len(list(path.glob("*.parquet"))) == 8  # nothing due yet
-    maintain_table(table, TableLocation(str(path)), versions=(999, 1000), **args)
+    maintain_table(table, TableLocation(str(path)), versions=before, **args)
     on_disk = sorted(p.name for p in path.glob("*.parquet"))
     assert on_disk == sorted(Path(uri).name for uri in DeltaTable(str(path)).file_uris())
     assert [r["id"] for r in table_rows(path)] == list(range(6))

@@ -274,7 +274,7 @@ class DeltaSink(SinkWriter):
         after = self.table_version
         assert after is not None
         versions = (max(before, after - 1), after)
-        if maintenance_due(versions, self.compact_every, self.checkpoint_every):
+        if maintenance_due(self.location, versions, self.compact_every, self.checkpoint_every):
             self._catch_up()
             maintain_table(
                 self._table,
@@ -403,7 +403,10 @@ class DeltaSink(SinkWriter):
     def _catch_up(self) -> None:
         """Bring the snapshot up to the table's newest version after direct appends."""
         if self._appended is not None and self._table is not None:
-            self._table.update_incremental()
+            try:
+                self._table.update_incremental()
+            except DeltaError:  # its next entries were cleaned: the next commit re-checks
+                self._table = self._load(self.location.uri)
             self._appended = None
 
     def _sync_snapshot(self) -> None:
@@ -417,15 +420,27 @@ class DeltaSink(SinkWriter):
         if self._appended is not None:
             # Direct appends check the position themselves; the snapshot is behind them.
             return
-        if self._table is not None and self._table.transaction_version(self.app_id) != (
-            self._version
-        ):
+        found = self._snapshot_position()
+        if self._table is not None and found != self._version:
             # Maintenance refreshed the snapshot and it holds another writer's position.
             self._stale = True
             raise PositionConflict(
                 f"{redact(self.location.uri)}: another writer moved the position of "
-                f"{self.app_id!r} to {self._table.transaction_version(self.app_id)}; open() again"
+                f"{self.app_id!r} to {found}; open() again"
             )
+
+    def _snapshot_position(self) -> int | None:
+        """The pipeline's ``txn`` version in the snapshot, read afresh if its log was cleaned."""
+        if self._table is None:
+            return None
+        try:
+            return self._table.transaction_version(self.app_id)
+        except DeltaError:
+            # The entries this snapshot still had to read are gone: the writer was quiet for
+            # longer than the log retention while others committed. A fresh snapshot holding
+            # the same position is as good to write through.
+            self._table = self._load(self.location.uri)
+            return self._table.transaction_version(self.app_id) if self._table else None
 
     def _load(self, uri: str) -> DeltaTable | None:
         try:

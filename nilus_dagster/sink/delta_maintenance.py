@@ -16,6 +16,7 @@ commit that ran it.
 import logging
 import os
 import time
+import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
@@ -111,15 +112,26 @@ def crossed(before: int, after: int, every: int) -> bool:
     return every > 0 and after // every > before // every
 
 
-def maintenance_due(versions: tuple[int, int], compact_every: int, checkpoint_every: int) -> bool:
+def maintenance_due(
+    location: TableLocation, versions: tuple[int, int], compact_every: int, checkpoint_every: int
+) -> bool:
     """Whether a commit from ``versions[0]`` to ``versions[1]`` leaves work for maintenance."""
-    before, after = versions
-    return (
-        crossed(before, after, compact_every)
-        or crossed(before, after, checkpoint_every)
-        or crossed(before, after, LOG_CLEANUP_EVERY)
-        or crossed(before, after, VACUUM_EVERY)
+    return any(
+        due(location, versions, every)
+        for every in (compact_every, checkpoint_every, LOG_CLEANUP_EVERY, VACUUM_EVERY)
     )
+
+
+def due(location: TableLocation, versions: tuple[int, int], every: int) -> bool:
+    """Whether the table's versions ``versions[0]`` -> ``versions[1]`` passed its turn.
+
+    Each table's turns are shifted by a number drawn from its URI: a fleet's pipelines start
+    together and commit at the same pace, and would otherwise all compact (or checkpoint) in
+    the same few seconds, each time. Every writer of one table agrees on its turns.
+    """
+    shift = zlib.crc32(location.uri.encode())
+    before, after = versions
+    return crossed(before + shift, after + shift, every)
 
 
 COMPACTION_LOCK = "_nilus_compaction.lock"
@@ -181,9 +193,8 @@ def maintain_table(
         checkpoint_every: Checkpoint every this many table versions (0: Delta's own only).
         metadata: ``commitInfo`` entries the compaction commit carries.
     """
-    before, after = versions
     uri = location.uri
-    if crossed(before, after, compact_every):
+    if due(location, versions, compact_every):
         with compaction_turn(location) as mine:
             try:
                 if mine:
@@ -196,19 +207,19 @@ def maintain_table(
             except (CommitFailedError, DeltaError) as exc:
                 # Compaction is an optimisation; a concurrent merge or overwrite wins.
                 logger.warning("%s: compaction skipped: %s", redact(uri), error_text(exc))
-    if crossed(before, after, checkpoint_every):
+    if due(location, versions, checkpoint_every):
         try:
             table.create_checkpoint()
         except DeltaError as exc:
             logger.warning("%s: checkpoint skipped: %s", redact(uri), error_text(exc))
-    if crossed(before, after, LOG_CLEANUP_EVERY):
+    if due(location, versions, LOG_CLEANUP_EVERY):
         try:
             table.cleanup_metadata()
         except DeltaError as exc:
             logger.warning("%s: log cleanup skipped: %s", redact(uri), error_text(exc))
         if location.is_local:
             remove_abandoned_entries(local_path(uri), ABANDONED_ENTRY_SECONDS)
-    if location.is_local and crossed(before, after, VACUUM_EVERY):
+    if location.is_local and due(location, versions, VACUUM_EVERY):
         # Without it every small file stays on disk after compaction, and so does each
         # rewrite of the compacted file. Local tables only: on object stores the sink keeps
         # Delta's retentions and leaves vacuum to their owners.
