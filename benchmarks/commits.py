@@ -31,7 +31,7 @@ from pathlib import Path
 from benchmarks.workload import order
 from nilus_dagster.manifest.depots import TableLocation
 from nilus_dagster.messages import MessageBatch
-from nilus_dagster.sink import delta
+from nilus_dagster.sink import delta, delta_append
 
 SETTINGS: dict[str, dict[str, object]] = {
     "before": {"log_retention_hours": 30 * 24},
@@ -46,13 +46,13 @@ THROUGH_DELTALAKE = {"before", "deltalake"}
 @contextlib.contextmanager
 def appends_through_deltalake(enabled: bool):  # type: ignore[no-untyped-def]
     """Within it, the Delta sink treats every table as one direct appends may not write."""
-    allowed = delta.fast_appends_allowed
+    allowed = delta_append.fast_appends_allowed
     if enabled:
-        delta.fast_appends_allowed = lambda table, *, local: False  # type: ignore[assignment]
+        delta_append.fast_appends_allowed = lambda table, *, local: False  # type: ignore[assignment]
     try:
         yield
     finally:
-        delta.fast_appends_allowed = allowed
+        delta_append.fast_appends_allowed = allowed
 
 
 def cpu_seconds() -> float:

@@ -68,6 +68,20 @@ def turn(path: Path, every: int) -> tuple[int, int]:
     return next((v - 1, v) for v in range(1, every + 1) if due(location, (v - 1, v), every))
 
 
+def six_small_files(path: Path) -> None:
+    """A table of six one-row commits, never compacted."""
+    sink = sink_at(path, compact_every=0)
+    for i in range(6):
+        write(sink, batch([{"id": i}], start=i + 1))
+
+
+def compact_at_its_turn(table: DeltaTable, path: Path) -> None:
+    """Run maintenance through ``table`` as after a commit on the table's compaction turn."""
+    location = TableLocation(str(path))
+    args = {"compact_every": 10, "checkpoint_every": 0, "metadata": {}}
+    maintain_table(table, location, versions=turn(path, 10), **args)  # type: ignore[arg-type]
+
+
 def table_rows(path: Path) -> list[dict]:
     rows = DeltaTable(str(path)).to_pyarrow_table().to_pylist()
     return sorted(rows, key=lambda r: r["_nats_seq"])
@@ -476,22 +490,12 @@ def test_a_compaction_in_progress_makes_the_next_one_wait_its_turn(
     tmp_path: Path, lock_age: float | None
 ) -> None:
     path = tmp_path / "t"
-    sink = sink_at(path, compact_every=0)
-    for i in range(6):
-        write(sink, batch([{"id": i}], start=i + 1))
+    six_small_files(path)
     lock = path / COMPACTION_LOCK
     if lock_age is not None:  # another writer compacting (or killed while it did)
         lock.touch()
         os.utime(lock, (time.time() - lock_age, time.time() - lock_age))
-    table = DeltaTable(str(path))
-    maintain_table(
-        table,
-        TableLocation(str(path)),
-        versions=turn(path, 10),
-        compact_every=10,
-        checkpoint_every=0,
-        metadata={},
-    )
+    compact_at_its_turn(DeltaTable(str(path)), path)
     compacted = [e["operation"] for e in DeltaTable(str(path)).history()].count("OPTIMIZE")
     assert compacted == (0 if lock_age == 5.0 else 1)
     assert lock.exists() == (lock_age == 5.0)  # a lock it took is released
@@ -502,27 +506,16 @@ def test_a_compaction_from_a_stale_snapshot_reads_the_table_again_first(tmp_path
     # deltalake 1.6.6 lets two compactions of the same files both commit (every compacted row
     # twice); the second one, taken from the same snapshot, must see the first's result.
     path = tmp_path / "t"
-    sink = sink_at(path, compact_every=0)
-    for i in range(6):
-        write(sink, batch([{"id": i}], start=i + 1))
+    six_small_files(path)
     first, second = DeltaTable(str(path)), DeltaTable(str(path))
     for table in (first, second):
-        maintain_table(
-            table,
-            TableLocation(str(path)),
-            versions=turn(path, 10),
-            compact_every=10,
-            checkpoint_every=0,
-            metadata={},
-        )
+        compact_at_its_turn(table, path)
     assert [r["id"] for r in table_rows(path)] == list(range(6))
 
 
 def test_a_local_table_is_vacuumed_of_files_past_their_retention(tmp_path: Path) -> None:
     path = tmp_path / "t"
-    sink = sink_at(path, compact_every=0)
-    for i in range(6):
-        write(sink, batch([{"id": i}], start=i + 1))
+    six_small_files(path)
     table = DeltaTable(str(path))
     table.optimize.compact()
     # Set on the table (the sink's own floor is an hour), and kept: the manifest sets none.

@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import pyarrow as pa
 from deltalake import CommitProperties, DeltaTable, write_deltalake
-from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
+from deltalake.exceptions import DeltaError
 
 from nilus_dagster.errors import SinkError
 from nilus_dagster.manifest.depots import DEAD_LETTER_SUFFIX, TableLocation
@@ -24,13 +24,7 @@ from nilus_dagster.manifest.model import (
     IncrementalStrategy,
 )
 from nilus_dagster.redaction import redact
-from nilus_dagster.sink.delta_append import (
-    AppendConflict,
-    append_to_log,
-    fast_appends_allowed,
-    local_path,
-    rows_for_table,
-)
+from nilus_dagster.sink.delta_append import AppendConflict, DirectAppends
 from nilus_dagster.sink.delta_facts import (
     find_stream_created,
     newest_timestamp,
@@ -44,21 +38,22 @@ from nilus_dagster.sink.delta_maintenance import (
 )
 from nilus_dagster.sink.delta_writes import (
     commit_properties,
+    create_empty_table,
+    load_table,
     merge_rows,
-    timestamp_literal,
+    window_predicate,
+    write_error,
     write_rows,
 )
 from nilus_dagster.sink.partitioning import check_partition_columns, check_partitioning
 from nilus_dagster.sink.rows import after_position
 from nilus_dagster.sink.schema import METADATA_SCHEMA
-from nilus_dagster.sink.storage_errors import storage_error
 from nilus_dagster.sink.writer import (
     STREAM_CREATED_KEY,
     CommitResult,
     PositionConflict,
     SinkState,
     SinkWriter,
-    error_text,
 )
 
 # What deltalake raises for a failed write (object stores surface as OSError); anything else
@@ -128,8 +123,7 @@ class DeltaSink(SinkWriter):
         self._dead_version: int | None = None
         self._stream_created: str | None = None
         self._schema: tuple[int, pa.Schema] | None = None
-        self._direct: tuple[int, bool] | None = None  # (snapshot version, direct appends allowed)
-        self._appended: int | None = None  # version of the last such append, ahead of _table
+        self._direct = DirectAppends(location, app_id)
 
     @classmethod
     def read_schema(cls, location: TableLocation) -> pa.Schema | None:
@@ -151,7 +145,7 @@ class DeltaSink(SinkWriter):
                 "false: create the table first, or set create_table: true under "
                 "spec.sink.options to let the first run create it"
             )
-        self._appended = None
+        self._direct.appended = None
         if self._table is not None:
             check_partitioning(
                 self.partition_by, self._table.metadata().partition_columns, self.location.uri
@@ -174,7 +168,8 @@ class DeltaSink(SinkWriter):
         """The Delta table's version as of the last commit or read, ``None`` without a table."""
         if self._table is None:
             return None
-        return self._appended if self._appended is not None else self._table.version()
+        appended = self._direct.appended
+        return appended if appended is not None else self._table.version()
 
     def schema(self) -> pa.Schema | None:
         """The table's schema as Arrow, or ``None`` when the table does not exist."""
@@ -254,7 +249,11 @@ class DeltaSink(SinkWriter):
             before = self.table_version
             assert before is not None
             appending = self.strategy == "append" or (self.strategy == "replace" and not overwrite)
-            if not (appending and self._append_directly(rows, before, last_seq, metadata)):
+            schema = self.schema() if appending else None
+            direct = schema is not None and self._direct.append(
+                self._table, rows, schema, before, last_seq=last_seq, metadata=metadata
+            )
+            if not direct:
                 self._sync_snapshot()
                 if self.strategy == "merge":
                     when = "t.`_nats_seq` < s.`_nats_seq`"
@@ -266,11 +265,8 @@ class DeltaSink(SinkWriter):
             raise self._error(exc, "commit to") from None
         self._version = last_seq
         self._stream_created = metadata.get(STREAM_CREATED_KEY, self._stream_created)
-        # Maintenance is due by this commit's own version, which has one writer: writers that
-        # share a table take turns. deltalake 1.6.6 lets two compactions of the same files
-        # both commit (removes with dataChange=false pass its conflict check), which doubles
-        # every row compacted; counting from a stale ``before`` let several writers compact
-        # at once (measured: three writers racing, three compactions, rows three times).
+        # Due by this commit's own version, which has one writer, not from a stale ``before``:
+        # several writers compacting at once doubled rows (delta_maintenance.compaction_turn).
         after = self.table_version
         assert after is not None
         versions = (max(before, after - 1), after)
@@ -320,11 +316,7 @@ class DeltaSink(SinkWriter):
         self._sync_snapshot()
         replay = self.replay_window(rows, dead_letters, start, end, up_to)
         metadata = self._metadata(commit_metadata)
-        start_text, end_text = timestamp_literal(replay.start), timestamp_literal(replay.end)
-        predicate = (
-            f"`_nats_timestamp` >= '{start_text}' AND `_nats_timestamp` < '{end_text}' "
-            f"AND `_nats_seq` <= {int(replay.up_to)}"
-        )
+        predicate = window_predicate(replay.start, replay.end, replay.up_to)
         rows, dead = replay.rows, replay.dead_letters
         dead_count = 0
         if dead is not None and (self._dead is not None or dead.num_rows):
@@ -354,7 +346,11 @@ class DeltaSink(SinkWriter):
             if self._table is None:
                 assert rows is not None
                 self._table = self._create(self.location.uri, rows, self._version)
-            source = rows if rows is not None else self._empty_rows()
+            source = (
+                rows
+                if rows is not None
+                else pa.schema(self._table.schema().to_arrow()).empty_table()
+            )
             if self.strategy == "merge":
                 when = "t.`_nats_seq` <= s.`_nats_seq`"
                 merge_rows(
@@ -370,54 +366,24 @@ class DeltaSink(SinkWriter):
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _append_directly(
-        self, rows: pa.Table, version: int, last_seq: int, metadata: Mapping[str, str]
-    ) -> bool:
-        """Append through :func:`append_to_log`; ``False`` when deltalake must write ``rows``."""
-        schema = self.schema()
-        fitted = rows_for_table(rows, schema) if schema and self._direct_allowed() else None
-        if fitted is not None:
-            self._appended = append_to_log(
-                local_path(self.location.uri),
-                version,
-                fitted,
-                app_id=self.app_id,
-                txn_version=last_seq,
-                metadata=metadata,
-            )
-        return fitted is not None
-
-    def _direct_allowed(self) -> bool:
-        """Whether the snapshot's protocol and metadata let appends bypass deltalake.
-
-        Read again whenever the snapshot moves: a writer may have added a constraint or a
-        table feature since. Versions a direct append skips over are read by it instead.
-        """
-        assert self._table is not None
-        version = self._table.version()
-        if self._direct is None or self._direct[0] != version:
-            allowed = fast_appends_allowed(self._table, local=self.location.is_local)
-            self._direct = (version, allowed)
-        return self._direct[1]
-
     def _catch_up(self) -> None:
         """Bring the snapshot up to the table's newest version after direct appends."""
-        if self._appended is not None and self._table is not None:
+        if self._direct.appended is not None and self._table is not None:
             try:
                 self._table.update_incremental()
             except DeltaError:  # its next entries were cleaned: the next commit re-checks
                 self._table = self._load(self.location.uri)
-            self._appended = None
+            self._direct.appended = None
 
     def _sync_snapshot(self) -> None:
         """Catch up before deltalake writes, and check that the position is still this run's."""
-        if self._appended is not None:
+        if self._direct.appended is not None:
             self._catch_up()
             self._require_open()
 
     def _require_open(self) -> None:
         super()._require_open()
-        if self._appended is not None:
+        if self._direct.appended is not None:
             # Direct appends check the position themselves; the snapshot is behind them.
             return
         found = self._snapshot_position()
@@ -443,18 +409,7 @@ class DeltaSink(SinkWriter):
             return self._table.transaction_version(self.app_id) if self._table else None
 
     def _load(self, uri: str) -> DeltaTable | None:
-        try:
-            return DeltaTable(uri, storage_options=self._options)
-        except TableNotFoundError:
-            return None
-        except Exception as exc:
-            explained = storage_error(f"cannot open Delta table {redact(uri)}", exc, self.location)
-            if explained:
-                raise explained from None
-            raise SinkError(
-                f"cannot open Delta table {redact(uri)}: {error_text(exc)}. Check the storage "
-                "root and its storage options (credentials, region, endpoint)"
-            ) from None
+        return load_table(uri, self._options, self.location)
 
     def _metadata(self, extra: Mapping[str, str] | None) -> dict[str, str]:
         # Every commit carries the stream's creation time forward, so the newest commit
@@ -480,15 +435,13 @@ class DeltaSink(SinkWriter):
         if main:
             check_partition_columns(self.partition_by, rows, uri)
             self._retention_bounded = True  # created with it: nothing to set at the next commit
-        write_deltalake(
+        table = create_empty_table(
             uri,
-            rows.slice(0, 0),
-            mode="ignore",
-            partition_by=list(self.partition_by) if main and self.partition_by else None,
+            rows.schema,
+            partition_by=self.partition_by if main else (),
             configuration=table_configuration(self.location, self.log_retention_hours),
             storage_options=self._options,
         )
-        table = DeltaTable(uri, storage_options=self._options)
         found = table.transaction_version(self.app_id)
         if found != version:
             self._stale = True
@@ -497,10 +450,6 @@ class DeltaSink(SinkWriter):
                 "opened; open() again to read the current position"
             )
         return table
-
-    def _empty_rows(self) -> pa.Table:
-        assert self._table is not None
-        return pa.schema(self._table.schema().to_arrow()).empty_table()
 
     def _write_dead_letters(
         self, dead: pa.Table | None, last_seq: int, metadata: Mapping[str, str]
@@ -526,21 +475,9 @@ class DeltaSink(SinkWriter):
         return dead.num_rows
 
     def _error(self, exc: Exception, action: str, dead: bool = False) -> SinkError:
-        uri = (self.dead_letter_location if dead else self.location).uri
-        text = error_text(exc)
-        # deltalake 1.6.6 raised CommitFailedError for every lost race measured (racing
-        # writers, local table): a concurrent txn, data or overwrite, metadata or protocol
-        # changed by a racing create, a taken commit version retried until out of attempts.
-        if isinstance(exc, (CommitFailedError, AppendConflict)):
-            self._stale = True
-            return PositionConflict(
-                f"another writer committed to {redact(uri)} since it was opened ({text}); "
-                "open() again to read the current position"
-            )
-        if isinstance(exc, SinkError):
-            return exc
-        explained = storage_error(f"cannot {action} Delta table {redact(uri)}", exc, self.location)
-        return explained or SinkError(f"cannot {action} Delta table {redact(uri)}: {text}")
+        error = write_error(exc, action, (self.dead_letter_location if dead else self.location))
+        self._stale = self._stale or isinstance(error, PositionConflict)
+        return error
 
 
 __all__ = [

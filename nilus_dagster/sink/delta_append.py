@@ -37,6 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
 
+from nilus_dagster.manifest.depots import TableLocation
 from nilus_dagster.version import __version__
 
 PENDING_PREFIX = "_commit_"
@@ -49,6 +50,65 @@ _CLIENT = f"nilus-dagster-{__version__}"
 
 class AppendConflict(Exception):
     """A commit since the position was read touched the pipeline's ``txn`` or the schema."""
+
+
+class DirectAppends:
+    """One writer's direct appends to one table: when they may be used, and how far they went.
+
+    Args:
+        location: The table (direct appends need it on the local file system).
+        app_id: The pipeline's ``txn`` app id.
+
+    Attributes:
+        appended: The version of the last direct append, ahead of the writer's deltalake
+            snapshot; ``None`` once the snapshot caught up (or before any).
+    """
+
+    def __init__(self, location: TableLocation, app_id: str):
+        self.location = location
+        self.app_id = app_id
+        self.appended: int | None = None
+        self._allowed: tuple[int, bool] | None = None  # (snapshot version, allowed)
+
+    def allowed(self, table: DeltaTable) -> bool:
+        """Whether ``table``'s protocol and metadata let appends bypass deltalake.
+
+        Read again whenever the snapshot moves: a writer may have added a constraint or a
+        table feature since. Versions an append skips over are read by it instead.
+        """
+        version = table.version()
+        if self._allowed is None or self._allowed[0] != version:
+            self._allowed = (version, fast_appends_allowed(table, local=self.location.is_local))
+        return self._allowed[1]
+
+    def append(
+        self,
+        table: DeltaTable,
+        rows: pa.Table,
+        schema: pa.Schema,
+        version: int,
+        *,
+        last_seq: int,
+        metadata: Mapping[str, str],
+    ) -> bool:
+        """Append ``rows`` after ``version`` directly; ``False`` when deltalake must write them.
+
+        Raises:
+            AppendConflict: A commit since ``version`` moved the position or the schema.
+            OSError: The file system refused a write.
+        """
+        fitted = rows_for_table(rows, schema) if self.allowed(table) else None
+        if fitted is None:
+            return False
+        self.appended = append_to_log(
+            local_path(self.location.uri),
+            version,
+            fitted,
+            app_id=self.app_id,
+            txn_version=last_seq,
+            metadata=metadata,
+        )
+        return True
 
 
 def fast_appends_allowed(table: DeltaTable, *, local: bool) -> bool:

@@ -1,4 +1,4 @@
-"""Writing Arrow rows through a Delta snapshot: commit properties, chunk layout, SQL literals.
+"""Delta table mechanics: load, create, write, merge, predicates, and what a failure means.
 
 Kept apart from :mod:`nilus_dagster.sink.delta` so the sink holds the exactly-once protocol
 (which snapshot, which position) and this module the mechanics of one write.
@@ -10,8 +10,86 @@ from typing import Literal
 
 import pyarrow as pa
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
+from nilus_dagster.errors import SinkError
+from nilus_dagster.manifest.depots import TableLocation
+from nilus_dagster.redaction import redact
+from nilus_dagster.sink.delta_append import AppendConflict
 from nilus_dagster.sink.rows import latest_per_key
+from nilus_dagster.sink.storage_errors import storage_error
+from nilus_dagster.sink.writer import PositionConflict, error_text
+
+
+def load_table(
+    uri: str, storage_options: Mapping[str, str] | None, location: TableLocation
+) -> DeltaTable | None:
+    """The table at ``uri``, or ``None`` when there is none.
+
+    Raises:
+        SinkError: It cannot be read (what to check is named; secrets are redacted).
+    """
+    try:
+        return DeltaTable(uri, storage_options=dict(storage_options or {}) or None)
+    except TableNotFoundError:
+        return None
+    except Exception as exc:
+        explained = storage_error(f"cannot open Delta table {redact(uri)}", exc, location)
+        if explained:
+            raise explained from None
+        raise SinkError(
+            f"cannot open Delta table {redact(uri)}: {error_text(exc)}. Check the storage "
+            "root and its storage options (credentials, region, endpoint)"
+        ) from None
+
+
+def create_empty_table(
+    uri: str,
+    schema: pa.Schema,
+    *,
+    partition_by: Sequence[str],
+    configuration: Mapping[str, str] | None,
+    storage_options: Mapping[str, str] | None,
+) -> DeltaTable:
+    """Create the table with ``schema`` and no rows (nothing when it exists); return it."""
+    options = dict(storage_options or {}) or None
+    write_deltalake(
+        uri,
+        schema.empty_table(),
+        mode="ignore",
+        partition_by=list(partition_by) or None,
+        configuration=dict(configuration) if configuration else None,
+        storage_options=options,
+    )
+    return DeltaTable(uri, storage_options=options)
+
+
+def write_error(exc: Exception, action: str, location: TableLocation) -> SinkError:
+    """What a failed write to the table at ``location`` means for the writer.
+
+    deltalake 1.6.6 raised ``CommitFailedError`` for every lost race measured (racing writers,
+    local table): a concurrent txn, data or overwrite, metadata or protocol changed by a racing
+    create, a taken commit version retried until out of attempts. Those, and a direct append's
+    conflict, are a :class:`PositionConflict`.
+    """
+    uri, text = location.uri, error_text(exc)
+    if isinstance(exc, (CommitFailedError, AppendConflict)):
+        return PositionConflict(
+            f"another writer committed to {redact(uri)} since it was opened ({text}); "
+            "open() again to read the current position"
+        )
+    if isinstance(exc, SinkError):
+        return exc
+    explained = storage_error(f"cannot {action} Delta table {redact(uri)}", exc, location)
+    return explained or SinkError(f"cannot {action} Delta table {redact(uri)}: {text}")
+
+
+def window_predicate(start: datetime, end: datetime, up_to: int) -> str:
+    """The rows a window replay replaces: stamped in ``[start, end)``, at or below ``up_to``."""
+    return (
+        f"`_nats_timestamp` >= '{timestamp_literal(start)}' "
+        f"AND `_nats_timestamp` < '{timestamp_literal(end)}' AND `_nats_seq` <= {int(up_to)}"
+    )
 
 
 def commit_properties(
