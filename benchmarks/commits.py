@@ -46,13 +46,13 @@ THROUGH_DELTALAKE = {"before", "deltalake"}
 @contextlib.contextmanager
 def appends_through_deltalake(enabled: bool):  # type: ignore[no-untyped-def]
     """Within it, the Delta sink treats every table as one direct appends may not write."""
-    allowed = delta_append.fast_appends_allowed
+    allowed = delta_append.direct_appends_allowed
     if enabled:
-        delta_append.fast_appends_allowed = lambda table, *, local: False  # type: ignore[assignment]
+        delta_append.direct_appends_allowed = lambda table, *, local: False  # type: ignore[assignment]
     try:
         yield
     finally:
-        delta_append.fast_appends_allowed = allowed
+        delta_append.direct_appends_allowed = allowed
 
 
 def cpu_seconds() -> float:

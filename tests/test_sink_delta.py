@@ -62,10 +62,9 @@ def write(sink: DeltaSink, b: MessageBatch, **kwargs: object) -> CommitResult:
     )
 
 
-def turn(path: Path, every: int) -> tuple[int, int]:
-    """Versions ``(v - 1, v)`` of a commit whose version is the table's turn for ``every``."""
-    location = TableLocation(str(path))
-    return next((v - 1, v) for v in range(1, every + 1) if due(location, (v - 1, v), every))
+def turn(path: Path, every: int) -> int:
+    """A version that is the table's turn for work done every ``every`` versions."""
+    return next(v for v in range(1, every + 1) if due(TableLocation(str(path)), v, every))
 
 
 def six_small_files(path: Path) -> None:
@@ -79,7 +78,7 @@ def compact_at_its_turn(table: DeltaTable, path: Path) -> None:
     """Run maintenance through ``table`` as after a commit on the table's compaction turn."""
     location = TableLocation(str(path))
     args = {"compact_every": 10, "checkpoint_every": 0, "metadata": {}}
-    maintain_table(table, location, versions=turn(path, 10), **args)  # type: ignore[arg-type]
+    maintain_table(table, location, version=turn(path, 10), **args)  # type: ignore[arg-type]
 
 
 def table_rows(path: Path) -> list[dict]:
@@ -476,7 +475,7 @@ def test_writers_sharing_a_table_take_turns_to_compact(tmp_path: Path) -> None:
     write(sink_at(path), batch([{"id": 0}], start=1))  # versions 0 (create) and 1
     late = sink_at(path, compact_every=5)
     other = sink_at(path, app_id="other", compact_every=5)
-    compacts_at = next(v for v in range(2, 7) if due(TableLocation(str(path)), (v - 1, v), 5))
+    compacts_at = next(v for v in range(2, 7) if due(TableLocation(str(path)), v, 5))
     for i in range(1, compacts_at):  # versions 2.. up to the turn; the compaction is next
         write(other, batch([{"id": i}], start=100 + i))
     write(late, batch([{"id": 9}], start=2))  # opened at version 1: a stale ``before``
@@ -523,10 +522,10 @@ def test_a_local_table_is_vacuumed_of_files_past_their_retention(tmp_path: Path)
     (path / "part-orphan-of-a-killed-run.parquet").write_bytes(b"PAR1")
     time.sleep(1.2)
     args = {"compact_every": 0, "checkpoint_every": 0, "metadata": {}}
-    before = turn(path, 1000)
-    maintain_table(table, TableLocation(str(path)), versions=(before[0] - 1, before[0]), **args)
+    vacuums_at = turn(path, 1000)
+    maintain_table(table, TableLocation(str(path)), version=vacuums_at - 1, **args)
     assert len(list(path.glob("*.parquet"))) == 8  # nothing due yet
-    maintain_table(table, TableLocation(str(path)), versions=before, **args)
+    maintain_table(table, TableLocation(str(path)), version=vacuums_at, **args)
     on_disk = sorted(p.name for p in path.glob("*.parquet"))
     assert on_disk == sorted(Path(uri).name for uri in DeltaTable(str(path)).file_uris())
     assert [r["id"] for r in table_rows(path)] == list(range(6))

@@ -18,7 +18,7 @@ from nilus_dagster.sink.delta import DeltaSink, PositionConflict
 from nilus_dagster.sink.delta_append import (
     AppendConflict,
     append_to_log,
-    fast_appends_allowed,
+    direct_appends_allowed,
     file_statistics,
     remove_abandoned_entries,
 )
@@ -246,12 +246,12 @@ def test_tables_that_need_more_than_the_direct_path_go_through_deltalake(
     DeltaTable(str(constrained)).alter.add_constraint({"positive": "amount > 0"})
     commit(open_sink(partitioned, partition_by=["paid"]), orders(1, 3))
     for path in (constrained, partitioned):
-        assert not fast_appends_allowed(DeltaTable(str(path)), local=True)
+        assert not direct_appends_allowed(DeltaTable(str(path)), local=True)
         commit(
             open_sink(path, partition_by=["paid"] if path == partitioned else None), orders(4, 3)
         )
         assert writers(path)[-1].startswith("delta-rs")
-    assert not fast_appends_allowed(DeltaTable(str(partitioned)), local=False)
+    assert not direct_appends_allowed(DeltaTable(str(partitioned)), local=False)
 
 
 def test_append_to_log_refuses_a_version_whose_commit_changed_the_schema(tmp_path: Path) -> None:
@@ -298,7 +298,7 @@ def test_an_append_after_the_log_was_cleaned_past_it_conflicts_and_loses_nothing
         tmp_path / f"t{i}"
         for i in range(1000)
         if not any(
-            due(TableLocation(str(tmp_path / f"t{i}")), (v - 1, v), every)
+            due(TableLocation(str(tmp_path / f"t{i}")), v, every)
             for v in (1, 2)
             for every in (10, LOG_CLEANUP_EVERY, VACUUM_EVERY)
         )

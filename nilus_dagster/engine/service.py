@@ -296,11 +296,10 @@ async def _serve_once(
                 stream = await src.stream_state()
                 position = sink.position
                 if stream.last_seq != drained_to and stream.last_seq > position:
-                    # Once per new position (or retention move): a gap already counted after
-                    # an unmoved position must not be counted again on every round.
-                    # Without a removal since the last check, a message missing after the
-                    # position was missing then, after an older position: counted already.
-                    # Skipping saves a shared stream's two direct reads per poll.
+                    # Checked again only for a new position and after a removal: with no
+                    # removal since the last check, a message missing after the position was
+                    # missing then too and counted then. Each check costs a shared stream two
+                    # direct reads.
                     removed = stream.last_seq - stream.messages
                     if (stream.first_seq, position) != gap_checked and removed != removed_checked:
                         gap += await log_gap(log, run, stream, position)

@@ -265,17 +265,14 @@ class DeltaSink(SinkWriter):
             raise self._error(exc, "commit to") from None
         self._version = last_seq
         self._stream_created = metadata.get(STREAM_CREATED_KEY, self._stream_created)
-        # Due by this commit's own version, which has one writer, not from a stale ``before``:
-        # several writers compacting at once doubled rows (delta_maintenance.compaction_turn).
-        after = self.table_version
-        assert after is not None
-        versions = (max(before, after - 1), after)
-        if maintenance_due(self.location, versions, self.compact_every, self.checkpoint_every):
+        version = self.table_version  # the one this commit made: maintenance goes by it
+        assert version is not None
+        if maintenance_due(self.location, version, self.compact_every, self.checkpoint_every):
             self._catch_up()
             maintain_table(
                 self._table,
                 self.location,
-                versions=versions,
+                version=version,
                 compact_every=self.compact_every,
                 checkpoint_every=self.checkpoint_every,
                 metadata=metadata,

@@ -17,7 +17,7 @@ written since are read:
 - anything else (another pipeline's commit, a compaction) does not touch what this append
   decided, and the entry goes to the next free version.
 
-Used only where nothing more is needed (:func:`fast_appends_allowed`): a table on the local file
+Used only where nothing more is needed (:func:`direct_appends_allowed`): a table on the local file
 system, unpartitioned, whose protocol asks for no writer feature, and rows that cast to the
 table's schema as they are (:func:`rows_for_table`). Everything else goes through deltalake.
 """
@@ -78,7 +78,7 @@ class DirectAppends:
         """
         version = table.version()
         if self._allowed is None or self._allowed[0] != version:
-            self._allowed = (version, fast_appends_allowed(table, local=self.location.is_local))
+            self._allowed = (version, direct_appends_allowed(table, local=self.location.is_local))
         return self._allowed[1]
 
     def append(
@@ -111,7 +111,7 @@ class DirectAppends:
         return True
 
 
-def fast_appends_allowed(table: DeltaTable, *, local: bool) -> bool:
+def direct_appends_allowed(table: DeltaTable, *, local: bool) -> bool:
     """Whether appends to ``table`` may bypass deltalake.
 
     The protocol must be reader 1 and writer 2 at most, with no table features (writer 2 adds

@@ -19,6 +19,7 @@ import time
 import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 
 from deltalake import CommitProperties, DeltaTable
 from deltalake.exceptions import CommitFailedError, DeltaError
@@ -107,31 +108,27 @@ def bound_log_retention(
         logger.warning("%s: log retention not set: %s", redact(location.uri), error_text(exc))
 
 
-def crossed(before: int, after: int, every: int) -> bool:
-    """Whether table versions ``before`` -> ``after`` passed a multiple of ``every`` (0: never)."""
-    return every > 0 and after // every > before // every
-
-
 def maintenance_due(
-    location: TableLocation, versions: tuple[int, int], compact_every: int, checkpoint_every: int
+    location: TableLocation, version: int, compact_every: int, checkpoint_every: int
 ) -> bool:
-    """Whether a commit from ``versions[0]`` to ``versions[1]`` leaves work for maintenance."""
+    """Whether the commit that made ``version`` leaves work for maintenance."""
     return any(
-        due(location, versions, every)
+        due(location, version, every)
         for every in (compact_every, checkpoint_every, LOG_CLEANUP_EVERY, VACUUM_EVERY)
     )
 
 
-def due(location: TableLocation, versions: tuple[int, int], every: int) -> bool:
-    """Whether the table's versions ``versions[0]`` -> ``versions[1]`` passed its turn.
+def due(location: TableLocation, version: int, every: int) -> bool:
+    """Whether ``version`` is the table's turn for work done every ``every`` versions (0: never).
 
+    Turns go by the version a commit made, which has exactly one writer: writers sharing a
+    table take turns (counted from each one's own earlier version, several compacted at once,
+    and deltalake 1.6.6 lets two compactions of the same files both commit, doubling rows).
     Each table's turns are shifted by a number drawn from its URI: a fleet's pipelines start
     together and commit at the same pace, and would otherwise all compact (or checkpoint) in
-    the same few seconds, each time. Every writer of one table agrees on its turns.
+    the same few seconds, each time.
     """
-    shift = zlib.crc32(location.uri.encode())
-    before, after = versions
-    return crossed(before + shift, after + shift, every)
+    return every > 0 and (version + zlib.crc32(location.uri.encode())) % every == 0
 
 
 COMPACTION_LOCK = "_nilus_compaction.lock"
@@ -145,40 +142,43 @@ ABANDONED_ENTRY_SECONDS = 3600.0
 def compaction_turn(location: TableLocation) -> Iterator[bool]:
     """Whether this writer may compact now; on a local table, held exclusively until exit.
 
-    Taking turns by commit version leaves one case open: a compaction so slow that the next
-    interval's writer starts another over the same files, which deltalake 1.6.6 would let
-    commit too. A lock file created only if absent closes it where the table is local.
+    Taking turns by version leaves one case open: a compaction so slow that the next turn's
+    writer starts another over the same files, which deltalake 1.6.6 would let commit too. A
+    lock file created only if absent closes it where the table is local.
     """
     if not location.is_local:
         yield True
         return
     lock = local_path(location.uri) / COMPACTION_LOCK
+    taken = _create_lock(lock)
+    try:
+        yield taken
+    finally:
+        if taken:
+            lock.unlink(missing_ok=True)
+
+
+def _create_lock(lock: Path) -> bool:
+    """Create ``lock`` if absent, replacing one a killed writer left; whether it was created."""
     for _ in range(2):
         try:
             os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            break
+            return True
         except FileExistsError:
             try:
                 if time.time() - lock.stat().st_mtime < STALE_LOCK_SECONDS:
-                    yield False
-                    return
+                    return False
                 lock.unlink()
             except FileNotFoundError:
                 pass  # released meanwhile: try again
-    else:
-        yield False
-        return
-    try:
-        yield True
-    finally:
-        lock.unlink(missing_ok=True)
+    return False
 
 
 def maintain_table(
     table: DeltaTable,
     location: TableLocation,
     *,
-    versions: tuple[int, int],
+    version: int,
     compact_every: int,
     checkpoint_every: int,
     metadata: Mapping[str, str],
@@ -188,13 +188,13 @@ def maintain_table(
     Args:
         table: The snapshot just committed through.
         location: Where the table is (its URI is redacted before it is logged).
-        versions: The table's version before and after the commit.
+        version: The version the commit made.
         compact_every: Compact every this many table versions (0 disables).
         checkpoint_every: Checkpoint every this many table versions (0: Delta's own only).
         metadata: ``commitInfo`` entries the compaction commit carries.
     """
     uri = location.uri
-    if due(location, versions, compact_every):
+    if due(location, version, compact_every):
         with compaction_turn(location) as mine:
             try:
                 if mine:
@@ -207,19 +207,19 @@ def maintain_table(
             except (CommitFailedError, DeltaError) as exc:
                 # Compaction is an optimisation; a concurrent merge or overwrite wins.
                 logger.warning("%s: compaction skipped: %s", redact(uri), error_text(exc))
-    if due(location, versions, checkpoint_every):
+    if due(location, version, checkpoint_every):
         try:
             table.create_checkpoint()
         except DeltaError as exc:
             logger.warning("%s: checkpoint skipped: %s", redact(uri), error_text(exc))
-    if due(location, versions, LOG_CLEANUP_EVERY):
+    if due(location, version, LOG_CLEANUP_EVERY):
         try:
             table.cleanup_metadata()
         except DeltaError as exc:
             logger.warning("%s: log cleanup skipped: %s", redact(uri), error_text(exc))
         if location.is_local:
             remove_abandoned_entries(local_path(uri), ABANDONED_ENTRY_SECONDS)
-    if location.is_local and due(location, versions, VACUUM_EVERY):
+    if location.is_local and due(location, version, VACUUM_EVERY):
         # Without it every small file stays on disk after compaction, and so does each
         # rewrite of the compacted file. Local tables only: on object stores the sink keeps
         # Delta's retentions and leaves vacuum to their owners.
