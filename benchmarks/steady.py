@@ -53,6 +53,9 @@ PG_ADMIN = {"host": "127.0.0.1", "port": 5432, "user": "postgres", "dbname": "po
 
 def _manifest(folder: Path, name: str, url: str, stream: str, mode: str, args: Any) -> Path:
     path = folder / f"{name}.yaml"
+    # The per-tick sensor's interval bounds its latency; a supervisor only needs to notice a
+    # dead run, so service mode keeps its own (the manifests' default unless asked).
+    interval = args.sensor_interval if mode == "per_tick" else args.supervisor_interval
     extra = f", max_pipelines: {args.max_pipelines}" if args.max_pipelines else ""
     extra += f", poll_seconds: {args.poll_seconds}" if args.poll_seconds else ""
     path.write_text(
@@ -73,7 +76,7 @@ def _manifest(folder: Path, name: str, url: str, stream: str, mode: str, args: A
                 service: {{run_seconds: {args.run_seconds}, report_every_seconds: 60{extra}}}
             """
         )
-        + (f"    sensor_interval_seconds: {args.sensor_interval}\n" if args.sensor_interval else "")
+        + (f"    sensor_interval_seconds: {interval}\n" if interval else "")
     )
     return path
 
@@ -138,8 +141,12 @@ def _runs_started(db: str) -> int:
         return int(cursor.fetchone()[0])
 
 
-def _run_weights(db: str, since: datetime, until: datetime, run_seconds: float) -> float:
-    """Runs in the window, each weighted by the share of its life inside the window."""
+def _run_weights(db: str, since: datetime, until: datetime, run_seconds: float | None) -> float:
+    """Runs in the window, each weighted by the share of its life inside the window.
+
+    A service run (``run_seconds`` given) still running at the window's end, or ended after
+    it (by this benchmark stopping ``dagster dev``), is taken to live ``run_seconds``.
+    """
     import psycopg2
 
     with psycopg2.connect(**{**PG_ADMIN, "dbname": db}) as conn, conn.cursor() as cursor:
@@ -148,7 +155,8 @@ def _run_weights(db: str, since: datetime, until: datetime, run_seconds: float) 
     lo, hi = since.timestamp(), until.timestamp()
     total = 0.0
     for start, end in rows:
-        life_end = end if end is not None else max(hi, start + run_seconds)
+        cut_short = end is None or (run_seconds is not None and end > hi)
+        life_end = max(hi, start + (run_seconds or 0.0)) if cut_short else end
         life = max(life_end - start, 1e-9)
         overlap = max(0.0, min(hi, life_end) - max(lo, start))
         total += overlap / life
@@ -213,7 +221,7 @@ def run_mode(mode: str, args: Any, work: Path, server: LocalNatsServer) -> dict[
             log.close()
         hours = (until - since).total_seconds() / 3600
         pipeline_hours = hours * len(names)
-        runs = _run_weights(db, since, until, args.run_seconds)
+        runs = _run_weights(db, since, until, args.run_seconds if mode == "service" else None)
         ticks = fleet.sensor_ticks(home, since, until) if args.fleet else None
     latencies: list[float] = []
     each: dict[str, list[float]] = {}
@@ -306,10 +314,14 @@ def _table_seqs(uri: str) -> list[int]:
 
 
 def _markdown(results: list[dict[str, Any]], args: Any) -> str:
+    def interval(seconds: int | None) -> str:
+        return f"{seconds} s" if seconds else "as in the manifests"
+
     lines = [
         f"Steady state: {args.pipelines} pipeline(s), {args.rate:g} msg/s in total for "
-        f"{args.seconds:g} s, `dagster dev` on PostgreSQL; sensor interval "
-        f"{f'{args.sensor_interval} s' if args.sensor_interval else 'as in the manifests'}, "
+        f"{args.seconds:g} s, `dagster dev` on PostgreSQL; per-tick sensor interval "
+        f"{interval(args.sensor_interval)}, supervisor interval "
+        f"{interval(args.supervisor_interval)}, "
         f"service runs of {args.run_seconds:g} s"
         + (f", at most {args.max_pipelines} pipelines a run." if args.max_pipelines else "."),
         "",
@@ -346,7 +358,15 @@ def main(argv: list[str] | None = None) -> int:
         "--sensor-interval",
         type=int,
         default=None,
-        help="spec.dagster.sensor_interval_seconds (default 1; with --fleet, the manifests')",
+        help="spec.dagster.sensor_interval_seconds of per-tick pipelines (default 1; with "
+        "--fleet, the manifests')",
+    )
+    parser.add_argument(
+        "--supervisor-interval",
+        type=int,
+        default=None,
+        help="spec.dagster.sensor_interval_seconds of service pipelines, the supervisor's "
+        "(default: the manifests' default, 10)",
     )
     parser.add_argument("--run-seconds", type=float, default=3600.0)
     parser.add_argument(
