@@ -6,18 +6,20 @@ hour; a per-tick run commits once or twice. This times that commit alone (the si
 each into a fresh local table, in this one process, per setting:
 
 - ``before``: every commit through deltalake, with Delta's 30-day log retention, as every
-  table had two stops ago (the same compaction every 100 versions and checkpoint every 10);
+  table had three stops ago (compaction every 100 versions, a checkpoint every 10);
 - ``deltalake``: every commit through deltalake, with the log retention scaled to this
   benchmark's pace (``--bounded-seconds``, 20 s: about 900 commits, as 15 minutes are at a
-  commit a second), which is the steady state of a long run as of the last stop;
-- ``now``: today's defaults, appends written directly (``sink/delta_append.py``), with the
-  same scaled retention.
+  commit a second), as of two stops ago;
+- ``direct``: appends written directly (``sink/delta_append.py``), the same scaled retention,
+  still a checkpoint every 10 versions, as of the last stop;
+- ``now``: today's defaults (a local table checkpoints every 100 versions), the same scaled
+  retention.
 
 It reports CPU milliseconds per commit over consecutive windows of ``--window`` commits and the
 log entries left at the end.
 
     .venv/bin/python -m benchmarks.commits                 # 3,000 commits of 5 orders each
-    .venv/bin/python -m benchmarks.commits --commits 600 --settings deltalake,now
+    .venv/bin/python -m benchmarks.commits --commits 600 --settings direct,now
 """
 
 import argparse
@@ -34,8 +36,9 @@ from nilus_dagster.messages import MessageBatch
 from nilus_dagster.sink import delta, delta_append
 
 SETTINGS: dict[str, dict[str, object]] = {
-    "before": {"log_retention_hours": 30 * 24},
-    "deltalake": {},  # log_retention_hours from --bounded-seconds
+    "before": {"log_retention_hours": 30 * 24, "checkpoint_every": 10},
+    "deltalake": {"checkpoint_every": 10},  # log_retention_hours from --bounded-seconds
+    "direct": {"checkpoint_every": 10},  # the same
     "now": {},  # the same
 }
 """Sink options per setting (the others are the sink's defaults)."""
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--commits", type=int, default=3000)
     parser.add_argument("--rows", type=int, default=5, help="orders per commit")
     parser.add_argument("--window", type=int, default=500, help="commits per column")
-    parser.add_argument("--settings", default="before,deltalake,now")
+    parser.add_argument("--settings", default="before,deltalake,direct,now")
     parser.add_argument("--bounded-seconds", type=float, default=20.0)
     args = parser.parse_args(argv)
     windows = range(0, args.commits, args.window)

@@ -455,6 +455,29 @@ def test_checkpoints_and_compaction_keep_the_position(tmp_path: Path) -> None:
     assert reopened.row_count() == 13
 
 
+def test_local_tables_checkpoint_every_100_versions_and_object_stores_every_10() -> None:
+    local = DeltaSink(TableLocation("/data/orders"), app_id=APP)
+    remote = DeltaSink(TableLocation("s3://bucket/analytics/orders"), app_id=APP)
+    assert (local.checkpoint_every, remote.checkpoint_every) == (100, 10)
+    chosen = DeltaSink(TableLocation("s3://bucket/orders"), app_id=APP, checkpoint_every=0)
+    assert chosen.checkpoint_every == 0
+
+
+def test_checkpoint_every_0_still_checkpoints_direct_appends_at_deltas_interval(
+    tmp_path: Path,
+) -> None:
+    # Direct appends bypass deltalake, whose own checkpoints follow only its own commits.
+    path = tmp_path / "t"
+    rows = pa.table({"id": pa.array([0], pa.int64())})
+    write_deltalake(str(path), rows, configuration={"delta.checkpointInterval": "5"})
+    sink = sink_at(path, checkpoint_every=0, compact_every=0)
+    for i in range(1, 13):
+        write(sink, batch([{"id": i}], start=i))
+    checkpoints = [p for p in (path / "_delta_log").iterdir() if ".checkpoint." in p.name]
+    assert len(checkpoints) >= 2
+    assert DeltaTable(str(path)).transaction_version(APP) == 12
+
+
 def test_compaction_counts_table_versions_so_runs_of_one_commit_compact_too(
     tmp_path: Path,
 ) -> None:
@@ -538,11 +561,11 @@ def test_a_local_table_keeps_15_minutes_of_log_and_cleans_older_entries(tmp_path
     assert retention["delta.logRetentionDuration"] == "interval 900 seconds"
 
     short = tmp_path / "short"
-    sink = sink_at(short, log_retention_hours=1 / 3600)
-    for i in range(100):  # Delta's own checkpoint at version 99
+    sink = sink_at(short, log_retention_hours=1 / 3600, checkpoint_every=10)
+    for i in range(100):
         write(sink, batch([{"id": i}], start=i + 1))
-    time.sleep(1.5)  # that checkpoint and the entries before it are now past the retention
-    for i in range(100, 200):  # the next checkpoint cleans the entries before the first
+    time.sleep(1.5)  # these entries and their checkpoints are now past the retention
+    for i in range(100, 200):  # the log cleanup's turn comes among these
         write(sink, batch([{"id": i}], start=i + 1))
     entries = [p for p in (short / "_delta_log").iterdir() if p.suffix == ".json"]
     assert len(entries) < 120

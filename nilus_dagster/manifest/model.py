@@ -24,7 +24,8 @@ from nilus_dagster.manifest.address import (
 
 IncrementalStrategy = Literal["append", "replace", "merge"]
 DEFAULT_COMPACT_EVERY = 100
-DEFAULT_CHECKPOINT_EVERY = 10
+LOCAL_CHECKPOINT_EVERY = 100
+REMOTE_CHECKPOINT_EVERY = 10
 LOCAL_LOG_RETENTION_HOURS = 0.25
 DEFAULT_EXPIRE_EVERY = 10
 DEFAULT_KEEP_SNAPSHOTS = 20
@@ -119,12 +120,14 @@ class SinkOptions(_Strict):
             "of a run for Iceberg."
         ),
     )
-    checkpoint_every: int = Field(
-        default=DEFAULT_CHECKPOINT_EVERY,
+    checkpoint_every: int | None = Field(
+        default=None,
         ge=0,
         description=(
             "Write a Delta checkpoint every N table versions (0: only Delta's own, every "
-            "delta.checkpointInterval = 100 versions)."
+            f"delta.checkpointInterval versions). Default {LOCAL_CHECKPOINT_EVERY} on a local "
+            "file system, where a reader replays the entries after the last checkpoint cheaply, "
+            f"and {REMOTE_CHECKPOINT_EVERY} on object stores, where each is a request."
         ),
     )
     log_retention_hours: float | None = Field(

@@ -19,8 +19,9 @@ from deltalake.exceptions import DeltaError
 from nilus_dagster.errors import SinkError
 from nilus_dagster.manifest.depots import DEAD_LETTER_SUFFIX, TableLocation
 from nilus_dagster.manifest.model import (
-    DEFAULT_CHECKPOINT_EVERY,
     DEFAULT_COMPACT_EVERY,
+    LOCAL_CHECKPOINT_EVERY,
+    REMOTE_CHECKPOINT_EVERY,
     IncrementalStrategy,
 )
 from nilus_dagster.redaction import redact
@@ -32,6 +33,7 @@ from nilus_dagster.sink.delta_facts import (
 )
 from nilus_dagster.sink.delta_maintenance import (
     bound_log_retention,
+    checkpoint_interval,
     maintain_table,
     maintenance_due,
     table_configuration,
@@ -74,8 +76,10 @@ class DeltaSink(SinkWriter):
         create_table: Create the table with the first commit; ``False`` makes a missing table
             an error.
         compact_every: Run ``optimize.compact()`` every this many table versions (0 disables).
-        checkpoint_every: Write a checkpoint every this many table versions (0: only Delta's
-            own, every ``delta.checkpointInterval``).
+        checkpoint_every: Write a checkpoint every this many table versions; ``None``: 100 on
+            a local file system, 10 on object stores. 0: only at Delta's own interval,
+            ``delta.checkpointInterval`` (taken by the sink after the commits it writes
+            directly, which deltalake's own checkpointing does not see).
         log_retention_hours: ``delta.logRetentionDuration`` of the tables it creates;
             ``None``: 15 minutes on a local file system, Delta's default (30 days) elsewhere.
         partition_by: Partition columns, set when the table is created (checked against the
@@ -99,7 +103,7 @@ class DeltaSink(SinkWriter):
         primary_key: Sequence[str] | None = None,
         create_table: bool = True,
         compact_every: int = DEFAULT_COMPACT_EVERY,
-        checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+        checkpoint_every: int | None = None,
         log_retention_hours: float | None = None,
         partition_by: Sequence[str] | None = None,
     ):
@@ -112,6 +116,11 @@ class DeltaSink(SinkWriter):
         )
         self.dead_letter_location = location.sibling(DEAD_LETTER_SUFFIX)
         self.compact_every = compact_every
+        if checkpoint_every is None:
+            # A reader replays the log entries after the last checkpoint: cheap local files,
+            # a request each on an object store. A checkpoint costs the writer about 25 ms.
+            local = location.is_local
+            checkpoint_every = LOCAL_CHECKPOINT_EVERY if local else REMOTE_CHECKPOINT_EVERY
         self.checkpoint_every = checkpoint_every
         self.log_retention_hours = log_retention_hours
         self._retention_bounded = False  # an existing table's, checked at the first commit
@@ -267,14 +276,18 @@ class DeltaSink(SinkWriter):
         self._stream_created = metadata.get(STREAM_CREATED_KEY, self._stream_created)
         version = self.table_version  # the one this commit made: maintenance goes by it
         assert version is not None
-        if maintenance_due(self.location, version, self.compact_every, self.checkpoint_every):
+        checkpoint_every = self.checkpoint_every
+        if not checkpoint_every and direct:
+            # deltalake checkpoints at its own interval only after the commits it makes.
+            checkpoint_every = checkpoint_interval(self._table)
+        if maintenance_due(self.location, version, self.compact_every, checkpoint_every):
             self._catch_up()
             maintain_table(
                 self._table,
                 self.location,
                 version=version,
                 compact_every=self.compact_every,
-                checkpoint_every=self.checkpoint_every,
+                checkpoint_every=checkpoint_every,
                 metadata=metadata,
             )
         return CommitResult(rows.num_rows, dead_count, self.table_version, self.position)

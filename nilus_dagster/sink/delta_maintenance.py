@@ -39,6 +39,9 @@ VACUUM_EVERY = 1000
 """Table versions between vacuums of a local table (files compacted away, past retention)."""
 LOG_CLEANUP_EVERY = 100
 """Table versions between removals of log entries past the retention (Delta's own interval)."""
+CHECKPOINT_INTERVAL_PROPERTY = "delta.checkpointInterval"
+DELTA_CHECKPOINT_INTERVAL = 100
+"""deltalake's checkpoint interval for a table that does not set the property."""
 
 
 def table_configuration(
@@ -64,6 +67,15 @@ def table_configuration(
         LOG_RETENTION_PROPERTY: _interval(hours),
         FILE_RETENTION_PROPERTY: _interval(max(hours, MIN_FILE_RETENTION_HOURS)),
     }
+
+
+def checkpoint_interval(table: DeltaTable) -> int:
+    """The table's own checkpoint interval: ``delta.checkpointInterval``, else deltalake's."""
+    value = table.metadata().configuration.get(CHECKPOINT_INTERVAL_PROPERTY)
+    try:
+        return max(1, int(value)) if value else DELTA_CHECKPOINT_INTERVAL
+    except ValueError:
+        return DELTA_CHECKPOINT_INTERVAL
 
 
 def _interval(hours: float) -> str:
