@@ -30,6 +30,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -391,6 +392,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="spec.dagster.service.poll_seconds (default: the manifests' default, 1)",
     )
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the temporary folder (tables, the Dagster instance's logs) for inspection",
+    )
     args = parser.parse_args(argv)
     if args.fleet:
         args.modes, args.pipelines = "service", args.fleet
@@ -407,6 +413,10 @@ def main(argv: list[str] | None = None) -> int:
             results.append(result)
     finally:
         server.stop()
+        if args.keep:
+            print(f"tables, instance and logs kept in {work}", flush=True)
+        else:
+            shutil.rmtree(work, ignore_errors=True)  # a fleet's folder holds hundreds of MB
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     text = _markdown(results, args)
