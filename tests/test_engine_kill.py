@@ -35,14 +35,16 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(publisher, stream
                 break
             time.sleep(0.005)
         # Anywhere between commits, during a write, or between a write and its log entry.
-        time.sleep(rng.uniform(0, 0.25))
+        time.sleep(rng.uniform(0, 0.15))
         process.send_signal(signal.SIGKILL)
         process.wait(10)
         positions.append(DeltaTable(str(table)).transaction_version(pipeline.app_id))
+        if positions[-1] == published[-1]:
+            break  # on a fast machine a run can finish before its kill: nothing left to cut
 
     report = run_pipeline(pipeline, drain=True)
 
-    assert len(set(positions)) >= 3, f"kills did not land mid-run: positions {positions}"
-    assert positions[-1] < published[-1], "the last killed run finished; publish more"
+    cut = [p for p in positions if p < published[-1]]
+    assert len(set(cut)) >= 3, f"kills did not land mid-run: positions {positions}"
     result = check_exactly_once(report.table_uri, published, pipeline.app_id)
     assert result.ok, str(result)
