@@ -215,7 +215,10 @@ def test_no_quorum_fails_after_failover_timeout_with_a_clear_error(
     text = str(failure.value)
     assert "failover_timeout is 3s" in text or "within 3s (failover_timeout)" in text, text
     assert survivor.hostport in text and stream_name in text, text
-    assert "temporarily unavailable" in text or "no answer" in text, text
+    # Whichever the survivor gave last: JetStream's own "unavailable", silence, or a stream
+    # info without a leader (a replica's own state, which the source refuses to trust).
+    causes = ("temporarily unavailable", "no answer", "has no leader")
+    assert any(cause in text for cause in causes), text
     # The bound, plus the request in flight when it ran out (5 s) and the check of the
     # connection that follows a failed attempt (2 s), on a loaded machine: never a hang.
     assert 3 <= took < 25, f"gave up after {took:.1f}s"
