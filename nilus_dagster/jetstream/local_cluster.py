@@ -83,10 +83,18 @@ class LocalNatsCluster:
         return self
 
     def wait_ready(self, timeout: float = 30.0) -> None:
-        """Wait until every running node has its routes up and JetStream answers through it."""
+        """Wait until every running node has its routes up and JetStream answers through it.
+
+        With every node running, also until a stream replicated on all of them can be placed:
+        for a while after a node restarts, the meta leader still counts it offline and refuses
+        to place one ("no suitable peers for placement, peer offline").
+        """
         import asyncio
 
         import nats
+
+        running = [n for n in self.nodes if n.process is not None]
+        everyone = len(running) == len(self.nodes)
 
         async def ready(url: str) -> bool:
             try:
@@ -94,7 +102,14 @@ class LocalNatsCluster:
             except Exception:
                 return False
             try:
-                await nc.jetstream().account_info()
+                js = nc.jetstream()
+                await js.account_info()
+                if everyone and url == running[0].url:
+                    probe = f"NILUS_READY_{os.getpid()}_{time.monotonic_ns()}"
+                    await js.add_stream(
+                        name=probe, subjects=[f"_nilus_ready.{probe}"], num_replicas=len(running)
+                    )
+                    await js.delete_stream(probe)
                 return True
             except Exception:
                 return False
@@ -102,7 +117,6 @@ class LocalNatsCluster:
                 await nc.close()
 
         deadline = time.monotonic() + timeout
-        running = [n for n in self.nodes if n.process is not None]
         while time.monotonic() < deadline:
             if all(asyncio.run(ready(node.url)) for node in running):
                 return
