@@ -93,10 +93,8 @@ class LocalNatsCluster:
 
         import nats
 
-        running = [n for n in self.nodes if n.process is not None]
-        everyone = len(running) == len(self.nodes)
-
-        async def ready(url: str) -> bool:
+        async def ready(url: str, replicas: int = 0) -> bool:
+            """JetStream answers through ``url`` (and places a stream of ``replicas``)."""
             try:
                 nc = await nats.connect(url, connect_timeout=1, max_reconnect_attempts=0)
             except Exception:
@@ -104,10 +102,10 @@ class LocalNatsCluster:
             try:
                 js = nc.jetstream()
                 await js.account_info()
-                if everyone and url == running[0].url:
+                if replicas:
                     probe = f"NILUS_READY_{os.getpid()}_{time.monotonic_ns()}"
                     await js.add_stream(
-                        name=probe, subjects=[f"_nilus_ready.{probe}"], num_replicas=len(running)
+                        name=probe, subjects=[f"_nilus_ready.{probe}"], num_replicas=replicas
                     )
                     await js.delete_stream(probe)
                 return True
@@ -116,9 +114,13 @@ class LocalNatsCluster:
             finally:
                 await nc.close()
 
+        running = [n for n in self.nodes if n.process is not None]
+        replicas = len(running) if len(running) == len(self.nodes) else 0
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if all(asyncio.run(ready(node.url)) for node in running):
+            if all(asyncio.run(ready(node.url)) for node in running) and (
+                not replicas or asyncio.run(ready(running[0].url, replicas))
+            ):
                 return
             time.sleep(0.2)
         raise NilusError(f"the JetStream cluster did not get ready within {timeout}s")

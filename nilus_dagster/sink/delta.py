@@ -356,11 +356,9 @@ class DeltaSink(SinkWriter):
             if self._table is None:
                 assert rows is not None
                 self._table = self._create(self.location.uri, rows, self._version)
-            source = (
-                rows
-                if rows is not None
-                else pa.schema(self._table.schema().to_arrow()).empty_table()
-            )
+            schema = self.schema()
+            assert schema is not None
+            source = rows if rows is not None else schema.empty_table()
             if self.strategy == "merge":
                 when = "t.`_nats_seq` <= s.`_nats_seq`"
                 merge_rows(
