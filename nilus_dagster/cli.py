@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from nilus_dagster.arrow_start import skip_pandas_probe
 from nilus_dagster.errors import NilusError
 from nilus_dagster.redaction import redact
 
@@ -251,10 +252,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``nilus-dagster`` console script."""
+def main(argv: Sequence[str] | None = None, *, own_process: bool = False) -> int:
+    """Entry point of the ``nilus-dagster`` console script.
+
+    Args:
+        argv: The arguments (``sys.argv[1:]`` by default).
+        own_process: The process runs nothing else (the console script): a verb that runs the
+            engine tells pyarrow first not to import pandas (see
+            :mod:`nilus_dagster.arrow_start`).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
+    if own_process and args.verb != "validate":  # validate never imports pyarrow
+        skip_pandas_probe()
     try:
         return int(args.handler(args) or 0)
     except NilusError as exc:
@@ -273,7 +283,7 @@ def console_main() -> None:
     after all work is done and committed. The exit code must be the verb's, so the process ends
     here once its output is flushed.
     """
-    code = main()
+    code = main(own_process=True)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

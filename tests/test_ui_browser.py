@@ -28,6 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
 SCREENSHOT = ARTIFACTS / "ui-asset-page.png"
 DEADLINE_SECONDS = 90
+# Playwright's expect() waits 5 s by default, whatever the page's default timeout: too short for
+# a page whose code location is still loading while other tests hold both cores.
+EXPECT_MS = 60_000
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -84,13 +87,13 @@ def dismiss_newsletter_dialog(page) -> None:  # type: ignore[no-untyped-def]
 def check_asset_page(page, run_id: str, partition: str, last_seq: int) -> None:  # type: ignore[no-untyped-def]
     expect = sync_api.expect
     lag_row = page.locator("tr", has_text="nats/sequence_lag").first
-    expect(lag_row).to_be_visible()
+    expect(lag_row).to_be_visible(timeout=EXPECT_MS)
     dismiss_newsletter_dialog(page)
-    expect(page.get_by_text("ui-orders", exact=True).first).to_be_visible()
+    expect(page.get_by_text("ui-orders", exact=True).first).to_be_visible(timeout=EXPECT_MS)
     # The latest materialization: its partition, and a link to the run that made it.
-    expect(page.get_by_text("Latest materialization")).to_be_visible()
-    expect(page.get_by_text(partition, exact=True).first).to_be_visible()
-    expect(page.locator(f'a[href*="{run_id}"]').first).to_be_visible()
+    expect(page.get_by_text("Latest materialization")).to_be_visible(timeout=EXPECT_MS)
+    expect(page.get_by_text(partition, exact=True).first).to_be_visible(timeout=EXPECT_MS)
+    expect(page.locator(f'a[href*="{run_id}"]').first).to_be_visible(timeout=EXPECT_MS)
     assert lag_row.inner_text().split()[-1] == "0"
     last_seq_row = page.locator("tr", has_text="nats/last_seq").first
     assert last_seq_row.inner_text().split()[-1] == str(last_seq)
