@@ -1,11 +1,10 @@
 """One PostgreSQL connection through ADBC's low-level API (not its DB-API module).
 
 ``adbc_driver_postgresql.dbapi`` imports ``pyarrow.dataset`` and, when they are installed,
-pandas and polars: about 0.4 s of CPU at the start of a run, of which a run needs only pandas
-(pyarrow imports it on its first conversion of Python values anyway). The sink needs little of
-the DB-API: statements with ``$n`` parameters, small results, whole results as Arrow, a bulk
-load, commit and rollback. :class:`PostgresConnection` does each with an ``AdbcStatement`` of
-its own, closed before it returns.
+pandas and polars: about 0.4 s of CPU at the start of a run that needs none of them. The sink
+needs little of the DB-API: statements with ``$n`` parameters, small results, whole results as
+Arrow, a bulk load, commit and rollback. :class:`PostgresConnection` does each with an
+``AdbcStatement`` of its own, closed before it returns.
 
 The driver releases the GIL in every call that waits on the server (``execute_update`` of a
 bulk load included), so a load in another thread overlaps with the caller's Python work.
