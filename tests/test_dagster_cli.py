@@ -6,10 +6,13 @@ import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import pytest
 from deltalake import DeltaTable
 
 from nilus_dagster.engine import run_pipeline
 from nilus_dagster.manifest import parse_pipeline
+
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 MATERIALIZE = [

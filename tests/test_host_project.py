@@ -14,6 +14,8 @@ import dagster as dg
 import pytest
 from nats.js.errors import NotFoundError
 
+pytestmark = pytest.mark.slow
+
 HOST = Path(__file__).resolve().parent / "host_project"
 BIN = Path(sys.executable).parent
 STREAM, SUBJECT = "HOST_ORDERS", "host.orders"
