@@ -32,13 +32,9 @@ print("ok")
 """
 
 
-def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+def _python(code: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, **env},
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60
     )
 
 
