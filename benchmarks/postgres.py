@@ -2,8 +2,9 @@
 
 - ``pg-cli``: ``nilus-dagster run PIPELINE.yaml --drain`` into PostgreSQL, the whole process.
 - ``pg-ceiling``: one bulk load (ADBC ``adbc_ingest``, binary ``COPY``) of the same orders as
-  Arrow rows, decoded and shaped for PostgreSQL beforehand (untimed): the fastest the database
-  takes these rows from Python, with no NATS and no decoding.
+  Arrow rows, decoded, shaped for PostgreSQL and cut into the sink's ``COPY`` batches beforehand
+  (untimed): the fastest the database takes these rows from Python, with no NATS and no
+  decoding.
 - ``pg-peer``: what a dlt user writes: nats-py ``pull_subscribe`` + ``fetch(batch_size)`` +
   ``json.loads`` feeding a dlt resource, loaded by one ``pipeline.run`` into dlt's ``postgres``
   destination.
@@ -137,6 +138,7 @@ def pg_ceiling(p: dict[str, Any]) -> dict[str, Any]:
 
     from nilus_dagster.messages import MessageBatch
     from nilus_dagster.sink.decode import decode
+    from nilus_dagster.sink.postgres_connection import copy_batches
     from nilus_dagster.sink.postgres_types import column_for, postgres_type
 
     count = int(p["count"])
@@ -145,8 +147,10 @@ def pg_ceiling(p: dict[str, Any]) -> dict[str, Any]:
     batch = MessageBatch(list(range(1, count + 1)), [now] * count, [p["subject"]] * count, payloads)
     rows = decode(batch).rows
     columns = {f.name: postgres_type(f.type) or "text" for f in rows.schema}
-    shaped = rows.__class__.from_arrays(
-        [column_for(rows.column(n), k) for n, k in columns.items()], names=list(columns)
+    shaped = copy_batches(
+        rows.__class__.from_arrays(
+            [column_for(rows.column(n), k) for n, k in columns.items()], names=list(columns)
+        )
     )
     body = ", ".join(f'"{n}" {k}' for n, k in columns.items())
     began = time.perf_counter()

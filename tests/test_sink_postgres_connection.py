@@ -111,6 +111,35 @@ def test_a_bulk_load_joins_the_transaction_into_a_table_or_a_temporary_one(
     assert conn.query("SELECT to_regclass('pg_temp.stage') IS NULL") == [(True,)]
 
 
+def test_a_bulk_load_goes_in_batches_of_about_copy_batch_bytes() -> None:
+    notes = pa.array([f"note {i} " + "x" * (i % 300) for i in range(20_000)])
+    rows = pa.table({"id": pa.array(range(20_000), pa.int64()), "note": notes})
+    assert rows.column(0).num_chunks == 1
+
+    batched = postgres_connection.copy_batches(rows, batch_bytes=64 * 1024)
+    batches = batched.to_batches()
+    assert len(batches) > 20
+    assert max(batch.nbytes for batch in batches) < 2 * 64 * 1024
+    assert batched.equals(rows)
+    # Already small enough, or empty: handed over as it is.
+    assert postgres_connection.copy_batches(batched, batch_bytes=64 * 1024) is batched
+    assert postgres_connection.copy_batches(rows.slice(0, 0)).num_rows == 0
+
+
+def test_a_bulk_load_of_many_batches_writes_every_row_once_in_order(conn) -> None:
+    ids = pa.array(range(40_000), pa.int64())
+    notes = pa.array([None if i % 7 == 0 else f"n{i}" + "y" * (i % 50) for i in range(40_000)])
+    rows = pa.table({"id": ids, "note": notes}).slice(1_000, 30_000)  # a slice, as after filters
+    conn.execute("CREATE SCHEMA s")
+    conn.execute("CREATE TABLE s.t (id bigint, note text)")
+    conn.bulk_load("t", rows, schema="s")
+    conn.commit()
+    assert len(postgres_connection.copy_batches(rows).to_batches()) > 1
+    loaded = conn.read_arrow("SELECT id, note FROM s.t ORDER BY id")
+    assert loaded.column("id").to_pylist() == rows.column("id").to_pylist()
+    assert loaded.column("note").to_pylist() == rows.column("note").to_pylist()
+
+
 def test_closing_twice_is_harmless(postgres_database) -> None:
     connection = PostgresConnection(postgres_database.url)
     connection.close()
