@@ -1,4 +1,4 @@
-"""Start-up of the ``nilus-dagster`` process: pyarrow without its look for pandas.
+"""Start-up of the ``nilus-dagster`` process: no pandas for pyarrow, no BLAS threads for numpy.
 
 The first time pyarrow converts Python values (``pa.array`` of a list, ``pa.scalar``, a
 compute function given a Python value) it imports pandas, to tell pandas objects among its
@@ -13,10 +13,21 @@ itself stays importable, and pyarrow's pandas functions (``to_pandas()``,
 ``Table.from_pandas``) import it when asked. Only the console script calls this: its process
 runs nothing but the engine. A Dagster process, whose user code may hand pandas objects to
 pyarrow, keeps pyarrow as it is.
+
+:func:`one_blas_thread` is for the same process: pyarrow imports numpy, whose OpenBLAS starts
+a thread per core that spins for a while at start-up (0.1 CPU-s a process here) though the
+engine never does linear algebra. The variable that keeps it to the calling thread is only
+set for that import: processes started later (Dagster's, a user's) get the environment as it
+was.
 """
 
+import contextlib
 import importlib.abc
+import os
 import sys
+from collections.abc import Iterator
+
+_BLAS_THREADS = "OPENBLAS_NUM_THREADS"
 
 
 class _RefusePandas(importlib.abc.MetaPathFinder):
@@ -46,3 +57,19 @@ def skip_pandas_probe() -> bool:
     finally:
         sys.meta_path.remove(finder)
     return "pandas" not in sys.modules
+
+
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """Within the block, a first import of numpy starts OpenBLAS without worker threads.
+
+    A value the user set is kept, and so is an OpenBLAS already loaded: both are theirs.
+    """
+    if _BLAS_THREADS in os.environ or "numpy" in sys.modules:
+        yield
+        return
+    os.environ[_BLAS_THREADS] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(_BLAS_THREADS, None)

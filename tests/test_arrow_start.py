@@ -1,10 +1,12 @@
-"""The console script's pyarrow never imports pandas, and pandas still works when asked for."""
+"""The console script's pyarrow never imports pandas, and pandas still works when asked for; its
+numpy starts no BLAS threads, and the environment is left as it was."""
 
 import os
 import subprocess
 import sys
 import textwrap
 
+import pytest
 from conftest import run_cli
 from deltalake import DeltaTable
 
@@ -32,10 +34,26 @@ print("ok")
 """
 
 
-def _python(code: str) -> subprocess.CompletedProcess[str]:
+def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    environment = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**environment, **env},
     )
+
+
+# Threads of this process once numpy is imported, and the variable afterwards.
+NUMPY_THREADS = """
+import os
+from nilus_dagster.arrow_start import one_blas_thread
+
+with one_blas_thread() if os.environ.get("QUIET") else open(os.devnull):
+    import numpy
+print(len(os.listdir("/proc/self/task")), os.environ.get("OPENBLAS_NUM_THREADS"))
+"""
 
 
 def test_conversions_skip_pandas_and_pandas_works_when_asked_for():
@@ -43,6 +61,19 @@ def test_conversions_skip_pandas_and_pandas_works_when_asked_for():
 
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_numpy_starts_no_blas_threads_and_the_environment_is_left_as_it_was():
+    quiet = _python(NUMPY_THREADS, QUIET="1")
+    plain = _python(NUMPY_THREADS)
+    users = _python(NUMPY_THREADS, QUIET="1", OPENBLAS_NUM_THREADS="2")
+
+    assert quiet.returncode == plain.returncode == users.returncode == 0, quiet.stderr
+    assert quiet.stdout.split() == ["1", "None"]
+    if (os.cpu_count() or 1) > 1:  # OpenBLAS starts a thread per further core
+        assert int(plain.stdout.split()[0]) > 1
+    assert users.stdout.split()[1] == "2"  # a value the user set stays theirs
 
 
 def test_after_pandas_was_imported_nothing_changes():
