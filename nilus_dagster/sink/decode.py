@@ -120,8 +120,15 @@ class BatchDecoder:
         joined = b"\n".join(payloads)
         # Every line must start with '{' and no payload may hold a line break: then Arrow can
         # neither skip a blank payload nor split one, so row i is payload i whenever it returns
-        # n rows (a line holding two objects would give more).
-        if joined.count(b"\n") != n - 1 or b"\r" in joined or any(p[:1] != b"{" for p in payloads):
+        # n rows (a line holding two objects would give more). With the n - 1 line breaks all
+        # separators, every payload starts with '{' when the first does and every break is
+        # followed by one (counted in C, not a slice per payload).
+        if (
+            joined.count(b"\n") != n - 1
+            or b"\r" in joined
+            or not joined.startswith(b"{")
+            or joined.count(b"\n{") != n - 1
+        ):
             return None
         if not joined.isascii():
             try:
