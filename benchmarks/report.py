@@ -91,7 +91,13 @@ def markdown(results: dict[str, Any]) -> str:
         f"Workload: {s['messages']:,} JSON orders of {s['size']} bytes"
         + (f" (and {s['large']:,} for the drain/memory rows)" if s["large"] else "")
         + f"; pull/fetch batch {s['batch_size']}, commit every {s['commit_rows']:,} rows; "
-        f"median of {s['repeat']} run(s), each path in a fresh process. `timed`: `run` is the "
+        f"median of {s['repeat']} run(s), each path in a fresh process"
+        + (
+            ""
+            if s.get("bytecode", True)
+            else ", nilus_dagster without its bytecode (compiled at every start)"
+        )
+        + ". `timed`: `run` is the "
         "work inside the process (connect to last commit), `process` the whole process, "
         "start-up included. Peak RSS: the largest process's high-water mark; tree: the most "
         "the process tree held at once (sampled). Ratios: median over rounds of the ratio "
