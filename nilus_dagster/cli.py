@@ -9,8 +9,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from nilus_dagster.arrow_start import one_blas_thread, skip_pandas_probe
 from nilus_dagster.errors import NilusError
+from nilus_dagster.process_start import start_engine_process
 from nilus_dagster.redaction import redact
 
 if TYPE_CHECKING:
@@ -258,14 +258,13 @@ def main(argv: Sequence[str] | None = None, *, own_process: bool = False) -> int
     Args:
         argv: The arguments (``sys.argv[1:]`` by default).
         own_process: The process runs nothing else (the console script): a verb that runs the
-            engine tells pyarrow first not to import pandas, and imports numpy without BLAS
-            threads (see :mod:`nilus_dagster.arrow_start`).
+            engine imports it first as only such a process can afford to (see
+            :mod:`nilus_dagster.process_start`).
     """
     parser = build_parser()
     args = parser.parse_args(argv)
     if own_process and args.verb != "validate":  # validate never imports pyarrow
-        with one_blas_thread():  # pyarrow imports numpy here
-            skip_pandas_probe()
+        start_engine_process()
     try:
         return int(args.handler(args) or 0)
     except NilusError as exc:

@@ -1,5 +1,6 @@
-"""The console script's pyarrow never imports pandas, and pandas still works when asked for; its
-numpy starts no BLAS threads, and the environment is left as it was."""
+"""The console script's start: the engine imported without the collector and then frozen, pyarrow
+that never imports pandas (pandas still works when asked for), numpy without BLAS threads, and
+the environment left as it was."""
 
 import os
 import subprocess
@@ -15,7 +16,7 @@ CONVERSIONS = """
 import sys
 import pyarrow as pa
 import pyarrow.compute as pc
-from nilus_dagster.arrow_start import skip_pandas_probe
+from nilus_dagster.process_start import skip_pandas_probe
 
 assert skip_pandas_probe()
 pa.array([1, None]), pa.array(["a", None], pa.string()), pa.scalar(1.5)
@@ -48,7 +49,7 @@ def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
 # Threads of this process once numpy is imported, and the variable afterwards.
 NUMPY_THREADS = """
 import os
-from nilus_dagster.arrow_start import one_blas_thread
+from nilus_dagster.process_start import one_blas_thread
 
 with one_blas_thread() if os.environ.get("QUIET") else open(os.devnull):
     import numpy
@@ -76,11 +77,38 @@ def test_numpy_starts_no_blas_threads_and_the_environment_is_left_as_it_was():
     assert users.stdout.split()[1] == "2"  # a value the user set stays theirs
 
 
+# Collections during the engine's import, with and without start_engine_process.
+ENGINE_IMPORT = """
+import gc, os, sys
+from nilus_dagster.process_start import start_engine_process
+
+before = [s["collections"] for s in gc.get_stats()]
+if os.environ.get("START"):
+    start_engine_process()
+else:
+    import nilus_dagster.engine
+after = [s["collections"] for s in gc.get_stats()]
+print(sum(after) - sum(before), gc.isenabled(), gc.get_freeze_count() > 10_000,
+      "pandas" in sys.modules, os.environ.get("OPENBLAS_NUM_THREADS"))
+"""
+
+
+def test_the_engine_is_imported_without_collections_and_frozen():
+    started = _python(ENGINE_IMPORT, START="1")
+    plain = _python(ENGINE_IMPORT)
+
+    assert started.returncode == plain.returncode == 0, started.stderr
+    collections, *rest = started.stdout.split()
+    assert int(collections) == 0
+    assert rest == ["True", "True", "False", "None"]  # collecting again, frozen, no pandas
+    assert int(plain.stdout.split()[0]) > 10  # the collector's work that the start avoids
+
+
 def test_after_pandas_was_imported_nothing_changes():
     done = _python(
         """
         import pandas
-        from nilus_dagster.arrow_start import skip_pandas_probe
+        from nilus_dagster.process_start import skip_pandas_probe
         print(skip_pandas_probe())
         """
     )
