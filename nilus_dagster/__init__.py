@@ -22,12 +22,18 @@ if TYPE_CHECKING:
 _FROM_MANIFEST = ("Pipeline", "PipelineManifest", "load_pipelines", "parse_pipeline")
 
 
-def __getattr__(name: str) -> Any:
-    if name in _FROM_MANIFEST:
-        value = getattr(importlib.import_module("nilus_dagster.manifest"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'nilus_dagster' has no attribute {name!r}")
+if not TYPE_CHECKING:  # type checkers see the imports above, and so catch misspelt names
+
+    def __getattr__(name: str) -> Any:
+        if name in _FROM_MANIFEST:
+            value = getattr(importlib.import_module("nilus_dagster.manifest"), name)
+            globals()[name] = value
+            return value
+        raise AttributeError(f"module 'nilus_dagster' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_FROM_MANIFEST})
 
 
 __all__ = [

@@ -263,9 +263,9 @@ def main(argv: Sequence[str] | None = None, *, own_process: bool = False) -> int
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    if own_process and args.verb != "validate":  # validate never imports pyarrow
-        start_engine_process()
     try:
+        if own_process and args.verb != "validate":  # validate never imports pyarrow
+            start_engine_process()
         return int(args.handler(args) or 0)
     except NilusError as exc:
         print(f"error: {redact(exc)}", file=sys.stderr)
