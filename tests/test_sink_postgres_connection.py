@@ -1,5 +1,6 @@
 """The PostgreSQL sink's connection: ADBC's low-level API, without its DB-API module."""
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -11,6 +12,8 @@ import pytest
 
 from nilus_dagster.sink import postgres_connection
 from nilus_dagster.sink.postgres_connection import PostgresConnection
+from nilus_dagster.sink.postgres_types import column_for
+from nilus_dagster.sink.schema import TIMESTAMP_TYPE
 
 # Runs the CLI in a fresh interpreter (the test session's own imports do not count) and prints
 # which of the modules ADBC's DB-API module brings along a PostgreSQL run imported: the DB-API
@@ -127,17 +130,37 @@ def test_a_bulk_load_goes_in_batches_of_about_copy_batch_bytes() -> None:
 
 
 def test_a_bulk_load_of_many_batches_writes_every_row_once_in_order(conn) -> None:
-    ids = pa.array(range(40_000), pa.int64())
-    notes = pa.array([None if i % 7 == 0 else f"n{i}" + "y" * (i % 50) for i in range(40_000)])
-    rows = pa.table({"id": ids, "note": notes}).slice(1_000, 30_000)  # a slice, as after filters
+    n = 40_000
+    values = pa.table(
+        {
+            "id": pa.array(range(n), pa.int64()),
+            "note": [None if i % 7 == 0 else f"n{i}" + "y" * (i % 50) for i in range(n)],
+            "flag": [None if i % 5 == 0 else i % 3 == 0 for i in range(n)],  # bit-packed
+            "amount": [i * 0.25 for i in range(n)],
+            "at": pa.array([1_740_000_000_000_000 + i for i in range(n)], TIMESTAMP_TYPE),
+            "items": [[{"sku": f"s{i}", "qty": i % 4}] if i % 9 else None for i in range(n)],
+        }
+    )
+    kinds = {"id": "bigint", "note": "text", "flag": "boolean", "amount": "double precision"}
+    kinds |= {"at": "timestamptz", "items": "jsonb"}
+    shaped = pa.table(
+        [column_for(values.column(k), kind) for k, kind in kinds.items()], list(kinds)
+    )
+    rows = shaped.slice(1_001, 30_000)  # every batch but the first starts at an offset
     conn.execute("CREATE SCHEMA s")
-    conn.execute("CREATE TABLE s.t (id bigint, note text)")
+    conn.execute(f"CREATE TABLE s.t ({', '.join(f'{k} {kind}' for k, kind in kinds.items())})")
     conn.bulk_load("t", rows, schema="s")
     conn.commit()
+
     assert len(postgres_connection.copy_batches(rows).to_batches()) > 1
-    loaded = conn.read_arrow("SELECT id, note FROM s.t ORDER BY id")
-    assert loaded.column("id").to_pylist() == rows.column("id").to_pylist()
-    assert loaded.column("note").to_pylist() == rows.column("note").to_pylist()
+    loaded = conn.read_arrow(
+        "SELECT id, note, flag, amount, at, items::text AS items FROM s.t ORDER BY id"
+    )
+    expected = values.slice(1_001, 30_000)
+    for name in ("id", "note", "flag", "amount", "at"):
+        assert loaded.column(name).to_pylist() == expected.column(name).to_pylist(), name
+    items = [None if t is None else json.loads(t) for t in loaded.column("items").to_pylist()]
+    assert items == expected.column("items").to_pylist()
 
 
 def test_closing_twice_is_harmless(postgres_database) -> None:

@@ -171,11 +171,20 @@ def adbc_reader_import() -> Callable[[int], pa.RecordBatchReader] | None:
     return found if callable(found) else None
 
 
-def copy_batches(rows: pa.Table, batch_bytes: int = COPY_BATCH_BYTES) -> pa.Table:
-    """``rows`` in record batches of about ``batch_bytes`` each (slices: nothing is copied)."""
+def copy_batches(rows: pa.Table, batch_bytes: int | None = None) -> pa.Table:
+    """``rows`` in record batches of about ``batch_bytes`` each (slices: nothing is copied).
+
+    Args:
+        rows: The rows of a bulk load.
+        batch_bytes: About how large each batch is; :data:`COPY_BATCH_BYTES` by default.
+
+    Returns:
+        The same rows in the same order, as ``rows`` itself when its batches are small enough.
+    """
     if rows.num_rows == 0:
         return rows
-    batch_rows = max(1, batch_bytes * rows.num_rows // max(1, rows.nbytes))
+    size = COPY_BATCH_BYTES if batch_bytes is None else batch_bytes
+    batch_rows = max(1, size * rows.num_rows // max(1, rows.nbytes))
     if all(len(batch) <= batch_rows for batch in rows.to_batches()):
         return rows
     return pa.Table.from_batches(rows.to_batches(max_chunksize=batch_rows), rows.schema)
