@@ -134,8 +134,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--no-bytecode",
         action="store_true",
-        help="leave nilus_dagster's bytecode as it is (by default it is written first, as "
-        "pip install does)",
+        help="remove nilus_dagster's bytecode instead of writing it first (as pip install "
+        "does), so that runs compile the package at every start under PYTHONDONTWRITEBYTECODE",
     )
     parser.add_argument("--profile", action="store_true", help="also profile the engine (cProfile)")
     parser.add_argument("--quick", action="store_true", help="smoke: a few thousand messages")
@@ -175,18 +175,27 @@ def _engine_available() -> str | None:
     return None
 
 
-def _write_bytecode() -> bool:
-    """Write nilus_dagster's bytecode (``__pycache__``), as ``pip install`` does for a package.
+def _bytecode(write: bool) -> bool:
+    """Write nilus_dagster's bytecode (``__pycache__``), as ``pip install`` does, or remove it.
 
     An editable install under ``PYTHONDONTWRITEBYTECODE`` (as on the machines these figures
     come from) never writes it, so every whole-process run compiled the package's modules again
-    (0.07-0.09 s here), which an installed copy does not, nor any dependency or peer.
+    (0.07-0.09 s here), which an installed copy does not, nor any dependency or peer. Removed,
+    runs measure that (Python reads bytecode it finds even when it may not write any).
+
+    Returns:
+        Whether the package has its bytecode now.
     """
     import compileall
 
     import nilus_dagster
 
-    return bool(compileall.compile_dir(Path(nilus_dagster.__file__).parent, quiet=1))
+    package = Path(nilus_dagster.__file__).parent
+    if write:
+        return bool(compileall.compile_dir(package, quiet=1))
+    for cache in package.rglob("__pycache__"):
+        shutil.rmtree(cache, ignore_errors=True)
+    return False
 
 
 def _dagster_available() -> str | None:
@@ -598,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
         elif missing_dagster and key in ("dagster", "latency-sensor"):
             skipped[key] = missing_dagster
     paths = [p for p in args.paths if p not in skipped]
-    bytecode = not args.no_bytecode and not missing_engine and _write_bytecode()
+    bytecode = None if missing_engine else _bytecode(write=not args.no_bytecode)
     load = os.getloadavg()[0]
     if load > 0.5:
         _say(f"note: load average {load:.2f} before the run; ratios hold, absolute figures less")

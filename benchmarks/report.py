@@ -94,7 +94,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"median of {s['repeat']} run(s), each path in a fresh process"
         + (
             ""
-            if s.get("bytecode", True)
+            if s.get("bytecode") is not False
             else ", nilus_dagster without its bytecode (compiled at every start)"
         )
         + ". `timed`: `run` is the "
