@@ -101,6 +101,27 @@ def test_max_messages_and_small_commits(nats_server, publisher, orders_stream, w
     assert check_exactly_once(rest.table_uri, seqs, pipeline.app_id).ok
 
 
+def test_commits_are_bounded_by_payload_bytes(
+    nats_server, publisher, orders_stream, write_manifest
+):
+    stream, subject = orders_stream
+    payloads = [json.dumps({"i": i, "pad": "x" * (82 - len(str(i)))}).encode() for i in range(300)]
+    assert {len(p) for p in payloads} == {100}
+    seqs = publisher.publish(subject, payloads)
+    pipeline = _pipeline(
+        write_manifest,
+        nats_server,
+        stream,
+        subject,
+        extra_sink_options="commit_max_rows: 1000\ncommit_max_bytes: 1050\n",
+    )
+
+    report = run_pipeline(pipeline)
+
+    assert report.messages == 300 and report.commits == 30  # 10 payloads of 100 bytes each
+    assert check_exactly_once(report.table_uri, seqs, pipeline.app_id).ok
+
+
 def test_poison_payloads_go_to_dead_letters_without_stopping(
     nats_server, publisher, orders_stream, write_manifest
 ):

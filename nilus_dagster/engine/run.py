@@ -310,7 +310,10 @@ async def drain_to(
                 # Commits are bounded in rows and bytes whatever the pull size, so a busy
                 # subject makes few large files and memory stays bounded by the commit size.
                 while len(chunk) >= max_rows or chunk_bytes >= max_bytes:
-                    ready, chunk = chunk.split(min(max_rows, _fit(chunk, max_bytes)))
+                    # Under the byte bound the first max_rows messages fit whole; only over it
+                    # are the sizes added up.
+                    fits = max_rows if chunk_bytes < max_bytes else _fit(chunk, max_bytes)
+                    ready, chunk = chunk.split(min(max_rows, fits))
                     chunk_bytes -= ready.nbytes
                     decoded_ahead = 0
                     await flush(ready)
