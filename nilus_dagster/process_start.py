@@ -6,7 +6,9 @@ Dagster processes, whose user code shares pyarrow, numpy and the collector, are 
 - **Without the cycle collector, then frozen.** Importing pyarrow, pydantic, nats and the
   engine makes some 70,000 objects the collector tracks, which live as long as the process;
   it ran over a hundred times while they were made (0.06-0.08 s of a 0.35 s start here).
-  Once imported they are frozen, so the collector never scans them again.
+  Once imported they are frozen, as a run and a service freeze all that is alive when they
+  start (``engine.run``, ``engine.service``): without it, the first collections after the
+  import would rescan them all, still young, before the run freezes them anyway.
 - **No pandas for pyarrow.** The first time pyarrow converts Python values (``pa.array`` of a
   list, ``pa.scalar``, a compute function given a Python value) it imports pandas, to tell
   pandas objects among its inputs apart, and keeps the outcome for the life of the process.

@@ -312,8 +312,12 @@ async def drain_to(
                 while len(chunk) >= max_rows or chunk_bytes >= max_bytes:
                     # Under the byte bound the first max_rows messages fit whole; only over it
                     # are the sizes added up.
-                    fits = max_rows if chunk_bytes < max_bytes else _fit(chunk, max_bytes)
-                    ready, chunk = chunk.split(min(max_rows, fits))
+                    count = (
+                        max_rows
+                        if chunk_bytes < max_bytes
+                        else min(max_rows, _fit(chunk, max_bytes))
+                    )
+                    ready, chunk = chunk.split(count)
                     chunk_bytes -= ready.nbytes
                     decoded_ahead = 0
                     await flush(ready)
