@@ -304,3 +304,87 @@ def test_postgresql_restarted_mid_run(own_postgres, publisher, stream_pipeline, 
     assert report.position == published[-1]
     result = check_orders(report.table_uri, published, pipeline.app_id, payloads)
     assert result.ok, str(result)
+
+
+@pytest.mark.timeout(90)
+def test_a_unique_index_of_the_users_that_refuses_rows_fails_the_run_and_loses_nothing(
+    postgres_database, publisher, stream_pipeline
+):
+    db = postgres_database
+    subject, pipeline = stream_pipeline(sink_address=db.url)
+    first = publisher.publish(subject, [{"order_id": f"o{i}", "n": i} for i in range(10)])
+    run_pipeline(pipeline, drain=True)
+    db.query("CREATE UNIQUE INDEX orders_by_id ON analytics.orders (order_id)")
+    again = publisher.publish(subject, [{"order_id": f"o{i}", "n": 10 + i} for i in range(5)])
+
+    # Not a retry loop: the index refuses the same rows on every attempt.
+    with pytest.raises(SinkError) as refused:
+        run_pipeline(pipeline, drain=True)
+    message = str(refused.value)
+    assert "orders_by_id" in message and "unique" in message
+    assert "incremental_strategy: merge" in message
+    assert _position(db, pipeline) == first[-1]
+
+    db.query("DROP INDEX analytics.orders_by_id")
+    report = run_pipeline(pipeline, drain=True)
+    assert report.position == again[-1]
+    result = check_exactly_once(report.table_uri, first + again, pipeline.app_id)
+    assert result.ok, str(result)
+
+
+@pytest.mark.timeout(90)
+def test_switching_to_merge_on_a_table_with_repeated_keys_says_what_to_do(
+    postgres_database, publisher, stream_pipeline
+):
+    db = postgres_database
+    subject, appending = stream_pipeline(sink_address=db.url)
+    published = publisher.publish(subject, [{"order_id": f"o{i % 3}", "n": i} for i in range(6)])
+    run_pipeline(appending, drain=True)
+    more = publisher.publish(subject, [{"order_id": "o1", "n": 6}])
+    appending.path.write_text(
+        appending.path.read_text().replace(
+            "incremental_strategy: append",
+            "incremental_strategy: merge\n      primary_key: order_id",
+        )
+    )
+    merging = parse_pipeline(appending.path)
+
+    with pytest.raises(SinkError) as refused:
+        run_pipeline(merging, drain=True)
+    message = str(refused.value)
+    assert "order_id" in message and "duplicate" in message.lower()
+    assert _position(db, merging) == published[-1]
+    assert db.query("SELECT count(*) FROM analytics.orders") == [(6,)]
+    assert more
+
+
+@pytest.mark.timeout(90)
+def test_commits_that_keep_conflicting_fail_the_run_after_a_bounded_number_of_attempts(
+    postgres_database, publisher, stream_pipeline, monkeypatch
+):
+    from nilus_dagster.engine import committer
+    from nilus_dagster.sink import PositionConflict
+    from nilus_dagster.sink.postgres import PostgresSink
+
+    db = postgres_database
+    subject, pipeline = stream_pipeline(sink_address=db.url)
+    published = publisher.publish(subject, [order(i) for i in range(20)])
+    attempts: list[int] = []
+
+    def conflicting(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.discard_ahead()
+        attempts.append(self.position)
+        raise PositionConflict("another writer changed the table (injected)")
+
+    monkeypatch.setattr(committer, "COMMIT_ATTEMPTS", 3)
+    with monkeypatch.context() as patched:
+        patched.setattr(PostgresSink, "commit", conflicting)
+        with pytest.raises(SinkError, match=r"3 commits in a row conflicted.*injected"):
+            run_pipeline(pipeline, drain=True)
+    assert attempts == [0, 0, 0]
+    assert _position(db, pipeline) == 0
+
+    report = run_pipeline(pipeline, drain=True)
+    assert report.position == published[-1]
+    result = check_exactly_once(report.table_uri, published, pipeline.app_id)
+    assert result.ok, str(result)

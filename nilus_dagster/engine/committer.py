@@ -6,14 +6,20 @@ commit only the last part is left to decode and write.
 """
 
 import logging
+import random
+import time
 
 import pyarrow as pa
 
 from nilus_dagster.engine.settings import RuntimeSettings
+from nilus_dagster.errors import SinkError
 from nilus_dagster.messages import MessageBatch
 from nilus_dagster.sink import STREAM_CREATED_KEY, Decoded, PositionConflict, SinkWriter
 
 logger = logging.getLogger("nilus_dagster.engine")
+
+COMMIT_ATTEMPTS = 20
+"""Commits of one chunk that may conflict with other writers before the run fails."""
 
 
 class Committer:
@@ -141,6 +147,7 @@ class Committer:
             raise failed
         if whole:
             parts = []
+        conflicts = 0
         while True:
             chunk = chunk.after(self.sink.position)
             if not len(chunk):
@@ -157,15 +164,28 @@ class Committer:
                     commit_metadata=self.metadata,
                 )
                 break
-            except PositionConflict:
+            except PositionConflict as conflict:
                 # Another writer committed first: re-read its position and keep only what is
                 # still ours to write. Nothing is written twice.
+                conflicts += 1
+                if conflicts == COMMIT_ATTEMPTS:
+                    raise SinkError(
+                        f"{self.pipeline.name}: {conflicts} commits in a row conflicted with "
+                        f"other writers of the table; the last: {conflict}"
+                    ) from None
+                before = self.sink.position
                 self.sink.open()
-                logger.warning(
-                    "%s: a concurrent commit moved the position to %s; continuing after it",
-                    self.pipeline.name,
-                    self.sink.position,
-                )
+                if self.sink.position != before:
+                    logger.warning(
+                        "%s: a concurrent commit moved the position to %s; continuing after it",
+                        self.pipeline.name,
+                        self.sink.position,
+                    )
+                else:
+                    # A concurrent change of the table itself (a column, an index, a
+                    # compaction): the same rows again, once the other writer is done.
+                    logger.warning("%s: committing again after %s", self.pipeline.name, conflict)
+                    time.sleep(random.uniform(0.05, 0.25) * min(conflicts, 4))
         self.commits += 1
         self.total_commits += 1
         self.first_seq = chunk.first_seq if self.first_seq is None else self.first_seq

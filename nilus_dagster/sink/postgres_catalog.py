@@ -6,6 +6,7 @@ may), the privileges each strategy needs (named, with the ``GRANT`` that fixes t
 table's columns, checked against what the rows need.
 """
 
+import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -237,7 +238,12 @@ _LOST = (
 )
 
 # SQLSTATEs of a lost race with another writer creating the same table, column or index.
-_RACES = ("23505", "42P07", "42701", "40P01", "40001")
+# A unique violation (23505) is one only on the system catalogs' own indexes (pg_type, pg_class
+# for a table or index created at the same time); on the table it is the rows that are refused,
+# and they would be refused again at every retry.
+_RACES = ("42P07", "42701", "40P01", "40001")
+_CATALOG_RACE = re.compile(r'unique constraint "pg_[a-z_]+"')
+_DUPLICATE_KEY = re.compile(r"Key \((?P<key>[^)]*)\)=")
 
 
 def write_error(exc: Exception, where: str) -> SinkError:
@@ -246,8 +252,10 @@ def write_error(exc: Exception, where: str) -> SinkError:
         return exc
     text = error_text(exc)
     state = str(getattr(exc, "sqlstate", "") or "")
-    if state in _RACES:
+    if state in _RACES or (state == "23505" and _CATALOG_RACE.search(text)):
         return PositionConflict(f"{where}: another writer changed the table ({text}); open() again")
+    if state == "23505":
+        return _refused_as_duplicates(text, where)
     if state == "25006" or "read-only transaction" in text:
         return SinkError(
             f"{where}: the server is read-only (a standby, or default_transaction_read_only "
@@ -262,6 +270,24 @@ def write_error(exc: Exception, where: str) -> SinkError:
     if state.startswith(("08", "57P")) or any(sign in text for sign in _LOST):
         return SinkError(f"{where}: the connection to PostgreSQL was lost ({text}); retry")
     return SinkError(f"{where}: {text}")
+
+
+def _refused_as_duplicates(text: str, where: str) -> SinkError:
+    """A unique index refused rows, or could not be built over the rows already there."""
+    found = _DUPLICATE_KEY.search(text)
+    key = f" on ({found.group('key')})" if found else ""
+    if "could not create unique index" in text:
+        return SinkError(
+            f"{where}: merge needs a unique index{key}, and the table already holds rows with "
+            f"duplicate keys ({text}): remove the duplicates, or write the merge to a new "
+            "dest_table; nothing was committed"
+        )
+    return SinkError(
+        f"{where}: a unique index or constraint of the table{key} refused rows whose key it "
+        f"already holds ({text}): messages may repeat a key, so drop that index or "
+        "constraint, or set incremental_strategy: merge with that primary_key under "
+        "spec.sink.options; nothing was committed"
+    )
 
 
 def read_table(
