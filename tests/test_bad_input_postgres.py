@@ -2,6 +2,7 @@
 
 import json
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -141,6 +142,71 @@ def test_a_missing_privilege_is_named_with_its_grant(
     role = db.role(*grants)
     with pytest.raises(SinkError, match=f"lacks {missing}.*GRANT"):
         _open(db.location(user=role), strategy=strategy, primary_key=primary_key)
+
+
+_WRITER_GRANTS = (
+    "GRANT USAGE ON SCHEMA analytics TO {role}",
+    "GRANT SELECT, INSERT, UPDATE ON analytics.nilus_positions TO {role}",
+)
+
+
+def test_a_user_who_does_not_own_the_table_merges_through_its_unique_index(
+    postgres_database,
+) -> None:
+    db = postgres_database
+    _write(_open(db.location(), strategy="merge", primary_key=["id"]), 1, 3)
+    role = db.role(
+        *_WRITER_GRANTS, "GRANT SELECT, INSERT, UPDATE, DELETE ON analytics.orders TO {role}"
+    )
+    sink = _open(db.location(user=role), strategy="merge", primary_key=["id"])
+    _write(sink, 2, 3)  # ids 2..4: two updates, one new row
+    _write(sink, 5, 1)
+    assert db.query("SELECT id, _nats_seq FROM analytics.orders ORDER BY id") == [
+        (1, 1),
+        (2, 2),
+        (3, 3),
+        (4, 4),
+        (5, 5),
+    ]
+
+
+def test_a_merge_key_without_a_unique_index_is_named_with_the_owners_statement(
+    postgres_database,
+) -> None:
+    db = postgres_database
+    _write(_open(db.location()), 1, 3)  # appended: no unique index on id
+    role = db.role(
+        *_WRITER_GRANTS, "GRANT SELECT, INSERT, UPDATE, DELETE ON analytics.orders TO {role}"
+    )
+    with pytest.raises(SinkError) as refused:
+        _open(db.location(user=role), strategy="merge", primary_key=["id"])
+    message = str(refused.value)
+    assert "only its owner 'postgres'" in message
+    assert 'CREATE UNIQUE INDEX ON "analytics"."orders" ("id")' in message
+
+    db.query("CREATE UNIQUE INDEX orders_id ON analytics.orders (id)")  # what it says to run
+    _write(_open(db.location(user=role), strategy="merge", primary_key=["id"]), 4, 2)
+    assert db.query("SELECT count(*), max(id) FROM analytics.orders") == [(5, 5)]
+
+
+def test_a_window_replacement_without_delete_names_the_privilege(postgres_database) -> None:
+    db = postgres_database
+    _write(_open(db.location()), 1, 3)
+    role = db.role(*_WRITER_GRANTS, "GRANT SELECT, INSERT ON analytics.orders TO {role}")
+    sink = _open(db.location(user=role))
+    replay = sink.prepare(_batch(1, 3))
+    now = time.time()
+    window = {
+        "start": datetime.fromtimestamp(now - 3600, timezone.utc),
+        "end": datetime.fromtimestamp(now + 3600, timezone.utc),
+    }
+    with pytest.raises(SinkError, match=r"lacks DELETE on table analytics\.orders.*GRANT DELETE"):
+        sink.replace_window(replay.rows, None, **window)
+    assert db.query("SELECT count(*) FROM analytics.orders") == [(3,)]
+
+    db.query(f'GRANT DELETE ON analytics.orders TO "{role}"')
+    sink.replace_window(replay.rows, None, **window)
+    assert db.query("SELECT count(*) FROM analytics.orders") == [(3,)]
 
 
 def test_a_read_only_server(postgres_database) -> None:

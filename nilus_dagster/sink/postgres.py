@@ -145,6 +145,13 @@ class PostgresSink(SinkWriter):
             catalog.check_table_privileges(
                 conn, schema, table, self._needed_privileges(), self._why(), where
             )
+            key = self.primary_key if self.strategy == "merge" else ()
+            if (
+                key
+                and all(k in self._columns for k in key)
+                and not catalog.has_unique_index(conn, schema, table, key)
+            ):
+                catalog.check_can_index(conn, schema, table, key, where)
         self._dead_columns = catalog.table_columns(conn, schema, self.dead_table)
         if self._dead_columns is not None:
             catalog.check_table_privileges(
@@ -404,6 +411,7 @@ class PostgresSink(SinkWriter):
         if self._columns is None and (rows is None or rows.num_rows == 0):
             return CommitResult(0, 0, None, self._position)
         rows = rows if rows is not None else METADATA_SCHEMA.empty_table()
+        self._check_window_privileges(dead)
         window = (
             f"_nats_timestamp >= $1 AND _nats_timestamp < $2 AND _nats_seq <= {int(replay.up_to)}"
         )
@@ -433,6 +441,28 @@ class PostgresSink(SinkWriter):
             ) from None
         self._columns, self._dead_columns = columns, dead_columns
         return CommitResult(rows.num_rows, dead_count, None, self._position)
+
+    def _check_window_privileges(self, dead: pa.Table | None) -> None:
+        """A window is replaced with ``DELETE`` (merge: an upsert), which appending never needs.
+
+        Raises:
+            SinkError: Naming the privilege the user lacks, with its ``GRANT``.
+        """
+        if self._columns is None or self.strategy == "merge":
+            return
+        why = "a backfill deletes the window's rows before loading them again"
+        conn, where = self._require_conn(), self._where
+        tables = [self.table_name]
+        if dead is not None and dead.num_rows and self._dead_columns is not None:
+            tables.append(self.dead_table)
+        try:
+            for table in tables:
+                catalog.check_table_privileges(
+                    conn, self.schema_name, table, ("DELETE",), why, where
+                )
+        finally:
+            # No transaction stays open: the next attempt must see a GRANT made meanwhile.
+            self._rollback()
 
     def close(self) -> None:
         """Close the connection (open() connects again); what was written ahead is dropped."""

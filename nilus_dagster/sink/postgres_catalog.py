@@ -159,6 +159,49 @@ def check_table_privileges(
             )
 
 
+def has_unique_index(conn: PostgresConnection, schema: str, table: str, key: Sequence[str]) -> bool:
+    """Whether a unique index on exactly the columns ``key`` exists: ``ON CONFLICT`` uses it.
+
+    Any such index does, whoever made it and whatever its name (a primary key too); partial and
+    expression indexes do not.
+    """
+    found = conn.query(
+        "SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = $1 AND c.relname = $2 AND i.indisunique AND i.indisvalid "
+        "AND i.indpred IS NULL AND i.indexprs IS NULL AND i.indnkeyatts = $3 "
+        "AND (SELECT string_agg(a.attname, chr(31) ORDER BY a.attname) FROM pg_attribute a "
+        "WHERE a.attrelid = c.oid AND a.attnum = ANY((i.indkey::int2[])[0:i.indnkeyatts - 1])) "
+        "= $4",
+        [schema, table, len(key), chr(31).join(sorted(key))],
+    )
+    return bool(found)
+
+
+def check_can_index(
+    conn: PostgresConnection, schema: str, table: str, key: Sequence[str], where: str
+) -> None:
+    """Raises: SinkError: ``merge`` needs a unique index on ``key`` that only the owner can make.
+
+    PostgreSQL lets only a table's owner create an index on it, ``IF NOT EXISTS`` or not; a
+    user with every privilege merge needs is refused at the first commit otherwise.
+    """
+    owner, user, owns = conn.query(
+        "SELECT pg_get_userbyid(c.relowner), current_user, "
+        "pg_has_role(current_user, c.relowner, 'USAGE') FROM pg_class c "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2",
+        [schema, table],
+    )[0]
+    if not owns:
+        columns = ", ".join(quote(k) for k in key)
+        raise SinkError(
+            f"{where}: merge on primary_key ({', '.join(key)}) needs a unique index on those "
+            f"columns of table {schema}.{table}, which has none, and only its owner "
+            f"{owner!r} may create one (user {user!r} is not the owner): have the owner run "
+            f"CREATE UNIQUE INDEX ON {qualified(schema, table)} ({columns})"
+        )
+
+
 def table_columns(conn: PostgresConnection, schema: str, table: str) -> dict[str, str] | None:
     """The table's columns and their types in order, ``None`` when there is no such table."""
     rows = conn.query(

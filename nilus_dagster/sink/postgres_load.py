@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 
 import pyarrow as pa
 
+from nilus_dagster.sink.postgres_catalog import has_unique_index
 from nilus_dagster.sink.postgres_connection import PostgresConnection
 from nilus_dagster.sink.postgres_types import column_for, postgres_type, qualified, quote
 from nilus_dagster.sink.rows import latest_per_key
@@ -50,8 +51,13 @@ def ensure_table(
         adds = ", ".join(f"ADD COLUMN IF NOT EXISTS {quote(n)} {k}" for n, k in wanted.items())
         conn.execute(f"ALTER TABLE {name} {adds}")
     columns = {**columns, **wanted}
-    if unique_key and all(k in columns for k in unique_key):
-        # Before that, no key column yet: the first keyed rows create it.
+    if (
+        unique_key
+        and all(k in columns for k in unique_key)
+        and not has_unique_index(conn, schema, table, unique_key)
+    ):
+        # Before that, no key column yet: the first keyed rows create it. Looked up first:
+        # only the owner may run CREATE INDEX, even one that exists already.
         index = quote(short_name(f"{table}__nilus_key"))
         keys = ", ".join(quote(k) for k in unique_key)
         conn.execute(f"CREATE UNIQUE INDEX IF NOT EXISTS {index} ON {name} ({keys})")
