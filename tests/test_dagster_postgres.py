@@ -65,6 +65,46 @@ def test_materialize_into_postgresql_with_connection_settings_from_the_resource(
     assert sorted(seen["orders"].column("_nats_seq").to_pylist()) == published
 
 
+def test_the_resources_settings_stand_in_for_the_addresss_placeholders(
+    password_postgres, publisher, stream_pipeline, monkeypatch
+):
+    server = password_postgres
+    # None of these variables is set: the resource supplies every part they stand for.
+    address = "postgresql://{PG_USER}:{PG_PASSWORD}@{PG_HOST}:5432/{PG_DB}"
+    subject, pipeline = stream_pipeline(sink_address=address)
+    published = publisher.publish_orders(subject, 40)
+    for name in ("PG_USER", "PG_PASSWORD", "PG_HOST", "PG_DB"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DEPLOY_PG_PASSWORD", server["password"])
+    sink = DeltaSinkResource(
+        postgres=PostgresResource(
+            host=server["host"],
+            port=int(server["port"]),
+            dbname=server["dbname"],
+            user=server["user"],
+            password=dg.EnvVar("DEPLOY_PG_PASSWORD"),
+        )
+    )
+    asset = build_nilus_asset(pipeline)
+    with dg.instance_for_test() as instance:
+        resources = {
+            "nats": NatsResource(),
+            "nilus_sink": sink,
+            "nilus_io_manager": NilusTableIOManager(sink=sink),
+        }
+        result = dg.materialize([asset], instance=instance, resources=resources)
+        logs = " ".join(str(record.user_message) for record in instance.all_logs(result.run_id))
+
+    assert result.success
+    [event] = result.get_asset_materialization_events()
+    metadata = event.materialization.metadata
+    assert metadata["nats/last_seq"].value == published[-1]
+    # The table's address is the server the deployment wrote to, not the manifest's template.
+    expected = f"postgresql://postgres@127.0.0.1:{server['port']}/postgres?table=analytics.orders"
+    assert metadata["nilus/table_uri"].value == expected
+    assert server["password"] not in logs + str(metadata)
+
+
 def test_the_sensor_measures_lag_against_the_position_in_postgresql(
     postgres_database, nats_server, publisher, stream_name, write_manifest
 ):

@@ -197,14 +197,25 @@ class DeployedPipeline(Pipeline):
     postgres_options: Mapping[str, str] = field(default_factory=dict)
 
     def table_location(
-        self, env: Mapping[str, str] | None = None, *, fill_secrets: bool = True
+        self,
+        env: Mapping[str, str] | None = None,
+        *,
+        fill_secrets: bool = True,
+        connection: Mapping[str, str] | None = None,
     ) -> TableLocation:
-        """The manifest's table location with the deployment's settings added."""
-        location = super().table_location(env, fill_secrets=fill_secrets)
-        extra = self.postgres_options if location.kind == "postgresql" else self.storage_options
-        if not extra or (location.kind == "postgresql" and not fill_secrets):
+        """The manifest's table location with the deployment's settings in it.
+
+        The PostgreSQL settings replace the address's parts before its placeholders are filled,
+        so a placeholder the resource stands in for needs no variable, and the table's address
+        names the server the deployment writes to.
+        """
+        connection = {**self.postgres_options, **(connection or {})}
+        location = super().table_location(env, fill_secrets=fill_secrets, connection=connection)
+        if location.kind == "postgresql" or not self.storage_options:
             return location
-        return replace(location, storage_options={**location.storage_options, **extra})
+        return replace(
+            location, storage_options={**location.storage_options, **self.storage_options}
+        )
 
 
 @dataclass(frozen=True)

@@ -278,8 +278,11 @@ def postgres_location(
     where: str,
     fill_secrets: bool = True,
     file: str = "(manifest)",
+    connection: Mapping[str, str] | None = None,
 ) -> TableLocation:
     """The PostgreSQL table ``dest_table`` names in the database ``url`` names.
+
+    ``connection`` holds parameters that replace the address's (a deployment's resource).
 
     Raises:
         ManifestError: ``dest_table`` is a location (those are for object stores).
@@ -298,9 +301,17 @@ def postgres_location(
             ]
         )
     table = f"{opts.schema_name}.{opts.table_name}"
-    options = url.connection_options(env, where=where) if fill_secrets else url.template_options()
-    uri = f"{url.display()}?table={table}"
+    if fill_secrets:
+        options = url.connection_options(env, where=where, replaced=connection)
+    else:
+        options = {**url.template_options(), **_shown_parts(connection)}
+    uri = f"{url.display(_shown_parts(connection))}?table={table}"
     return TableLocation(uri=uri, storage_options=options, kind="postgresql", table=table)
+
+
+def _shown_parts(connection: Mapping[str, str] | None) -> dict[str, str]:
+    """The parts of a deployment's connection parameters an address shows (no password)."""
+    return {k: v for k, v in (connection or {}).items() if k in ("user", "host", "port", "dbname")}
 
 
 def _text_values(mapping: Mapping[object, object]) -> dict[str, str]:
@@ -363,6 +374,7 @@ def resolve_table_location(
     *,
     file: str = "(manifest)",
     fill_secrets: bool = True,
+    connection: Mapping[str, str] | None = None,
 ) -> TableLocation:
     """Resolve the Delta table a sink writes to.
 
@@ -372,6 +384,8 @@ def resolve_table_location(
         file: The manifest's file, named in errors.
         fill_secrets: Fill ``{PLACEHOLDER}``s in storage options (run time). ``False`` keeps
             them as written, for display at load time.
+        connection: libpq parameters that replace a PostgreSQL address's (a deployment's
+            resource); their parts of the address need no variable then.
 
     Raises:
         ManifestError: The depots file is malformed or does not hold the sink's depot.
@@ -402,7 +416,13 @@ def resolve_table_location(
             if depot.url is not None:
                 where = f"{depots_file}: depots.{depot.name}.url (for {file})"
                 return postgres_location(
-                    depot.url, sink, env, where=where, fill_secrets=fill_secrets, file=file
+                    depot.url,
+                    sink,
+                    env,
+                    where=where,
+                    fill_secrets=fill_secrets,
+                    file=file,
+                    connection=connection,
                 )
             root, options = depot.root, depot.storage_options
             options_where = f"{depots_file}: depots.{depot.name}.storage_options"
@@ -414,7 +434,13 @@ def resolve_table_location(
     elif address.postgres is not None:
         where = f"{file}: spec.sink.address"
         return postgres_location(
-            address.postgres, sink, env, where=where, fill_secrets=fill_secrets, file=file
+            address.postgres,
+            sink,
+            env,
+            where=where,
+            fill_secrets=fill_secrets,
+            file=file,
+            connection=connection,
         )
     else:
         raw_root = address.root or ""

@@ -117,7 +117,11 @@ class Pipeline:
         )
 
     def table_location(
-        self, env: Mapping[str, str] | None = None, *, fill_secrets: bool = True
+        self,
+        env: Mapping[str, str] | None = None,
+        *,
+        fill_secrets: bool = True,
+        connection: Mapping[str, str] | None = None,
     ) -> TableLocation:
         """Where the pipeline's Delta table lives.
 
@@ -125,6 +129,7 @@ class Pipeline:
             env: The environment (``os.environ`` by default).
             fill_secrets: Fill storage-option placeholders (run time); ``False`` keeps them
                 as written and reads no secret (load time, display).
+            connection: libpq parameters replacing a PostgreSQL address's (a deployment's).
 
         Raises:
             ManifestError: The depots file is malformed or lacks the sink's depot.
@@ -135,7 +140,11 @@ class Pipeline:
         else:
             environment = dict(os.environ if env is None else env)
         return resolve_table_location(
-            self.manifest.sink, environment, file=str(self.path), fill_secrets=fill_secrets
+            self.manifest.sink,
+            environment,
+            file=str(self.path),
+            fill_secrets=fill_secrets,
+            connection=connection,
         )
 
 

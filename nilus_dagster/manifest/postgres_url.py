@@ -32,29 +32,43 @@ class PostgresUrl:
         parts += [value for _, value in self.params]
         return list(dict.fromkeys(name for part in parts for name in placeholders_in(part)))
 
-    def display(self) -> str:
-        """The address without its password: ``postgresql://USER@HOST:PORT/DB``."""
-        user = f"{self.user}@" if self.user else ""
-        return f"postgresql://{user}{self.host}:{self.port}/{self.dbname}"
+    def display(self, replaced: Mapping[str, str] | None = None) -> str:
+        """The address without its password: ``postgresql://USER@HOST:PORT/DB``.
 
-    def connection_options(self, env: Mapping[str, str], *, where: str) -> dict[str, str]:
+        Args:
+            replaced: Connection parameters that replace the address's (a deployment's).
+        """
+        parts = {**self.template_options(), **(replaced or {})}
+        user = f"{parts['user']}@" if parts.get("user") else ""
+        return f"postgresql://{user}{parts['host']}:{parts['port']}/{parts['dbname']}"
+
+    def connection_options(
+        self,
+        env: Mapping[str, str],
+        *,
+        where: str,
+        replaced: Mapping[str, str] | None = None,
+    ) -> dict[str, str]:
         """The libpq connection parameters, placeholders filled from ``env``.
+
+        Args:
+            env: The run-time environment.
+            where: ``file: field`` words for errors.
+            replaced: Parameters that replace the address's, taken as they are: the address's
+                placeholders in those parts are not filled, so they need no variable.
 
         Raises:
             PlaceholderError: A placeholder's variable is not set (named in the message).
         """
+        replaced = replaced or {}
+        written = [("host", self.host), ("port", self.port), ("dbname", self.dbname)]
+        written += [("user", self.user), ("password", self.password), *self.params]
         options = {
-            "host": fill(self.host, env, where=where),
-            "port": fill(self.port, env, where=where),
-            "dbname": fill(self.dbname, env, where=where),
+            key: fill(value, env, where=where, secret="password" in key.lower())
+            for key, value in written
+            if value and key not in replaced
         }
-        if self.user:
-            options["user"] = fill(self.user, env, where=where)
-        if self.password:
-            options["password"] = fill(self.password, env, where=where, secret=True)
-        for key, value in self.params:
-            options[key] = fill(value, env, where=where, secret="password" in key.lower())
-        return options
+        return {**options, **replaced}
 
     def template_options(self) -> dict[str, str]:
         """The connection parameters as written (for display; placeholders left in)."""
