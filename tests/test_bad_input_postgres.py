@@ -301,6 +301,10 @@ def test_postgresql_depots(tmp_path, isolated_secrets) -> None:
         "user": "app",
         "password": "pw-from-env",
     }
+    assert location.options_source == (
+        f"{depots}: depots.warehouse.url (for (manifest)) (user from {{PG_USER}}; password "
+        "from {PG_PASSWORD})"
+    )
     depots.write_text("depots:\n  warehouse:\n    type: postgresql\n    root: x\n")
     with pytest.raises(ManifestError, match=r"depots.warehouse.root.*postgresql depot") as err:
         resolve_table_location(pipeline.manifest.sink, env)
@@ -310,16 +314,31 @@ def test_postgresql_depots(tmp_path, isolated_secrets) -> None:
         resolve_table_location(pipeline.manifest.sink, env)
 
 
-def test_a_run_against_a_stopped_database_fails_before_pulling(
-    tmp_path, postgres_database, publisher, stream_pipeline
+def test_a_run_against_a_stopped_database_fails_before_pulling_and_names_the_address(
+    tmp_path, postgres_database, publisher, stream_pipeline, monkeypatch
 ) -> None:
+    from checker import check_exactly_once
+
     from nilus_dagster.jetstream.local_server import free_port
 
-    url = f"postgresql://postgres@127.0.0.1:{free_port()}/{postgres_database.name}"
-    subject, pipeline = stream_pipeline(sink_address=url)
-    publisher.publish_orders(subject, 10)
-    with pytest.raises(SinkError, match="cannot reach PostgreSQL"):
+    db = postgres_database
+    stopped = f"postgresql://postgres:{{PG_PASSWORD}}@127.0.0.1:{free_port()}/{db.name}"
+    monkeypatch.setenv("PG_PASSWORD", "pw-of-the-test")  # the machine's server trusts anyway
+    subject, pipeline = stream_pipeline(sink_address=stopped)
+    published = publisher.publish_orders(subject, 10)
+    with pytest.raises(SinkError) as refused:
         run_pipeline(pipeline, drain=True)
+    message = str(refused.value)
+    assert message.startswith(
+        f"{pipeline.path}: spec.sink.address (password from {{PG_PASSWORD}}): PostgreSQL sink "
+    )
+    assert "cannot reach PostgreSQL" in message and "pw-of-the-test" not in message
+
+    text = pipeline.path.read_text()
+    pipeline.path.write_text(text.replace(stopped.split("@")[1], f"{db.host}:{db.port}/{db.name}"))
+    report = run_pipeline(parse_pipeline(pipeline.path), drain=True)
+    result = check_exactly_once(report.table_uri, published, pipeline.app_id)
+    assert result.ok, str(result)
 
 
 def test_a_user_without_connect_on_the_database(postgres_database) -> None:
@@ -328,3 +347,15 @@ def test_a_user_without_connect_on_the_database(postgres_database) -> None:
     db.query(f'REVOKE CONNECT ON DATABASE "{db.name}" FROM PUBLIC')
     with pytest.raises(SinkError, match=r"lacks CONNECT on database .*GRANT CONNECT ON DATABASE"):
         _open(db.location(user=role))
+
+
+def test_partition_by_on_a_postgresql_sink_names_the_manifest(
+    postgres_database, stream_pipeline
+) -> None:
+    _, pipeline = stream_pipeline(
+        sink_address=postgres_database.url, sink_options="partition_by: status\n"
+    )
+    with pytest.raises(SinkError) as refused:
+        run_pipeline(pipeline, drain=True)
+    assert str(refused.value).startswith(f"{pipeline.path}: partition_by is for lakehouse")
+    assert "remove partition_by from spec.sink.options" in str(refused.value)

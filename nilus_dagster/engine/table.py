@@ -6,7 +6,7 @@ Its sink, and whether the committed position still belongs to the stream that is
 from datetime import datetime
 
 from nilus_dagster.engine.settings import RuntimeSettings
-from nilus_dagster.errors import PositionError
+from nilus_dagster.errors import PositionError, SinkError
 from nilus_dagster.jetstream import StreamState
 from nilus_dagster.manifest.loader import Pipeline
 from nilus_dagster.sink import SinkWriter, sink_writer
@@ -15,7 +15,12 @@ from nilus_dagster.sink import SinkWriter, sink_writer
 def open_sink(settings: RuntimeSettings) -> SinkWriter:
     """The pipeline's sink writer, for the store its address resolved to (not opened yet)."""
     pipeline = settings.pipeline
-    return sink_writer(settings.location, pipeline.manifest.sink.options, app_id=pipeline.app_id)
+    try:
+        return sink_writer(
+            settings.location, pipeline.manifest.sink.options, app_id=pipeline.app_id
+        )
+    except SinkError as exc:  # the options or the store's library: the manifest says which
+        raise SinkError(f"{pipeline.path}: {exc}") from None
 
 
 def check_stream_identity(

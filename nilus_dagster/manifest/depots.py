@@ -306,7 +306,31 @@ def postgres_location(
     else:
         options = {**url.template_options(), **_shown_parts(connection)}
     uri = f"{url.display(_shown_parts(connection))}?table={table}"
-    return TableLocation(uri=uri, storage_options=options, kind="postgresql", table=table)
+    return TableLocation(
+        uri=uri,
+        storage_options=options,
+        kind="postgresql",
+        table=table,
+        options_source=_postgres_source(where, url, connection),
+    )
+
+
+def _postgres_source(where: str, url: PostgresUrl, connection: Mapping[str, str] | None) -> str:
+    """``where`` and what fills each part of the address, for errors that say what to fix.
+
+    ``orders.yaml: spec.sink.address (user from {PG_USER}; password from {PG_PASSWORD})``; a
+    part the deployment's resource replaces is said to come from there.
+    """
+    replaced = connection or {}
+    written = {"user": url.user, "password": url.password, "host": url.host}
+    written.update({"port": url.port, "dbname": url.dbname, **dict(url.params)})
+    parts = []
+    for key, value in written.items():
+        if key in replaced:
+            parts.append(f"{key} from the deployment's PostgreSQL resource")
+        elif names := placeholders_in(value):
+            parts.append(f"{key} from {', '.join('{' + n + '}' for n in names)}")
+    return f"{where} ({'; '.join(parts)})" if parts else where
 
 
 def _shown_parts(connection: Mapping[str, str] | None) -> dict[str, str]:

@@ -89,7 +89,9 @@ class PostgresSink(SinkWriter):
         )
         self.schema_name, _, self.table_name = location.table.partition(".")
         self.dead_table = self.table_name + DEAD_LETTER_SUFFIX
-        self._where = f"PostgreSQL sink {location.uri}"
+        # The manifest or depots file and field first, so every error says where to look.
+        source = f"{location.options_source}: " if location.options_source else ""
+        self._where = f"{source}PostgreSQL sink {location.uri}"
         check_identifier(self.schema_name, "the schema of dest_table", _NAME_FIX)
         check_identifier(
             self.dead_table,
@@ -318,7 +320,7 @@ class PostgresSink(SinkWriter):
             raise
         except Exception as exc:
             self._rollback()
-            raise catalog.write_error(exc, f"cannot commit to {self.location.uri}") from None
+            raise catalog.write_error(exc, f"{self._where}: cannot commit") from None
         self._columns, self._dead_columns = columns, dead_columns
         self._position, self._stream_created, self._newest = last_seq, created, newest
         return CommitResult(
@@ -359,7 +361,7 @@ class PostgresSink(SinkWriter):
             self.discard_ahead()
             if isinstance(exc, SinkError):
                 raise
-            raise catalog.write_error(exc, f"cannot write to {self.location.uri}") from None
+            raise catalog.write_error(exc, f"{self._where}: cannot write") from None
         return True
 
     def _load_ahead(self, ahead: Ahead, rows: pa.Table, dead: pa.Table) -> None:
@@ -436,9 +438,7 @@ class PostgresSink(SinkWriter):
             raise
         except Exception as exc:
             self._rollback()
-            raise catalog.write_error(
-                exc, f"cannot replace the window of {self.location.uri}"
-            ) from None
+            raise catalog.write_error(exc, f"{self._where}: cannot replace the window") from None
         self._columns, self._dead_columns = columns, dead_columns
         return CommitResult(rows.num_rows, dead_count, None, self._position)
 
