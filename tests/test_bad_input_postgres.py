@@ -283,6 +283,16 @@ def test_direct_address_placeholders_are_filled_at_run_time_and_redacted(
     assert "s3cret-pw" not in redact("failed: s3cret-pw")
 
 
+def test_a_password_written_in_the_address_is_masked_too(tmp_path, isolated_secrets) -> None:
+    from nilus_dagster.redaction import redact
+
+    path = _manifest(tmp_path, "postgresql://app:literal-pw-77@db.example:5432/analytics")
+    location = parse_pipeline(path).table_location({})
+    assert location.storage_options["password"] == "literal-pw-77"
+    assert "literal-pw-77" not in repr(location) + location.uri
+    assert redact("libpq said: literal-pw-77") == "libpq said: ***"
+
+
 def test_postgresql_depots(tmp_path, isolated_secrets) -> None:
     depots = tmp_path / "depots.yaml"
     depots.write_text(

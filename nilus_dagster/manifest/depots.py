@@ -84,11 +84,12 @@ class TableLocation:
     """
 
     uri: str
-    storage_options: Mapping[str, str] = field(default_factory=dict)
+    # Filled secrets: never in a repr (a log line or a traceback's locals).
+    storage_options: Mapping[str, str] = field(default_factory=dict, repr=False)
     kind: str = "delta"
     table: str = ""
     options_source: str = field(default="", compare=False)
-    catalog: Mapping[str, str] = field(default_factory=dict)
+    catalog: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def is_local(self) -> bool:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl, quote, unquote
 
 from nilus_dagster.manifest.placeholders import PLACEHOLDER, fill, placeholders_in
+from nilus_dagster.redaction import register_secret
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 DEFAULT_PORT = "5432"
@@ -68,6 +69,9 @@ class PostgresUrl:
             for key, value in written
             if value and key not in replaced
         }
+        for key, value in options.items():
+            if "password" in key.lower():
+                register_secret(value)  # written in the address as it is, not only filled
         return {**options, **replaced}
 
     def template_options(self) -> dict[str, str]:
