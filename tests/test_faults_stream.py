@@ -17,6 +17,15 @@ from nilus_dagster.engine import measure_lag, run_pipeline
 from nilus_dagster.errors import PositionError
 
 
+@pytest.fixture(params=["delta", "postgresql"])
+def sink_address(request: pytest.FixtureRequest) -> str:
+    """The sink the stream faults are checked against: a Delta depot, or a fresh database
+    (whose position row keeps the stream's creation time, as Delta's commit metadata does)."""
+    if request.param == "delta":
+        return "dataos://lake?purpose=rw"
+    return request.getfixturevalue("postgres_database").url
+
+
 def _recreate(publisher, stream: str) -> None:  # type: ignore[no-untyped-def]
     """The stream deleted and created again, empty, with the same subjects."""
     publisher.delete_stream(stream)
@@ -33,9 +42,11 @@ def _first_seq(publisher, stream: str) -> int:  # type: ignore[no-untyped-def]
 
 
 def test_max_age_expiry_past_the_position_is_a_gap_and_nothing_else_is_lost(
-    publisher, stream_name, stream_pipeline
+    publisher, stream_name, stream_pipeline, sink_address
 ):
-    subject, pipeline = stream_pipeline(query="&batch_size=250", max_age=1.0)
+    subject, pipeline = stream_pipeline(
+        query="&batch_size=250", sink_address=sink_address, max_age=1.0
+    )
     ingested = publisher.publish_orders(subject, 20)
     assert run_pipeline(pipeline).position == ingested[-1]
     expired = publisher.publish_orders(subject, 30, start=20)
@@ -57,8 +68,10 @@ def test_max_age_expiry_past_the_position_is_a_gap_and_nothing_else_is_lost(
     assert run_pipeline(pipeline).gap == 0
 
 
-def test_purge_past_a_partial_runs_position_is_one_gap(publisher, stream_name, stream_pipeline):
-    subject, pipeline = stream_pipeline(query="&batch_size=250")
+def test_purge_past_a_partial_runs_position_is_one_gap(
+    publisher, stream_name, stream_pipeline, sink_address
+):
+    subject, pipeline = stream_pipeline(query="&batch_size=250", sink_address=sink_address)
     published = publisher.publish_orders(subject, 2_000)
     first = run_pipeline(pipeline, max_messages=500)
     more = publisher.publish_orders(subject, 1_000, start=2_000)
@@ -80,9 +93,9 @@ def test_purge_past_a_partial_runs_position_is_one_gap(publisher, stream_name, s
 
 
 def test_stream_recreated_with_fewer_messages_is_a_clear_error_from_the_cli(
-    publisher, stream_name, stream_pipeline
+    publisher, stream_name, stream_pipeline, sink_address
 ):
-    subject, pipeline = stream_pipeline(query="&batch_size=250")
+    subject, pipeline = stream_pipeline(query="&batch_size=250", sink_address=sink_address)
     published = publisher.publish_orders(subject, 50)
     run_pipeline(pipeline)
     _recreate(publisher, stream_name)
@@ -97,8 +110,10 @@ def test_stream_recreated_with_fewer_messages_is_a_clear_error_from_the_cli(
     assert check_exactly_once(pipeline.table_location().uri, published, pipeline.app_id).ok
 
 
-def test_stream_recreated_empty_is_a_clear_error(publisher, stream_name, stream_pipeline):
-    subject, pipeline = stream_pipeline(query="&batch_size=250")
+def test_stream_recreated_empty_is_a_clear_error(
+    publisher, stream_name, stream_pipeline, sink_address
+):
+    subject, pipeline = stream_pipeline(query="&batch_size=250", sink_address=sink_address)
     published = publisher.publish_orders(subject, 5)
     run_pipeline(pipeline)
     _recreate(publisher, stream_name)
