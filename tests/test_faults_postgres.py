@@ -5,6 +5,7 @@ database and ends with the checker: every published sequence in the table or its
 exactly once, and the position row equal to the last sequence written.
 """
 
+import random
 import signal
 import subprocess
 import threading
@@ -387,4 +388,38 @@ def test_commits_that_keep_conflicting_fail_the_run_after_a_bounded_number_of_at
     report = run_pipeline(pipeline, drain=True)
     assert report.position == published[-1]
     result = check_exactly_once(report.table_uri, published, pipeline.app_id)
+    assert result.ok, str(result)
+
+
+def test_sigkill_at_random_points_from_the_first_commit_on_loses_and_duplicates_nothing(
+    postgres_database, publisher, stream_pipeline
+):
+    db = postgres_database
+    subject, pipeline = stream_pipeline(
+        query="&batch_size=500", sink_address=db.url, sink_options=SMALL_COMMITS
+    )
+    payloads = _payloads(30_000)
+    published = publisher.publish(subject, payloads)
+    rng = random.Random(11)
+    positions = []
+    for attempt in range(5):
+        before = _position(db, pipeline)
+        process = start_cli_run(pipeline.path)
+        if attempt:
+            _wait(lambda: _position(db, pipeline) > before, process)  # noqa: B023
+        # The first kill lands around start-up and the first commits (the one that creates
+        # the tables and the position row among them); the later ones between commits,
+        # during a load or inside a commit.
+        time.sleep(rng.uniform(0.2, 0.7) if attempt == 0 else rng.uniform(0, 0.1))
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+        positions.append(_position(db, pipeline))
+        if positions[-1] == published[-1]:
+            break  # a fast run can finish before its kill: nothing left to cut
+
+    report = run_pipeline(pipeline, drain=True)
+
+    cut = [p for p in positions if p < published[-1]]
+    assert len(set(cut)) >= 3, f"kills did not land mid-run: positions {positions}"
+    result = check_orders(report.table_uri, published, pipeline.app_id, payloads)
     assert result.ok, str(result)
