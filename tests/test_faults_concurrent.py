@@ -55,3 +55,38 @@ def test_two_processes_running_one_pipeline_write_every_sequence_once(
         state = consumer_state(nats_server.url, stream_name, "nilus_twice")
         assert state["ack_floor"] == state["delivered"] == published[-1], (state, err)
         assert state["num_pending"] == state["num_ack_pending"] == 0, state
+
+
+def test_a_position_newer_than_the_stream_read_beside_it_is_no_recreated_stream(
+    publisher, stream_pipeline, monkeypatch
+):
+    """The stream is read while the sink opens; another writer (a service run, during a
+    backfill) can commit between the two reads. Its position is then past the stream's end as
+    read, which is no sign of a recreated stream until a stream read after it says so."""
+    import dataclasses
+
+    from nilus_dagster.engine import run_pipeline
+    from nilus_dagster.jetstream.source import JetStreamSource
+
+    subject, pipeline = stream_pipeline()
+    published = publisher.publish_orders(subject, 50)
+    run_pipeline(pipeline, drain=True)
+    published += publisher.publish_orders(subject, 10, start=50)
+    real = JetStreamSource.stream_state
+    reads: list[int] = []
+
+    async def read_before_the_other_writers_commit(self):  # type: ignore[no-untyped-def]
+        state = await real(self)
+        reads.append(state.last_seq)
+        if len(reads) == 1:
+            return dataclasses.replace(state, last_seq=45, messages=45)
+        return state
+
+    monkeypatch.setattr(JetStreamSource, "stream_state", read_before_the_other_writers_commit)
+    report = run_pipeline(pipeline, drain=True)
+
+    assert report.position == published[-1] and len(reads) >= 2
+    result = check_orders(
+        report.table_uri, published, pipeline.app_id, [order(i) for i in range(60)]
+    )
+    assert result.ok, str(result)

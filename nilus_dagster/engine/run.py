@@ -136,6 +136,11 @@ async def open_pipeline(
                 stream = await src.stream_state()
                 await src.check_subject(stream)
                 state = await opening
+                if state.position > stream.last_seq:
+                    # Read beside the sink, the stream may predate messages another writer (a
+                    # service run, when this is a backfill) committed before the position was
+                    # read: only a stream read after the position can say it was recreated.
+                    stream = await src.stream_state()
                 check_stream_identity(pipeline, stream, state.position, state.stream_created)
                 yield settings, sink, src, stream
         except BaseException:
