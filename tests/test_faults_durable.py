@@ -63,7 +63,9 @@ def _create_durable(url: str, stream: str, subject: str, **config: object) -> No
     asyncio.run(go())
 
 
-def _manifest(write_manifest, server, stream, subject, query, sink_address=None):  # type: ignore[no-untyped-def]
+def _manifest(  # type: ignore[no-untyped-def]
+    write_manifest, server, stream, subject, query, sink_address=None
+):
     return parse_pipeline(
         write_manifest(
             address=f"nats+jetstream://{server.hostport}?subject={subject}&batch_size=100{query}",

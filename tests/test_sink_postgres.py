@@ -274,3 +274,61 @@ def test_factory_picks_the_writer_from_the_location(postgres_database) -> None:
     )
     sink = sink_writer(postgres_database.location(), options, app_id=APP)
     assert isinstance(sink, PostgresSink) and sink.primary_key == ("id",)
+
+
+def test_the_unique_indexes_merge_can_upsert_through(postgres_database) -> None:
+    from nilus_dagster.sink.postgres_catalog import connect, unique_indexes_on
+
+    db = postgres_database
+    db.query(
+        'CREATE SCHEMA s; CREATE TABLE s.t ("Id" bigint, region text, v text, '
+        'CONSTRAINT t_later UNIQUE ("Id", v) DEFERRABLE INITIALLY DEFERRED)'
+    )
+    db.query('CREATE UNIQUE INDEX t_both ON s.t (region, "Id") INCLUDE (v)')
+    db.query('CREATE UNIQUE INDEX t_partial ON s.t ("Id") WHERE v IS NOT NULL')
+    db.query("CREATE UNIQUE INDEX t_expression ON s.t (lower(region))")
+    conn = connect(db.options(), "test")
+    try:
+        # Either order of the key; INCLUDE columns are not key columns; names keep their case.
+        assert unique_indexes_on(conn, "s", "t", ["Id", "region"]) == [("t_both", True)]
+        assert unique_indexes_on(conn, "s", "t", ["region", "Id"]) == [("t_both", True)]
+        assert unique_indexes_on(conn, "s", "t", ["id", "region"]) == []
+        assert unique_indexes_on(conn, "s", "t", ["Id"]) == []  # partial: ON CONFLICT skips it
+        assert unique_indexes_on(conn, "s", "t", ["region"]) == []  # an expression
+        assert unique_indexes_on(conn, "s", "t", ["Id", "v"]) == [("t_later", False)]
+    finally:
+        conn.close()
+
+
+def test_a_deferrable_key_index_or_one_made_for_another_key_is_named_at_open(
+    postgres_database,
+) -> None:
+    db = postgres_database
+    sink = opened(db.location(), strategy="merge", primary_key=["id"])
+    write(sink, batch(1, [{"id": 1, "region": "eu"}, {"id": 2, "region": "us"}]))
+    sink.close()
+
+    # The key grew: the index merge made for the old one holds the name of the new one.
+    with pytest.raises(SinkError) as refused:
+        opened(db.location(), strategy="merge", primary_key=["id", "region"])
+    message = str(refused.value)
+    assert "'orders__nilus_key', which merge made for an earlier primary_key, covers (id)" in (
+        message
+    )
+    assert 'DROP INDEX "analytics"."orders__nilus_key"' in message
+    db.query('DROP INDEX "analytics"."orders__nilus_key"')  # as it says
+    grown = opened(db.location(), strategy="merge", primary_key=["id", "region"])
+    write(grown, batch(3, [{"id": 1, "region": "us", "v": 1}, {"id": 2, "region": "us", "v": 2}]))
+    assert db.query("SELECT id, region, v FROM analytics.orders ORDER BY id, region") == [
+        (1, "eu", None),
+        (1, "us", 1),
+        (2, "us", 2),
+    ]
+    grown.close()
+
+    db.query(
+        "ALTER TABLE analytics.orders ADD CONSTRAINT orders_key UNIQUE (id, region) "
+        "DEFERRABLE INITIALLY IMMEDIATE"
+    )
+    with pytest.raises(SinkError, match=r"'orders_key' on \(id, region\).*is deferrable.*NOT DEF"):
+        opened(db.location(), strategy="merge", primary_key=["id", "region"])

@@ -147,7 +147,7 @@ class Committer:
             raise failed
         if whole:
             parts = []
-        conflicts = 0
+        stalled = 0  # conflicts in a row that did not move the position
         while True:
             chunk = chunk.after(self.sink.position)
             if not len(chunk):
@@ -167,25 +167,30 @@ class Committer:
             except PositionConflict as conflict:
                 # Another writer committed first: re-read its position and keep only what is
                 # still ours to write. Nothing is written twice.
-                conflicts += 1
-                if conflicts == COMMIT_ATTEMPTS:
-                    raise SinkError(
-                        f"{self.pipeline.name}: {conflicts} commits in a row conflicted with "
-                        f"other writers of the table; the last: {conflict}"
-                    ) from None
                 before = self.sink.position
                 self.sink.open()
                 if self.sink.position != before:
+                    stalled = 0  # progress: what is left of the chunk shrank
                     logger.warning(
                         "%s: a concurrent commit moved the position to %s; continuing after it",
                         self.pipeline.name,
                         self.sink.position,
                     )
-                else:
-                    # A concurrent change of the table itself (a column, an index, a
-                    # compaction): the same rows again, once the other writer is done.
-                    logger.warning("%s: committing again after %s", self.pipeline.name, conflict)
-                    time.sleep(random.uniform(0.05, 0.25) * min(conflicts, 4))
+                    continue
+                # The table changed but not the position: another pipeline writing the same
+                # table, a new column or index, a compaction. The same rows again, on a fresh
+                # read of the table taken after a pause, so a busy writer does not win each time.
+                stalled += 1
+                if stalled == COMMIT_ATTEMPTS:
+                    raise SinkError(
+                        f"{self.pipeline.path}: {stalled} commits of the same rows in a row "
+                        "conflicted with other writers of the table, which never moved this "
+                        "pipeline's position: look for another writer changing the table "
+                        f"without pause (another pipeline, maintenance jobs); the last: {conflict}"
+                    ) from None
+                logger.warning("%s: committing again after %s", self.pipeline.name, conflict)
+                time.sleep(random.uniform(0.05, 0.25) * min(stalled, 4))
+                self.sink.open()
         self.commits += 1
         self.total_commits += 1
         self.first_seq = chunk.first_seq if self.first_seq is None else self.first_seq

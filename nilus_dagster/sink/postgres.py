@@ -148,12 +148,9 @@ class PostgresSink(SinkWriter):
                 conn, schema, table, self._needed_privileges(), self._why(), where
             )
             key = self.primary_key if self.strategy == "merge" else ()
-            if (
-                key
-                and all(k in self._columns for k in key)
-                and not catalog.has_unique_index(conn, schema, table, key)
-            ):
-                catalog.check_can_index(conn, schema, table, key, where)
+            if key and all(k in self._columns for k in key):
+                own_index = load.short_name(f"{table}__nilus_key")
+                catalog.check_merge_key(conn, schema, table, key, own_index, where)
         self._dead_columns = catalog.table_columns(conn, schema, self.dead_table)
         if self._dead_columns is not None:
             catalog.check_table_privileges(
@@ -413,7 +410,10 @@ class PostgresSink(SinkWriter):
         if self._columns is None and (rows is None or rows.num_rows == 0):
             return CommitResult(0, 0, None, self._position)
         rows = rows if rows is not None else METADATA_SCHEMA.empty_table()
-        self._check_window_privileges(dead)
+        try:
+            self._check_window_privileges(dead)
+        except Exception as exc:  # a lost connection, say: classified like the replacement's
+            raise catalog.write_error(exc, f"{self._where}: cannot replace the window") from None
         window = (
             f"_nats_timestamp >= $1 AND _nats_timestamp < $2 AND _nats_seq <= {int(replay.up_to)}"
         )

@@ -159,32 +159,101 @@ def check_table_privileges(
             )
 
 
-def has_unique_index(conn: PostgresConnection, schema: str, table: str, key: Sequence[str]) -> bool:
-    """Whether a unique index on exactly the columns ``key`` exists: ``ON CONFLICT`` uses it.
+def unique_indexes_on(
+    conn: PostgresConnection, schema: str, table: str, key: Sequence[str]
+) -> list[tuple[str, bool]]:
+    """``(name, immediate)`` of each unique index on exactly the columns ``key``.
 
-    Any such index does, whoever made it and whatever its name (a primary key too); partial and
-    expression indexes do not.
+    ``ON CONFLICT (key)`` takes every one of them (a primary key too, whoever made it); partial
+    and expression indexes it does not, and a deferrable one (``immediate`` false) makes it fail.
     """
     found = conn.query(
-        "SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid "
+        "SELECT ic.relname, i.indimmediate FROM pg_index i "
+        "JOIN pg_class c ON c.oid = i.indrelid JOIN pg_class ic ON ic.oid = i.indexrelid "
         "JOIN pg_namespace n ON n.oid = c.relnamespace "
         "WHERE n.nspname = $1 AND c.relname = $2 AND i.indisunique AND i.indisvalid "
         "AND i.indpred IS NULL AND i.indexprs IS NULL AND i.indnkeyatts = $3 "
         "AND (SELECT string_agg(a.attname, chr(31) ORDER BY a.attname) FROM pg_attribute a "
         "WHERE a.attrelid = c.oid AND a.attnum = ANY((i.indkey::int2[])[0:i.indnkeyatts - 1])) "
-        "= $4",
+        "= $4 ORDER BY ic.relname",
         [schema, table, len(key), chr(31).join(sorted(key))],
     )
-    return bool(found)
+    return [(str(name), bool(immediate)) for name, immediate in found]
+
+
+def has_unique_index(conn: PostgresConnection, schema: str, table: str, key: Sequence[str]) -> bool:
+    """Whether ``ON CONFLICT (key)`` has a unique index to use (see :func:`unique_indexes_on`)."""
+    return any(immediate for _, immediate in unique_indexes_on(conn, schema, table, key))
+
+
+def index_columns(conn: PostgresConnection, schema: str, index: str) -> list[str] | None:
+    """The key columns of the index named ``index`` in ``schema``; ``None`` when there is none."""
+    found = conn.query(
+        "SELECT a.attname FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid "
+        "JOIN pg_namespace n ON n.oid = ic.relnamespace "
+        "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey::int2[]) "
+        "WHERE n.nspname = $1 AND ic.relname = $2 ORDER BY a.attname",
+        [schema, index],
+    )
+    if found:
+        return [str(name) for (name,) in found]
+    exists = conn.query(
+        "SELECT 1 FROM pg_class ic JOIN pg_namespace n ON n.oid = ic.relnamespace "
+        "WHERE n.nspname = $1 AND ic.relname = $2",
+        [schema, index],
+    )
+    return [] if exists else None
+
+
+def check_merge_key(
+    conn: PostgresConnection,
+    schema: str,
+    table: str,
+    key: Sequence[str],
+    own_index: str,
+    where: str,
+) -> None:
+    """Check that merge's upsert on ``key`` can run against the existing table.
+
+    Raises:
+        SinkError: A unique index on ``key`` is deferrable (the upsert refuses it); or there is
+            none and the one merge would make cannot be: its name holds an index on other
+            columns (made for an earlier ``primary_key``), or only the table's owner may
+            create indexes on it.
+    """
+    name = qualified(schema, table)
+    indexes = unique_indexes_on(conn, schema, table, key)
+    deferred = [index for index, immediate in indexes if not immediate]
+    if deferred:
+        raise SinkError(
+            f"{where}: the unique index {deferred[0]!r} on ({', '.join(key)}) of table "
+            f"{schema}.{table} is deferrable, and merge's upsert (INSERT ... ON CONFLICT) "
+            "refuses deferrable indexes: make its constraint NOT DEFERRABLE (ALTER TABLE "
+            f"{name} ALTER CONSTRAINT {quote(deferred[0])} NOT DEFERRABLE), or drop it"
+        )
+    if indexes:
+        return
+    held = index_columns(conn, schema, own_index)
+    if held is not None:
+        raise SinkError(
+            f"{where}: merge on primary_key ({', '.join(key)}) needs a unique index on those "
+            f"columns; {own_index!r}, which merge made for an earlier primary_key, covers "
+            f"({', '.join(held)}): drop it (DROP INDEX {qualified(schema, own_index)}) and the "
+            "next run makes it on the new key, provided no two rows share a key"
+        )
+    check_can_index(conn, schema, table, key, where)
 
 
 def check_can_index(
     conn: PostgresConnection, schema: str, table: str, key: Sequence[str], where: str
 ) -> None:
-    """Raises: SinkError: ``merge`` needs a unique index on ``key`` that only the owner can make.
+    """Check that the user may create merge's unique index on ``key`` (the table has none).
 
     PostgreSQL lets only a table's owner create an index on it, ``IF NOT EXISTS`` or not; a
     user with every privilege merge needs is refused at the first commit otherwise.
+
+    Raises:
+        SinkError: The user does not own the table, naming the owner and the statement to run.
     """
     owner, user, owns = conn.query(
         "SELECT pg_get_userbyid(c.relowner), current_user, "
@@ -289,13 +358,29 @@ _CATALOG_RACE = re.compile(r'unique constraint "pg_[a-z_]+"')
 _DUPLICATE_KEY = re.compile(r"Key \((?P<key>[^)]*)\)=")
 
 
+def _is_catalog_race(exc: Exception, text: str) -> bool:
+    """Whether a unique violation is on the system catalogs (a concurrent CREATE), not a table.
+
+    The server names the violated index's schema (``PG_DIAG_SCHEMA_NAME``, which ADBC passes on
+    in ``details``); without it, the catalogs' index names (``pg_type_typname_nsp_index``) say
+    so, though a user may name an index ``pg_...`` too.
+    """
+    details = getattr(exc, "details", None)
+    if isinstance(details, list):
+        for key, value in details:
+            if key in (b"PG_DIAG_SCHEMA_NAME", "PG_DIAG_SCHEMA_NAME"):
+                name = value.decode() if isinstance(value, bytes) else str(value)
+                return name == "pg_catalog"
+    return bool(_CATALOG_RACE.search(text))
+
+
 def write_error(exc: Exception, where: str) -> SinkError:
     """The clear error for a failed commit (rolled back: nothing was written)."""
     if isinstance(exc, SinkError):
         return exc
     text = error_text(exc)
     state = str(getattr(exc, "sqlstate", "") or "")
-    if state in _RACES or (state == "23505" and _CATALOG_RACE.search(text)):
+    if state in _RACES or (state == "23505" and _is_catalog_race(exc, text)):
         return PositionConflict(f"{where}: another writer changed the table ({text}); open() again")
     if state == "23505":
         return _refused_as_duplicates(text, where)
