@@ -57,13 +57,16 @@ def test_two_processes_running_one_pipeline_write_every_sequence_once(
         assert state["num_pending"] == state["num_ack_pending"] == 0, state
 
 
+@pytest.mark.parametrize("stale", ["last_seq", "created"])
 def test_a_position_newer_than_the_stream_read_beside_it_is_no_recreated_stream(
-    publisher, stream_pipeline, monkeypatch
+    publisher, stream_pipeline, monkeypatch, stale
 ):
     """The stream is read while the sink opens; another writer (a service run, during a
     backfill) can commit between the two reads. Its position is then past the stream's end as
-    read, which is no sign of a recreated stream until a stream read after it says so."""
+    read, or was read from a stream recreated since (its creation time differs); neither is a
+    sign of a recreated stream until a stream read after the position says so."""
     import dataclasses
+    from datetime import timedelta
 
     from nilus_dagster.engine import run_pipeline
     from nilus_dagster.jetstream.source import JetStreamSource
@@ -78,8 +81,10 @@ def test_a_position_newer_than_the_stream_read_beside_it_is_no_recreated_stream(
     async def read_before_the_other_writers_commit(self):  # type: ignore[no-untyped-def]
         state = await real(self)
         reads.append(state.last_seq)
-        if len(reads) == 1:
+        if len(reads) == 1 and stale == "last_seq":
             return dataclasses.replace(state, last_seq=45, messages=45)
+        if len(reads) == 1:  # the stream as it was before it was recreated
+            return dataclasses.replace(state, created=state.created - timedelta(minutes=5))
         return state
 
     monkeypatch.setattr(JetStreamSource, "stream_state", read_before_the_other_writers_commit)

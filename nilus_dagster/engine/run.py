@@ -22,7 +22,7 @@ from nilus_dagster.engine.backfill import replay_window
 from nilus_dagster.engine.committer import Committer
 from nilus_dagster.engine.report import RunReport
 from nilus_dagster.engine.settings import RuntimeSettings, runtime_settings
-from nilus_dagster.engine.table import check_stream_identity, open_sink
+from nilus_dagster.engine.table import check_stream_identity, identity_problem, open_sink
 from nilus_dagster.jetstream import JetStreamSource, StreamState
 from nilus_dagster.manifest.loader import Pipeline
 from nilus_dagster.messages import MessageBatch
@@ -136,8 +136,8 @@ async def open_pipeline(
                 stream = await src.stream_state()
                 await src.check_subject(stream)
                 state = await opening
-                if state.position > stream.last_seq:
-                    # Read beside the sink, the stream may predate messages another writer (a
+                if identity_problem(stream, state.position, state.stream_created):
+                    # Read beside the sink, the stream may predate what another writer (a
                     # service run, when this is a backfill) committed before the position was
                     # read: only a stream read after the position can say it was recreated.
                     stream = await src.stream_state()

@@ -31,11 +31,16 @@ def check_stream_identity(
     Raises:
         PositionError: The position is past the stream's end, or its creation time changed.
     """
-    created = datetime.fromisoformat(stored_created) if stored_created else None
-    problem = stream.recreated_since(position, created)
+    problem = identity_problem(stream, position, stored_created)
     if problem:
         raise PositionError(
             f"{problem}; its sequences start over. To ingest the new stream, write to a new "
             f"dest_table, or delete the table at "
             f"{pipeline.table_location(fill_secrets=False).uri}"
         )
+
+
+def identity_problem(stream: StreamState, position: int, stored_created: str | None) -> str | None:
+    """Why ``stream`` looks like another stream than the one ``position`` was read from."""
+    created = datetime.fromisoformat(stored_created) if stored_created else None
+    return stream.recreated_since(position, created)
