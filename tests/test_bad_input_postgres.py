@@ -293,6 +293,19 @@ def test_a_password_written_in_the_address_is_masked_too(tmp_path, isolated_secr
     assert redact("libpq said: literal-pw-77") == "libpq said: ***"
 
 
+def test_the_resources_password_stays_out_of_the_deployed_pipelines_repr(
+    tmp_path, isolated_secrets
+) -> None:
+    from nilus_dagster.dagster import DeltaSinkResource, PostgresResource
+    from nilus_dagster.dagster.resources import engine_call
+
+    pipeline = parse_pipeline(_manifest(tmp_path, "postgresql://app@db.example:5432/analytics"))
+    resource = DeltaSinkResource(postgres=PostgresResource(password="resource-pw-31"))
+    call = engine_call(pipeline, None, resource)
+    assert call.pipeline.table_location({}).storage_options["password"] == "resource-pw-31"
+    assert "resource-pw-31" not in repr(call)
+
+
 def test_postgresql_depots(tmp_path, isolated_secrets) -> None:
     depots = tmp_path / "depots.yaml"
     depots.write_text(

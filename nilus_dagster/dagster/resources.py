@@ -193,8 +193,9 @@ class DeployedPipeline(Pipeline):
     Those are storage options for Delta tables and connection settings for PostgreSQL.
     """
 
-    storage_options: Mapping[str, str] = field(default_factory=dict)
-    postgres_options: Mapping[str, str] = field(default_factory=dict)
+    # Secrets (EnvVar values): never in a repr.
+    storage_options: Mapping[str, str] = field(default_factory=dict, repr=False)
+    postgres_options: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     def table_location(
         self,
