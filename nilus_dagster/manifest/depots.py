@@ -26,13 +26,15 @@ or ``/data/lake/orders``) is the table's location itself, on the same store as t
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from nilus_dagster.errors import ManifestError, Problem
 from nilus_dagster.manifest.address import DIRECT_SCHEMES, AddressError
+from nilus_dagster.manifest.location import TableLocation
 from nilus_dagster.manifest.model import Sink
 from nilus_dagster.manifest.placeholders import fill, placeholders_in
+from nilus_dagster.manifest.postgres_location import postgres_location
 from nilus_dagster.manifest.postgres_url import PostgresUrl, parse_postgres_url
 from nilus_dagster.manifest.yaml_text import field_key, load_yaml
 from nilus_dagster.redaction import register_secret
@@ -62,48 +64,6 @@ _SECRET_OPTION = re.compile(r"SECRET|TOKEN|PASSWORD|ACCOUNT_KEY|SAS|SERVICE_ACCO
 
 ICEBERG_CATALOG_FILE = "catalog.db"
 """The embedded SQLite catalog of an Iceberg depot with a local root and no ``catalog``."""
-
-
-@dataclass(frozen=True)
-class TableLocation:
-    """Where a sink's table is, and what its writer needs to reach it.
-
-    Attributes:
-        uri: The table's location as people and downstream loaders see it: the Delta table's
-            URI, or for a database the server, database and table (never a secret).
-        storage_options: What the writer connects with, secrets filled at run time:
-            ``deltalake`` storage options for Delta, connection parameters for a database.
-        kind: The writer that serves it: the depot ``type`` (``delta`` by default).
-        table: ``schema.table`` inside the store, for stores that name tables (databases,
-            an Iceberg catalog).
-        options_source: Where the storage options are written and the variables that fill
-            them (``depots.yaml: depots.lake.storage_options (AWS_SECRET_ACCESS_KEY from
-            {S3_SECRET})``), for errors that must say what to fix; empty when there are none.
-        catalog: An Iceberg depot's pyiceberg catalog properties (``uri``...), filled at
-            run time.
-    """
-
-    uri: str
-    # Filled secrets: never in a repr (a log line or a traceback's locals).
-    storage_options: Mapping[str, str] = field(default_factory=dict, repr=False)
-    kind: str = "delta"
-    table: str = ""
-    options_source: str = field(default="", compare=False)
-    catalog: Mapping[str, str] = field(default_factory=dict, repr=False)
-
-    @property
-    def is_local(self) -> bool:
-        """Whether the table is on the local file system."""
-        scheme = self.uri.partition("://")[0].lower() if "://" in self.uri else "file"
-        return scheme == "file"
-
-    def sibling(self, suffix: str) -> "TableLocation":
-        """The location of a table next to this one (the dead-letter table)."""
-        return replace(
-            self,
-            uri=self.uri.rstrip("/") + suffix,
-            table=self.table + suffix if self.table else "",
-        )
 
 
 DEPOT_TYPES = ("delta", "iceberg", "postgresql")
@@ -269,74 +229,6 @@ def _postgres_depot(
         problems.append(Problem(where, f"{field_name}.url", f"{exc.part}: {exc}"))
         return None
     return Depot(name=name, root="", type="postgresql", url=parsed)
-
-
-def postgres_location(
-    url: PostgresUrl,
-    sink: Sink,
-    env: Mapping[str, str],
-    *,
-    where: str,
-    fill_secrets: bool = True,
-    file: str = "(manifest)",
-    connection: Mapping[str, str] | None = None,
-) -> TableLocation:
-    """The PostgreSQL table ``dest_table`` names in the database ``url`` names.
-
-    ``connection`` holds parameters that replace the address's (a deployment's resource).
-
-    Raises:
-        ManifestError: ``dest_table`` is a location (those are for object stores).
-        PlaceholderError: A part of the address needs a variable that is not set.
-    """
-    opts = sink.options
-    if opts.location:
-        raise ManifestError(
-            [
-                Problem(
-                    file,
-                    "spec.sink.options.dest_table",
-                    f"{opts.location!r} is a location, which only object stores take; a "
-                    "PostgreSQL table is named <schema>.<table> (e.g. analytics.orders)",
-                )
-            ]
-        )
-    table = f"{opts.schema_name}.{opts.table_name}"
-    if fill_secrets:
-        options = url.connection_options(env, where=where, replaced=connection)
-    else:
-        options = {**url.template_options(), **_shown_parts(connection)}
-    uri = f"{url.display(_shown_parts(connection))}?table={table}"
-    return TableLocation(
-        uri=uri,
-        storage_options=options,
-        kind="postgresql",
-        table=table,
-        options_source=_postgres_source(where, url, connection),
-    )
-
-
-def _postgres_source(where: str, url: PostgresUrl, connection: Mapping[str, str] | None) -> str:
-    """``where`` and what fills each part of the address, for errors that say what to fix.
-
-    ``orders.yaml: spec.sink.address (user from {PG_USER}; password from {PG_PASSWORD})``; a
-    part the deployment's resource replaces is said to come from there.
-    """
-    replaced = connection or {}
-    written = {"user": url.user, "password": url.password, "host": url.host}
-    written.update({"port": url.port, "dbname": url.dbname, **dict(url.params)})
-    parts = []
-    for key, value in written.items():
-        if key in replaced:
-            parts.append(f"{key} from the deployment's PostgreSQL resource")
-        elif names := placeholders_in(value):
-            parts.append(f"{key} from {', '.join('{' + n + '}' for n in names)}")
-    return f"{where} ({'; '.join(parts)})" if parts else where
-
-
-def _shown_parts(connection: Mapping[str, str] | None) -> dict[str, str]:
-    """The parts of a deployment's connection parameters an address shows (no password)."""
-    return {k: v for k, v in (connection or {}).items() if k in ("user", "host", "port", "dbname")}
 
 
 def _text_values(mapping: Mapping[object, object]) -> dict[str, str]:

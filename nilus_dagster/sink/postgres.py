@@ -22,10 +22,10 @@ from nilus_dagster.manifest.depots import DEAD_LETTER_SUFFIX, TableLocation
 from nilus_dagster.manifest.model import IncrementalStrategy
 from nilus_dagster.messages import MessageBatch
 from nilus_dagster.sink import postgres_catalog as catalog
+from nilus_dagster.sink import postgres_checks as checks
 from nilus_dagster.sink import postgres_load as load
 from nilus_dagster.sink.decode import BatchDecoder, Decoded, PayloadFormat
 from nilus_dagster.sink.postgres_ahead import Ahead, Loads
-from nilus_dagster.sink.postgres_catalog import POSITIONS_TABLE
 from nilus_dagster.sink.postgres_connection import PostgresConnection
 from nilus_dagster.sink.postgres_position import (
     lock_position,
@@ -129,53 +129,21 @@ class PostgresSink(SinkWriter):
         )
 
     def _check_and_read(self) -> None:
-        conn, schema, table, where = self._conn, self.schema_name, self.table_name, self._where
-        catalog.check_writable(conn, where)
-        catalog.ensure_schema(conn, schema, where=where)
-        catalog.ensure_positions_table(conn, schema, where)
-        self._columns = catalog.table_columns(conn, schema, table)
-        if self._columns is None:
-            if not self.create_table:
-                raise SinkError(
-                    f"{where}: table {schema}.{table} does not exist and create_table is false: "
-                    "create the table first, or set create_table: true under spec.sink.options "
-                    "to let the first run create it"
-                )
-            catalog.check_create(conn, schema, f"table {schema}.{table}", where)
-        else:
-            catalog.check_compatible(self._columns, schema, table, where)
-            catalog.check_table_privileges(
-                conn, schema, table, self._needed_privileges(), self._why(), where
-            )
-            key = self.primary_key if self.strategy == "merge" else ()
-            if key and all(k in self._columns for k in key):
-                own_index = load.short_name(f"{table}__nilus_key")
-                catalog.check_merge_key(conn, schema, table, key, own_index, where)
-        self._dead_columns = catalog.table_columns(conn, schema, self.dead_table)
-        if self._dead_columns is not None:
-            catalog.check_table_privileges(
-                conn, schema, self.dead_table, ("INSERT",), "dead letters go there", where
-            )
-        found = conn.query(
-            f"SELECT last_seq, stream_created, newest_timestamp FROM "
-            f"{qualified(schema, POSITIONS_TABLE)} WHERE pipeline = $1 AND table_name = $2",
-            [self.app_id, table],
+        assert self._conn is not None  # open() connected just before
+        opened = checks.check_and_read(
+            self._conn,
+            schema=self.schema_name,
+            table=self.table_name,
+            dead_table=self.dead_table,
+            app_id=self.app_id,
+            strategy=self.strategy,
+            primary_key=self.primary_key,
+            create_table=self.create_table,
+            where=self._where,
         )
-        conn.commit()
-        self._position, self._stream_created, self._newest = found[0] if found else (0, None, None)
-
-    def _needed_privileges(self) -> tuple[str, ...]:
-        if self.strategy == "merge":
-            return ("INSERT", "SELECT", "UPDATE", "DELETE")
-        if self.strategy == "replace":
-            return ("INSERT", "TRUNCATE")
-        return ("INSERT",)
-
-    def _why(self) -> str:
-        return {
-            "merge": "merge inserts and updates rows",
-            "replace": "replace empties the table with TRUNCATE and refills it",
-        }.get(self.strategy, "rows are appended")
+        self._columns, self._dead_columns = opened.columns, opened.dead_columns
+        self._position, self._stream_created = opened.position, opened.stream_created
+        self._newest = opened.newest
 
     @property
     def position(self) -> int:
@@ -443,26 +411,13 @@ class PostgresSink(SinkWriter):
         return CommitResult(rows.num_rows, dead_count, None, self._position)
 
     def _check_window_privileges(self, dead: pa.Table | None) -> None:
-        """A window is replaced with ``DELETE`` (merge: an upsert), which appending never needs.
-
-        Raises:
-            SinkError: Naming the privilege the user lacks, with its ``GRANT``.
-        """
+        """A window is replaced with ``DELETE`` (merge: an upsert), which appending never needs."""
         if self._columns is None or self.strategy == "merge":
             return
-        why = "a backfill deletes the window's rows before loading them again"
-        conn, where = self._require_conn(), self._where
         tables = [self.table_name]
         if dead is not None and dead.num_rows and self._dead_columns is not None:
             tables.append(self.dead_table)
-        try:
-            for table in tables:
-                catalog.check_table_privileges(
-                    conn, self.schema_name, table, ("DELETE",), why, where
-                )
-        finally:
-            # No transaction stays open: the next attempt must see a GRANT made meanwhile.
-            self._rollback()
+        checks.check_window_privileges(self._require_conn(), self.schema_name, tables, self._where)
 
     def close(self) -> None:
         """Close the connection (open() connects again); what was written ahead is dropped."""
