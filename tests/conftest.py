@@ -348,6 +348,15 @@ def stream_pipeline(
     return make
 
 
+@pytest.fixture(params=["delta", "postgresql"])
+def sink_address(request: pytest.FixtureRequest) -> str:
+    """A sink address for tests that hold for every way of keeping the position: a Delta
+    depot (the commit log), or a fresh database (its ``nilus_positions`` row)."""
+    if request.param == "delta":
+        return "dataos://lake?purpose=rw"
+    return request.getfixturevalue("postgres_database").url
+
+
 @pytest.fixture(autouse=True)
 def isolated_secrets() -> Iterator[None]:
     """Secrets registered during a test are forgotten after it.

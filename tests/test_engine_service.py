@@ -13,7 +13,6 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import nats
-import pytest
 
 from nilus_dagster.engine import (
     RunReport,
@@ -219,22 +218,15 @@ def test_one_failing_pipeline_does_not_stop_the_other(
     assert {r.pipeline for r in reports} == {"good", "bad"}
 
 
-@pytest.mark.parametrize("sink", ["delta", "postgresql"])
 def test_window_replays_during_a_service_keep_every_row_once(
     nats_server: LocalNatsServer,
     stream_pipeline: Callable[..., tuple[str, Pipeline]],
-    request: pytest.FixtureRequest,
-    sink: str,
+    sink_address: str,
 ) -> None:
     # Many small commits: the service commits between a replay's read and its write. Into
     # PostgreSQL, a replay deletes and reloads only rows up to the position it read.
-    address = (
-        request.getfixturevalue("postgres_database").url
-        if sink == "postgresql"
-        else "dataos://lake?purpose=rw"
-    )
     subject, pipeline = stream_pipeline(
-        query="&batch_size=20", sink_options="commit_max_rows: 20", sink_address=address
+        query="&batch_size=20", sink_options="commit_max_rows: 20", sink_address=sink_address
     )
     today = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
     window = (today, today + timedelta(days=1))

@@ -87,18 +87,16 @@ def _check(pipeline, published: list[int]) -> None:  # type: ignore[no-untyped-d
     assert result.ok, str(result)
 
 
-@pytest.mark.parametrize("sink", ["delta", "postgresql"])
 def test_durable_acked_ahead_of_the_table_is_realigned(
-    any_nats_server, stream_name, write_manifest, request, sink
+    any_nats_server, stream_name, write_manifest, sink_address
 ):
     # Into PostgreSQL, the position the durable is realigned to is the position row's.
-    address = request.getfixturevalue("postgres_database").url if sink == "postgresql" else None
     subject = f"{stream_name}.orders"
     publisher = Publisher(any_nats_server.url)
     publisher.create_stream(stream_name, [f"{stream_name}.>"])
     published = publisher.publish_orders(subject, 1_000)
     query = f"&durable={DURABLE}&ack_policy=all"
-    pipeline = _manifest(write_manifest, any_nats_server, stream_name, subject, query, address)
+    pipeline = _manifest(write_manifest, any_nats_server, stream_name, subject, query, sink_address)
     first = run_pipeline(pipeline, max_messages=200)
     assert consumer_state(any_nats_server.url, stream_name, DURABLE)["delivered"] == 200
     # Another client reads on: acks through 500 and holds 50 more unacknowledged.

@@ -17,15 +17,6 @@ from nilus_dagster.engine import measure_lag, run_pipeline
 from nilus_dagster.errors import PositionError
 
 
-@pytest.fixture(params=["delta", "postgresql"])
-def sink_address(request: pytest.FixtureRequest) -> str:
-    """The sink the stream faults are checked against: a Delta depot, or a fresh database
-    (whose position row keeps the stream's creation time, as Delta's commit metadata does)."""
-    if request.param == "delta":
-        return "dataos://lake?purpose=rw"
-    return request.getfixturevalue("postgres_database").url
-
-
 def _recreate(publisher, stream: str) -> None:  # type: ignore[no-untyped-def]
     """The stream deleted and created again, empty, with the same subjects."""
     publisher.delete_stream(stream)

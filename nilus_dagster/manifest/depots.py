@@ -23,6 +23,7 @@ or ``/data/lake/orders``) is the table's location itself, on the same store as t
 (whose storage options reach it); its dead letters are the sibling ``<location>__dead_letters``.
 """
 
+import functools
 import os
 import re
 from collections.abc import Mapping
@@ -310,6 +311,14 @@ def resolve_table_location(
     """
     env = os.environ if env is None else env
     address = sink.address
+    to_postgres = functools.partial(
+        postgres_location,
+        sink=sink,
+        env=env,
+        fill_secrets=fill_secrets,
+        file=file,
+        connection=connection,
+    )
     options: Mapping[str, str] = {}
     options_where = ""
     kind, catalog, catalog_where = "delta", {}, ""
@@ -332,15 +341,7 @@ def resolve_table_location(
                 )
             if depot.url is not None:
                 where = f"{depots_file}: depots.{depot.name}.url (for {file})"
-                return postgres_location(
-                    depot.url,
-                    sink,
-                    env,
-                    where=where,
-                    fill_secrets=fill_secrets,
-                    file=file,
-                    connection=connection,
-                )
+                return to_postgres(depot.url, where=where)
             root, options = depot.root, depot.storage_options
             options_where = f"{depots_file}: depots.{depot.name}.storage_options"
             kind, catalog = depot.type, depot.catalog
@@ -349,16 +350,7 @@ def resolve_table_location(
             lakehouse = env.get(LAKEHOUSE_ENV) or DEFAULT_LAKEHOUSE
             root = _absolute_root(str(Path(lakehouse) / (address.depot or "")), Path.cwd())
     elif address.postgres is not None:
-        where = f"{file}: spec.sink.address"
-        return postgres_location(
-            address.postgres,
-            sink,
-            env,
-            where=where,
-            fill_secrets=fill_secrets,
-            file=file,
-            connection=connection,
-        )
+        return to_postgres(address.postgres, where=f"{file}: spec.sink.address")
     else:
         raw_root = address.root or ""
         scheme = raw_root.partition("://")[0].lower() if "://" in raw_root else "file"
