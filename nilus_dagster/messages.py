@@ -59,9 +59,10 @@ class MessageBatch:
 
     def split(self, count: int) -> tuple["MessageBatch", "MessageBatch"]:
         """The first ``count`` messages and the rest."""
-        return self._slice(0, count), self._slice(count, len(self))
+        return self.slice(0, count), self.slice(count, len(self))
 
-    def _slice(self, start: int, stop: int) -> "MessageBatch":
+    def slice(self, start: int, stop: int) -> "MessageBatch":
+        """The messages from index ``start`` up to (not including) ``stop``."""
         return MessageBatch(
             sequences=self.sequences[start:stop],
             timestamps_ns=self.timestamps_ns[start:stop],
@@ -86,4 +87,4 @@ class MessageBatch:
         """The messages with a sequence above ``position`` (all of them, usually)."""
         if not self.sequences or self.sequences[0] > position:
             return self
-        return self._slice(bisect_right(self.sequences, position), len(self))
+        return self.slice(bisect_right(self.sequences, position), len(self))

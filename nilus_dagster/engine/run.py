@@ -333,7 +333,7 @@ async def drain_to(
                 # (1,696 of the default 100,000), not up to a part plus a batch.
                 ahead = (len(chunk) - decoded_ahead) // part_rows * part_rows
                 if ahead:
-                    part = chunk.split(decoded_ahead)[1].split(ahead)[0]
+                    part = chunk.slice(decoded_ahead, decoded_ahead + ahead)
                     decoded_ahead += ahead
                     loop.run_in_executor(worker, committer.prepare_part, part)
                 if (deadline and time.monotonic() > deadline) or (stopping and stopping()):
