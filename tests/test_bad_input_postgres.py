@@ -296,11 +296,11 @@ def test_a_password_written_in_the_address_is_masked_too(tmp_path, isolated_secr
 def test_the_resources_password_stays_out_of_the_deployed_pipelines_repr(
     tmp_path, isolated_secrets
 ) -> None:
-    from nilus_dagster.dagster import DeltaSinkResource, PostgresResource
+    from nilus_dagster.dagster import PostgresResource, SinkResource
     from nilus_dagster.dagster.resources import engine_call
 
     pipeline = parse_pipeline(_manifest(tmp_path, "postgresql://app@db.example:5432/analytics"))
-    resource = DeltaSinkResource(postgres=PostgresResource(password="resource-pw-31"))
+    resource = SinkResource(postgres=PostgresResource(password="resource-pw-31"))
     call = engine_call(pipeline, None, resource)
     assert call.pipeline.table_location({}).storage_options["password"] == "resource-pw-31"
     assert "resource-pw-31" not in repr(call)

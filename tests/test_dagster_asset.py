@@ -7,9 +7,9 @@ import pytest
 from deltalake import DeltaTable
 
 from nilus_dagster.dagster import (
-    DeltaSinkResource,
     NatsResource,
     NilusTableIOManager,
+    SinkResource,
     build_nilus_asset,
 )
 from nilus_dagster.manifest import parse_pipeline
@@ -32,7 +32,7 @@ RUN_METADATA_KEYS = {
 }
 RESOURCES = {
     "nats": NatsResource(),
-    "nilus_sink": DeltaSinkResource(),
+    "nilus_sink": SinkResource(),
     "nilus_io_manager": NilusTableIOManager(),
 }
 NOW = datetime.now(timezone.utc)
@@ -273,7 +273,7 @@ def test_resources_reach_the_engine(
             instance=instance,
             resources={
                 "nats": NatsResource(servers=[nats_server.hostport]),
-                "nilus_sink": DeltaSinkResource(lakehouse=str(lake)),
+                "nilus_sink": SinkResource(lakehouse=str(lake)),
                 "nilus_io_manager": NilusTableIOManager(),
             },
         )

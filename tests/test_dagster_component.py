@@ -6,7 +6,7 @@ import dagster as dg
 from conftest import write_pipeline_file
 from dagster.components.testing import create_defs_folder_sandbox
 
-from nilus_dagster.dagster import DeltaSinkResource, NatsResource, NilusPipelinesComponent
+from nilus_dagster.dagster import NatsResource, NilusPipelinesComponent, SinkResource
 
 
 def test_component_from_attributes_builds_assets_sensors_and_resources(tmp_path):
@@ -35,7 +35,7 @@ def test_component_from_attributes_builds_assets_sensors_and_resources(tmp_path)
     assert nats.servers == ["n1:4222"]
     # {env: NAME} is an EnvVar: read at run time, only its name is in the config.
     assert isinstance(nats.password, dg.EnvVar) and nats.password.env_var_name == "NATS_PASSWORD"
-    assert defs.resources["nilus_sink"] == DeltaSinkResource(lakehouse=str(tmp_path / "lake"))
+    assert defs.resources["nilus_sink"] == SinkResource(lakehouse=str(tmp_path / "lake"))
 
 
 def test_component_in_a_defs_folder_resolves_paths_next_to_defs_yaml():

@@ -5,10 +5,10 @@ import dagster as dg
 import pyarrow as pa
 
 from nilus_dagster.dagster import (
-    DeltaSinkResource,
     NatsResource,
     NilusTableIOManager,
     PostgresResource,
+    SinkResource,
     build_nilus_asset,
     build_pipeline_definitions,
 )
@@ -26,7 +26,7 @@ def test_materialize_into_postgresql_with_connection_settings_from_the_resource(
     published = publisher.publish_orders(subject, 120)
     monkeypatch.setenv("PG_PASSWORD", "manifest-pw-123")
     monkeypatch.setenv("DEPLOY_PG_PASSWORD", "resource-pw-456")
-    sink = DeltaSinkResource(
+    sink = SinkResource(
         postgres=PostgresResource(user=db.user, password=dg.EnvVar("DEPLOY_PG_PASSWORD"))
     )
     asset = build_nilus_asset(pipeline)
@@ -76,7 +76,7 @@ def test_the_resources_settings_stand_in_for_the_addresss_placeholders(
     for name in ("PG_USER", "PG_PASSWORD", "PG_HOST", "PG_DB"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("DEPLOY_PG_PASSWORD", server["password"])
-    sink = DeltaSinkResource(
+    sink = SinkResource(
         postgres=PostgresResource(
             host=server["host"],
             port=int(server["port"]),

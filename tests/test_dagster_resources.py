@@ -5,7 +5,12 @@ import textwrap
 import dagster as dg
 import pytest
 
-from nilus_dagster.dagster import DeltaSinkResource, NatsResource
+from nilus_dagster.dagster import (
+    DeltaSinkResource,
+    NatsResource,
+    SinkResource,
+    build_pipeline_definitions,
+)
 from nilus_dagster.dagster.resources import engine_call
 from nilus_dagster.engine import runtime_settings
 from nilus_dagster.errors import SourceError
@@ -52,7 +57,7 @@ def test_resource_env_and_sink_settings_win_over_the_process(tmp_path, monkeypat
     call = engine_call(
         pipeline,
         NatsResource(servers=["n1:4222", "n2:4222"], env={"NATS_TOKEN": "resource"}),
-        DeltaSinkResource(lakehouse=str(tmp_path / "elsewhere")),
+        SinkResource(lakehouse=str(tmp_path / "elsewhere")),
     )
 
     assert call.servers == ["n1:4222", "n2:4222"]
@@ -91,7 +96,7 @@ def test_several_auth_modes_on_the_resource_are_refused(tmp_path):
 def test_storage_options_are_added_to_the_table_location(tmp_path):
     pipeline = _pipeline(tmp_path, "nats+jetstream://h:4222?subject=x")
 
-    call = engine_call(pipeline, sink=DeltaSinkResource(storage_options={"timeout": "120s"}))
+    call = engine_call(pipeline, sink=SinkResource(storage_options={"timeout": "120s"}))
 
     assert call.pipeline.table_location(call.env).storage_options == {"timeout": "120s"}
     assert call.pipeline.name == "p" and call.pipeline.path == pipeline.path
@@ -132,3 +137,18 @@ def test_failover_timeout_resource_then_env_then_address(tmp_path, monkeypatch):
     monkeypatch.setenv("NILUS_NATS_FAILOVER_TIMEOUT", "soon")
     with pytest.raises(SourceError, match="NILUS_NATS_FAILOVER_TIMEOUT='soon' is not a positive"):
         runtime_settings(pipeline)
+
+
+def test_the_sink_resources_earlier_name_still_configures_runs_and_downstream_reads(tmp_path):
+    lake = str(tmp_path / "elsewhere")
+    pipeline = _pipeline(tmp_path, "nats+jetstream://h:4222?subject=x")
+
+    defs = build_pipeline_definitions(
+        pipeline, resources={"nilus_sink": DeltaSinkResource(lakehouse=lake)}
+    )
+
+    sink = defs.resources["nilus_sink"]
+    assert isinstance(sink, SinkResource)
+    assert defs.resources["nilus_io_manager"].sink is sink  # downstream reads where runs write
+    call = engine_call(pipeline, sink=sink)
+    assert call.pipeline.table_location(call.env).uri == str(tmp_path / "elsewhere/lake/a/b")

@@ -6,16 +6,16 @@ from checker import check_orders
 from conftest import order
 
 from nilus_dagster.dagster import (
-    DeltaSinkResource,
     NatsResource,
     NilusTableIOManager,
+    SinkResource,
     build_nilus_asset,
 )
 from nilus_dagster.dagster.translator import DagsterNilusTranslator
 
 RESOURCES = {
     "nats": NatsResource(),
-    "nilus_sink": DeltaSinkResource(),
+    "nilus_sink": SinkResource(),
     "nilus_io_manager": NilusTableIOManager(),
 }
 

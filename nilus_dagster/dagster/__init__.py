@@ -21,6 +21,7 @@ from nilus_dagster.dagster.resources import (
     NatsResource,
     NilusResourceKeys,
     PostgresResource,
+    SinkResource,
 )
 from nilus_dagster.dagster.translator import DagsterNilusTranslator
 
@@ -33,6 +34,7 @@ __all__ = [
     "NilusRunConfig",
     "NilusTableIOManager",
     "PostgresResource",
+    "SinkResource",
     "build_nilus_asset",
     "build_nilus_definitions",
     "build_pipeline_definitions",

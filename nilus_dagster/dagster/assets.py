@@ -18,10 +18,10 @@ from nilus_dagster.dagster.constants import (
 from nilus_dagster.dagster.metadata import column_schema, run_metadata
 from nilus_dagster.dagster.partitions import run_mode
 from nilus_dagster.dagster.resources import (
-    DeltaSinkResource,
     EngineCall,
     NatsResource,
     NilusResourceKeys,
+    SinkResource,
     engine_call,
 )
 from nilus_dagster.dagster.translator import DagsterNilusTranslator
@@ -57,7 +57,7 @@ def build_nilus_asset(
     """Build the asset of one pipeline.
 
     The asset needs the ``nats`` (:class:`NatsResource`) and ``nilus_sink``
-    (:class:`DeltaSinkResource`) resources, and downstream assets load its table through the
+    (:class:`SinkResource`) resources, and downstream assets load its table through the
     ``nilus_io_manager`` (:class:`NilusTableIOManager`); ``resource_keys`` renames them. A run
     without a partition, or launched by the pipeline's sensor, ingests what is pending; a run
     for a partition (range) replaces exactly those windows' rows (see
@@ -110,7 +110,7 @@ async def materialize_pipeline(
     key: dg.AssetKey,
     config: NilusRunConfig,
     nats: NatsResource,
-    sink: DeltaSinkResource,
+    sink: SinkResource,
 ) -> dg.MaterializeResult:
     """One run of the pipeline's asset: decide append or window, call the engine, report."""
     partitioned = context.has_partition_key or context.has_partition_key_range

@@ -34,7 +34,7 @@ from dagster.components.utils.translation import TranslationFn, TranslationFnRes
 from pydantic import Field, create_model
 
 from nilus_dagster.dagster.definitions import build_nilus_definitions, display_env
-from nilus_dagster.dagster.resources import DeltaSinkResource, NatsResource, NilusResourceKeys
+from nilus_dagster.dagster.resources import NatsResource, NilusResourceKeys, SinkResource
 from nilus_dagster.dagster.scaffold import NilusPipelinesScaffolder
 from nilus_dagster.dagster.translator import DagsterNilusTranslator
 from nilus_dagster.manifest.loader import Pipeline
@@ -75,7 +75,7 @@ def _settings_model(resource: type[dg.ConfigurableResource], name: str) -> type[
 
 
 NatsSettings = _settings_model(NatsResource, "NatsSettings")
-SinkSettings = _settings_model(DeltaSinkResource, "SinkSettings")
+SinkSettings = _settings_model(SinkResource, "SinkSettings")
 
 
 class ResourceKeysModel(dg.Model):
@@ -112,7 +112,7 @@ def _resolve_nats(context: ResolutionContext, raw: Any) -> NatsResource | None:
     return None if values is None else NatsResource(**values)
 
 
-def _resolve_sink(context: ResolutionContext, raw: Any) -> DeltaSinkResource | None:
+def _resolve_sink(context: ResolutionContext, raw: Any) -> SinkResource | None:
     values = _settings(context, raw)
     if values is None:
         return None
@@ -121,7 +121,7 @@ def _resolve_sink(context: ResolutionContext, raw: Any) -> DeltaSinkResource | N
         value = values.get(name)
         if isinstance(value, str) and not isinstance(value, dg.EnvVar) and "://" not in value:
             values[name] = str(context.resolve_source_relative_path(value))
-    return DeltaSinkResource(**values)
+    return SinkResource(**values)
 
 
 def _resolve_keys(context: ResolutionContext, raw: Any) -> NilusResourceKeys:
@@ -173,11 +173,11 @@ class NilusPipelinesComponent(dg.Component, dg.Resolvable):
         ),
     ] = None
     sink: Annotated[
-        DeltaSinkResource | None,
+        SinkResource | None,
         dg.Resolver(
             _resolve_sink,
             model_field_type=SinkSettings | None,
-            description="DeltaSinkResource settings: depots_file, lakehouse, storage_options.",
+            description="SinkResource settings: depots_file, lakehouse, storage_options, postgres.",
         ),
     ] = None
     translation: Annotated[
@@ -209,7 +209,7 @@ class NilusPipelinesComponent(dg.Component, dg.Resolvable):
         translator = None
         if self.translation is not None:
             translator = _TranslatedTranslator(
-                display_env=display_env(resources.get(keys.sink, DeltaSinkResource())),
+                display_env=display_env(resources.get(keys.sink, SinkResource())),
                 translation=self.translation,
             )
         return build_nilus_definitions(

@@ -20,7 +20,7 @@ import dagster as dg
 
 from nilus_dagster.dagster.assets import build_nilus_asset
 from nilus_dagster.dagster.io_manager import NilusTableIOManager
-from nilus_dagster.dagster.resources import DeltaSinkResource, NatsResource, NilusResourceKeys
+from nilus_dagster.dagster.resources import NatsResource, NilusResourceKeys, SinkResource
 from nilus_dagster.dagster.sensor import build_nilus_sensor, build_pipeline_job
 from nilus_dagster.dagster.service import ServiceGroup, build_service_job, service_groups
 from nilus_dagster.dagster.supervisor import build_service_sensor
@@ -38,7 +38,7 @@ SKIPPED_METADATA_KEY = "nilus/skipped_manifests"
 # Shared default instances: Definitions.merge accepts one resource key from several Definitions
 # only when it is the very same object.
 _DEFAULT_NATS = NatsResource()
-_DEFAULT_SINK = DeltaSinkResource()
+_DEFAULT_SINK = SinkResource()
 _DEFAULT_IO_MANAGER = NilusTableIOManager(sink=_DEFAULT_SINK)
 
 
@@ -62,7 +62,7 @@ def _resources(keys: NilusResourceKeys, overrides: Mapping[str, Any] | None) -> 
     if (
         keys.io_manager not in (overrides or {})
         and sink is not _DEFAULT_SINK
-        and isinstance(sink, DeltaSinkResource)
+        and isinstance(sink, SinkResource)
     ):
         # Downstream assets read the tables where the pipelines write them.
         resources[keys.io_manager] = NilusTableIOManager(sink=sink)
@@ -257,7 +257,7 @@ def _unique_streams(assets: Iterable[Any]) -> list[Any]:
 
 def display_env(sink: object) -> dict[str, str] | None:
     """The load-time environment that shows where tables live under the sink resource."""
-    if not isinstance(sink, DeltaSinkResource):
+    if not isinstance(sink, SinkResource):
         return None
     env = dict(os.environ)
     # EnvVar values are only read at run time; plain strings are known now.

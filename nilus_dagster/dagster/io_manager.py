@@ -20,7 +20,7 @@ from pydantic import Field
 
 from nilus_dagster.dagster.constants import META_MANIFEST
 from nilus_dagster.dagster.readers import Window, location_kind
-from nilus_dagster.dagster.resources import DeltaSinkResource, engine_call
+from nilus_dagster.dagster.resources import SinkResource, engine_call
 from nilus_dagster.errors import NilusError
 from nilus_dagster.manifest.loader import parse_pipeline
 from nilus_dagster.redaction import redact
@@ -33,7 +33,7 @@ class NilusTableIOManager(dg.ConfigurableIOManager):
     ``@dg.asset def revenue(orders: pa.Table)`` just works.
     """
 
-    sink: DeltaSinkResource | None = Field(
+    sink: SinkResource | None = Field(
         default=None,
         description="Where the tables live: the pipelines' sink resource (default settings "
         "when unset).",
@@ -60,7 +60,7 @@ class NilusTableIOManager(dg.ConfigurableIOManager):
         path = manifest.value if isinstance(manifest, dg.MetadataValue) else manifest
         try:
             pipeline = parse_pipeline(str(path))
-            call = engine_call(pipeline, None, self.sink or DeltaSinkResource())
+            call = engine_call(pipeline, None, self.sink or SinkResource())
             location = call.pipeline.table_location(call.env)
             kind = location_kind(location)
         except NilusError as exc:

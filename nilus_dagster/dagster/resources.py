@@ -112,7 +112,7 @@ class PostgresResource(dg.ConfigurableResource):
     Examples:
         .. code-block:: python
 
-            DeltaSinkResource(
+            SinkResource(
                 postgres=PostgresResource(user="loader", password=dg.EnvVar("PG_PASSWORD"))
             )
     """
@@ -140,12 +140,21 @@ class PostgresResource(dg.ConfigurableResource):
         return {name: value for name, value in values.items() if value}
 
 
-class DeltaSinkResource(dg.ConfigurableResource):
-    """Where every pipeline's table lives in this deployment.
+class SinkResource(dg.ConfigurableResource):
+    """Where every pipeline's table lives in this deployment, whatever the store.
 
     ``depots_file`` and ``lakehouse`` stand for ``NILUS_DEPOTS`` and ``NILUS_LAKEHOUSE``;
-    ``storage_options`` are added to (and win over) a Delta depot's ``deltalake`` storage
-    options; ``postgres`` replaces parts of every PostgreSQL sink's connection.
+    ``storage_options`` are added to (and win over) the object-store options of every Delta and
+    Iceberg table; ``postgres`` replaces parts of every PostgreSQL sink's connection.
+
+    Examples:
+        .. code-block:: python
+
+            SinkResource(
+                depots_file="depots.yaml",
+                storage_options={"AWS_SECRET_ACCESS_KEY": dg.EnvVar("AWS_SECRET_ACCESS_KEY")},
+                postgres=PostgresResource(password=dg.EnvVar("PG_PASSWORD")),
+            )
     """
 
     depots_file: str | None = Field(
@@ -167,6 +176,11 @@ class DeltaSinkResource(dg.ConfigurableResource):
     )
 
 
+DeltaSinkResource = SinkResource
+"""The name :class:`SinkResource` had while Delta was the only store; existing definitions that
+use it keep working (it is the same class)."""
+
+
 @dataclass(frozen=True)
 class NilusResourceKeys:
     """The resource keys the pipelines' assets and sensors use.
@@ -176,7 +190,7 @@ class NilusResourceKeys:
 
     Args:
         nats: The :class:`NatsResource`.
-        sink: The :class:`DeltaSinkResource`.
+        sink: The :class:`SinkResource`.
         io_manager: The :class:`~nilus_dagster.dagster.io_manager.NilusTableIOManager` that
             loads the tables into downstream assets.
     """
@@ -231,7 +245,7 @@ class EngineCall:
 def engine_call(
     pipeline: Pipeline,
     nats: NatsResource | None = None,
-    sink: DeltaSinkResource | None = None,
+    sink: SinkResource | None = None,
     base_env: Mapping[str, str] | None = None,
 ) -> EngineCall:
     """Combine a pipeline with the resources into what the engine takes.
@@ -241,7 +255,7 @@ def engine_call(
     ``NILUS_NATS_FAILOVER_TIMEOUT`` from it.
     """
     nats = nats or NatsResource()
-    sink = sink or DeltaSinkResource()
+    sink = sink or SinkResource()
     env = dict(os.environ if base_env is None else base_env)
     env.update(sink.env)
     env.update(nats.env)

@@ -29,9 +29,9 @@ from nilus_dagster.dagster.constants import (
 from nilus_dagster.dagster.health import health_events, read_cursor, write_cursor
 from nilus_dagster.dagster.partitions import sensor_partition_range
 from nilus_dagster.dagster.resources import (
-    DeltaSinkResource,
     NatsResource,
     NilusResourceKeys,
+    SinkResource,
     engine_call,
 )
 from nilus_dagster.dagster.translator import DagsterNilusTranslator
@@ -139,7 +139,7 @@ def evaluate_tick(
     key: dg.AssetKey,
     partitions_def: dg.PartitionsDefinition | None,
     nats: NatsResource,
-    sink: DeltaSinkResource,
+    sink: SinkResource,
 ) -> dg.SensorResult:
     """One tick: measure, observe, and request a run when one is needed."""
     try:
@@ -194,7 +194,7 @@ def evaluate_tick(
     )
 
 
-def probe_lag(pipeline: Pipeline, nats: NatsResource, sink: DeltaSinkResource) -> LagReport:
+def probe_lag(pipeline: Pipeline, nats: NatsResource, sink: SinkResource) -> LagReport:
     """``measure_lag`` under the resources, with a hard bound on the whole probe.
 
     Raises:

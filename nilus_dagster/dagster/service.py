@@ -42,7 +42,7 @@ from nilus_dagster.dagster.constants import (
 )
 from nilus_dagster.dagster.metadata import run_metadata
 from nilus_dagster.dagster.partitions import build_partitions_def
-from nilus_dagster.dagster.resources import DeltaSinkResource, NatsResource, engine_call
+from nilus_dagster.dagster.resources import NatsResource, SinkResource, engine_call
 from nilus_dagster.dagster.translator import DagsterNilusTranslator, dagster_name
 from nilus_dagster.engine import RunReport, ServiceFailure, serve_pipelines_async
 from nilus_dagster.manifest.loader import Pipeline
@@ -162,7 +162,7 @@ async def serve_group(
     group: ServiceGroup,
     config: ServiceRunConfig,
     nats: NatsResource,
-    sink: DeltaSinkResource,
+    sink: SinkResource,
 ) -> None:
     """Serve ``group`` until its time is up or the run is terminated.
 

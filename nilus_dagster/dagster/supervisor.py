@@ -26,7 +26,7 @@ from nilus_dagster.dagster.constants import (
     SERVICE_TAG,
 )
 from nilus_dagster.dagster.health import health_events, read_cursor, write_cursor
-from nilus_dagster.dagster.resources import DeltaSinkResource, NatsResource
+from nilus_dagster.dagster.resources import NatsResource, SinkResource
 from nilus_dagster.dagster.sensor import IN_FLIGHT_STATUSES, probe_lag
 from nilus_dagster.dagster.service import ServiceGroup
 from nilus_dagster.errors import NilusError
@@ -90,7 +90,7 @@ def supervise(
     group: ServiceGroup,
     job_name: str,
     nats: NatsResource,
-    sink: DeltaSinkResource,
+    sink: SinkResource,
     now: float | None = None,
 ) -> dg.SensorResult:
     """One supervisor tick (see the module docstring)."""
@@ -201,7 +201,7 @@ def _health(
     context: dg.SensorEvaluationContext,
     group: ServiceGroup,
     nats: NatsResource,
-    sink: DeltaSinkResource,
+    sink: SinkResource,
     now: float,
 ) -> tuple[list[dg.AssetObservation | dg.AssetCheckEvaluation], str | None]:
     """Lag figures of the group's pipelines while no service run reports them."""
