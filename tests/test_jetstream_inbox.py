@@ -11,9 +11,23 @@ from nats.aio.client import Client
 from nats.errors import ProtocolError
 from nats.protocol.parser import Parser
 
+import nilus_dagster.jetstream.inbox as inbox_module
+from nilus_dagster.jetstream import bulk
 from nilus_dagster.jetstream.inbox import ColumnInbox, FastParser, install, uninstall
 
 OURS, OTHER = 7, 3
+
+
+@pytest.fixture(autouse=True, params=["compiled", "python"])
+def bulk_read(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs with each bulk read: the C one and the Python one."""
+    if request.param == "compiled":
+        if not bulk.COMPILED:
+            pytest.skip("nilus_dagster.jetstream._frames was not built (no C compiler)")
+        monkeypatch.setattr(inbox_module, "_bulk_frames", bulk.read_bulk_compiled)
+    else:
+        monkeypatch.setattr(inbox_module, "_bulk_frames", bulk.read_bulk_python)
+    return request.param
 
 
 class FakeClient(Client):
@@ -188,8 +202,6 @@ def test_install_refuses_a_client_without_nats_py_parser() -> None:
 def test_runs_of_plain_frames_are_read_in_bulk_with_the_same_result(
     seed: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import nilus_dagster.jetstream.inbox as inbox_module
-
     bulk_reads: list[int] = []
     original = inbox_module._bulk_frames
 

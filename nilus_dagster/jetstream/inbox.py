@@ -33,10 +33,13 @@ from nats.aio.client import Client
 from nats.aio.subscription import Subscription
 from nats.errors import ProtocolError
 
+from nilus_dagster.jetstream.bulk import read_bulk as _bulk_frames
+
 try:
     from nats.protocol import parser as nats_parser
 except ImportError:  # a nats-py without that module: the public path only
     nats_parser = None  # type: ignore[assignment]
+
 
 PUBLIC_PARSER_ENV = "NILUS_NATS_PUBLIC_PARSER"
 logger = logging.getLogger("nilus_dagster.jetstream")
@@ -320,53 +323,6 @@ class FastParser(_ParserBase):
             await nc._process_info(json.loads(info.group(1).decode()))  # noqa: SLF001 - nats-py parser API, checked by install()
             return info.end()
         raise ProtocolError("nats: unknown protocol")
-
-
-def _bulk_frames(
-    data: bytes, pos: int, inboxes: dict[int, ColumnInbox]
-) -> tuple[int, ColumnInbox, int, int] | None:
-    r"""Read every complete frame from ``pos`` on at once, if all are plain MSGs of one inbox.
-
-    A busy pull inbox receives nothing else, so a read from the socket is usually a run of
-    ``MSG <subject> <sid> <reply> <size>\r\n<payload>\r\n`` frames and a partial one. Split at
-    every CRLF, those are alternately control lines and payloads, and all the work is a few
-    calls over whole lists (no Python statement per message). The split is only trusted when
-    every control line is a 5-token MSG of the same registered sid and every payload has
-    exactly its declared size: a payload holding a CRLF shows up as a piece shorter than
-    declared, any other operation (PING, a status HMSG) as a malformed control line. Then the
-    caller reads frame by frame instead.
-
-    Returns:
-        ``(position after the frames read, inbox, frames, payload bytes)``, or ``None``.
-    """
-    pieces = data[pos:].split(b"\r\n")
-    # The last piece is incomplete (or empty); a control line without its payload waits too.
-    frames = (len(pieces) - 1) // 2
-    if not frames:
-        return None
-    controls = pieces[0 : 2 * frames : 2]
-    payloads = pieces[1 : 2 * frames : 2]
-    tokens = b" ".join(controls).split(b" ")
-    if len(tokens) != 5 * frames or tokens[0::5].count(b"MSG") != frames:
-        return None
-    sids = tokens[2::5]
-    if sids.count(sids[0]) != frames:
-        return None
-    try:
-        inbox = inboxes.get(int(sids[0]))
-        sizes = list(map(int, tokens[4::5]))
-    except ValueError:
-        return None
-    if inbox is None or sizes != list(map(len, payloads)):
-        return None
-    inbox.subjects += tokens[1::5]
-    inbox.replies += tokens[3::5]
-    inbox.payloads += payloads
-    if inbox.headers is not None:
-        inbox.headers += [None] * frames
-    payload_bytes = sum(sizes)
-    end = pos + sum(map(len, controls)) + payload_bytes + 4 * frames
-    return end, inbox, frames, payload_bytes
 
 
 def _parser_of(nc: Client) -> object:
