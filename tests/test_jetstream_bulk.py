@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nilus_dagster.jetstream import bulk
+from nilus_dagster.jetstream.ack import reply_fields
 from nilus_dagster.jetstream.inbox import ColumnInbox
 
 OURS = 7
@@ -33,6 +34,12 @@ def read(reader, data: bytes, pos: int = 0):  # type: ignore[no-untyped-def]
     end, got, frames, payload_bytes = done
     assert got is inbox
     return end, frames, payload_bytes, inbox.take()
+
+
+def acks_of(data: bytes):  # type: ignore[no-untyped-def]
+    inbox = ColumnInbox(lambda: None)
+    assert bulk.read_bulk_compiled(data, 0, {OURS: inbox}) is not None
+    return inbox.take_with_acks()[4]
 
 
 tokens = st.binary(min_size=1, max_size=12).filter(lambda b: not set(b) & set(b" \r\n"))
@@ -116,3 +123,44 @@ def test_any_bytes_give_none_or_frames_that_are_all_in_the_read(noise, data):
 def test_a_position_outside_the_read_is_an_error():
     with pytest.raises(ValueError):
         bulk.read_bulk_compiled(b"MSG s 7 r 0\r\n\r\n", 99, {})
+
+
+ack_number = st.integers(min_value=0, max_value=2**63 - 1)
+ack_reply = st.builds(
+    lambda form, n: (
+        b"$JS.ACK.S.c.1.%d.%d.%d.%d" % n
+        if form == 9
+        else b"$JS.ACK.dom.HASH.S.c.1.%d.%d.%d.%d" % n + (b".tok" if form == 12 else b"")
+    ),
+    st.sampled_from([9, 11, 12]),
+    st.tuples(ack_number, ack_number, ack_number, ack_number),
+)
+
+
+@compiled
+@settings(max_examples=200, deadline=None)
+@given(st.lists(ack_reply, min_size=1, max_size=20))
+def test_the_compiled_read_reads_ack_replies_of_every_form_as_python_does(replies):
+    data = b"".join(msg(b"s", OURS, r, b"{}") for r in replies)
+
+    acks = acks_of(data)
+
+    assert acks == tuple(map(list, zip(*map(reply_fields, replies), strict=True)))
+
+
+@compiled
+@pytest.mark.parametrize(
+    "odd",
+    [
+        b"_INBOX.reply",  # not an ack subject
+        b"$JS.ACK.S.c.1.5.6.7",  # 8 tokens
+        b"$JS.ACK.dom.HASH.S.c.1.5.6.7.8.9.x.y",  # 13 tokens
+        b"$JS.ACK.S.c.1.5.x6.7.8",  # a field that is not a number
+        b"$JS.ACK.S.c.1.5.6.%d.8" % 2**63,  # over a 64-bit integer
+        b"$JS.NAK.S.c.1.5.6.7.8",
+    ],
+)
+def test_one_reply_that_is_not_an_ack_subject_leaves_the_replies_to_the_puller(odd):
+    data = msg(b"s", OURS, b"$JS.ACK.S.c.1.5.6.7.8", b"{}") + msg(b"s", OURS, odd, b"{}")
+
+    assert acks_of(data) is None

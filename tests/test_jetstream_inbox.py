@@ -13,6 +13,7 @@ from nats.protocol.parser import Parser
 
 import nilus_dagster.jetstream.inbox as inbox_module
 from nilus_dagster.jetstream import bulk
+from nilus_dagster.jetstream.ack import reply_fields
 from nilus_dagster.jetstream.inbox import ColumnInbox, FastParser, install, uninstall
 
 OURS, OTHER = 7, 3
@@ -200,7 +201,7 @@ def test_install_refuses_a_client_without_nats_py_parser() -> None:
 
 @pytest.mark.parametrize("seed", range(10))
 def test_runs_of_plain_frames_are_read_in_bulk_with_the_same_result(
-    seed: int, monkeypatch: pytest.MonkeyPatch
+    seed: int, monkeypatch: pytest.MonkeyPatch, bulk_read: str
 ) -> None:
     bulk_reads: list[int] = []
     original = inbox_module._bulk_frames
@@ -224,10 +225,17 @@ def test_runs_of_plain_frames_are_read_in_bulk_with_the_same_result(
         for chunk in chunks:
             await client._ps.parse(chunk)
         assert client.calls == []
-        subjects, replies, payloads, headers = inbox.take()
+        subjects, replies, payloads, headers, acks = inbox.take_with_acks()
         assert list(zip(replies, payloads, strict=True)) == [(r, p) for r, p, _ in ref_mine]
         assert len(replies) == 500 and headers is None
         assert set(subjects) == {b"_INBOX.abc"}
+        if bulk_read == "compiled":
+            # The replies were read on the way, the frames cut by the reads' ends included.
+            read_one_by_one = tuple(map(list, zip(*map(reply_fields, replies), strict=True)))
+            assert acks == read_one_by_one
+            assert acks[0] == list(range(500)) and acks[3] == list(range(500, 0, -1))
+        else:
+            assert acks is None  # the puller reads the replies
 
     asyncio.run(go())
     assert bulk_reads  # (a chunk holding a CRLF payload or a cut frame is read frame by frame)

@@ -8,17 +8,25 @@
  *
  * bulk_frames(data, pos) reads frames from `pos` on while each is a plain MSG of the first
  * frame's sid whose payload and trailing CRLF are all in `data`, and returns
- * (end, sid, subjects, replies, payloads, frames, payload_bytes), or None when the first frame
- * is not such a frame. The caller reads whatever stopped it (another operation, another sid,
- * a frame cut by the end of the read) with its own, complete parser. Being stricter than that
- * parser (digits only in numbers, single spaces) only ever hands more to it.
+ * (end, sid, subjects, replies, payloads, frames, payload_bytes, acks), or None when the first
+ * frame is not such a frame. The caller reads whatever stopped it (another operation, another
+ * sid, a frame cut by the end of the read) with its own, complete parser. Being stricter than
+ * that parser (digits only in numbers, single spaces) only ever hands more to it.
+ *
+ * `acks` is what every reply subject says (see ack.py): four lists of ints, the stream
+ * sequences, consumer sequences, timestamps and pending counts, or None unless every reply is
+ * a `$JS.ACK` subject. The puller then reads the replies itself.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <limits.h>
 #include <string.h>
 
 /* Longest number accepted: far above any sid or payload size, far below overflow. */
 #define MAX_DIGITS 15
+/* Longest ack field: a nanosecond timestamp has 19 digits; 18 nines fit in a long long. */
+#define MAX_ACK_DIGITS 18
+#define ACK_FIELDS 4
 
 static int parse_count(const char *text, Py_ssize_t length, Py_ssize_t *value) {
     if (length <= 0 || length > MAX_DIGITS) return -1;
@@ -29,6 +37,54 @@ static int parse_count(const char *text, Py_ssize_t length, Py_ssize_t *value) {
     }
     *value = result;
     return 0;
+}
+
+static int parse_ack_number(const char *text, Py_ssize_t length, long long *value) {
+    if (length <= 0 || length > MAX_ACK_DIGITS + 1) return -1;
+    unsigned long long result = 0;
+    for (Py_ssize_t i = 0; i < length; i++) {
+        if (text[i] < '0' || text[i] > '9') return -1;
+        result = result * 10 + (unsigned long long)(text[i] - '0');
+    }
+    if (length > MAX_ACK_DIGITS && result > (unsigned long long)LLONG_MAX) return -1;
+    *value = (long long)result;
+    return 0;
+}
+
+/* The stream sequence, consumer sequence, timestamp and pending count of a `$JS.ACK` reply:
+ * v1 `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<time>.<pending>` (9 tokens), v2
+ * with a domain and an account hash after ACK (11 tokens) and a random token last (12).
+ * Returns the reply's number of tokens, or -1 when it is not such a subject. */
+static int ack_fields(const char *reply, Py_ssize_t length, long long *field) {
+    const char *token[12], *end = reply + length, *start = reply;
+    Py_ssize_t size[12];
+    int count = 0;
+    for (;;) {
+        const char *dot = memchr(start, '.', end - start);
+        const char *stop = dot != NULL ? dot : end;
+        if (count == 12) return -1;
+        token[count] = start;
+        size[count] = stop - start;
+        count++;
+        if (dot == NULL) break;
+        start = dot + 1;
+    }
+    if (count != 9 && count != 11 && count != 12) return -1;
+    if (size[0] != 3 || memcmp(token[0], "$JS", 3) != 0) return -1;
+    if (size[1] != 3 || memcmp(token[1], "ACK", 3) != 0) return -1;
+    int at = count == 9 ? 5 : 7;
+    for (int i = 0; i < ACK_FIELDS; i++) {
+        if (parse_ack_number(token[at + i], size[at + i], &field[i]) != 0) return -1;
+    }
+    return count;
+}
+
+static int append_number(PyObject *list, long long value) {
+    PyObject *item = PyLong_FromLongLong(value);
+    if (item == NULL) return -1;
+    int failed = PyList_Append(list, item);
+    Py_DECREF(item);
+    return failed;
 }
 
 /* The CRLF that ends the line starting at `line`, or NULL if `end` comes first. */
@@ -74,8 +130,13 @@ static PyObject *bulk_frames(PyObject *module, PyObject *args) {
     const char *end = data + view.len;
     Py_ssize_t frames = 0, payload_bytes = 0, first_sid = -1;
     PyObject *subjects = PyList_New(0), *replies = PyList_New(0), *payloads = PyList_New(0);
+    PyObject *acks[ACK_FIELDS] = {NULL, NULL, NULL, NULL};
     PyObject *subject = NULL, *result = NULL;
+    int acks_read = 1; /* 0 once a reply is not a $JS.ACK subject */
     if (subjects == NULL || replies == NULL || payloads == NULL) goto done;
+    for (int i = 0; i < ACK_FIELDS; i++) {
+        if ((acks[i] = PyList_New(0)) == NULL) goto done;
+    }
     if (pos < 0 || pos > view.len) {
         PyErr_SetString(PyExc_ValueError, "pos is outside data");
         goto done;
@@ -107,6 +168,16 @@ static PyObject *bulk_frames(PyObject *module, PyObject *args) {
         if (PyList_Append(subjects, subject) != 0) goto done;
         if (append_bytes(replies, token[2], length[2]) != 0) goto done;
         if (append_bytes(payloads, payload, size) != 0) goto done;
+        if (acks_read) {
+            long long field[ACK_FIELDS];
+            if (ack_fields(token[2], length[2], field) < 0) {
+                acks_read = 0;
+            } else {
+                for (int i = 0; i < ACK_FIELDS; i++) {
+                    if (append_number(acks[i], field[i]) != 0) goto done;
+                }
+            }
+        }
         frames++;
         payload_bytes += size;
         at = payload + size + 2;
@@ -114,10 +185,15 @@ static PyObject *bulk_frames(PyObject *module, PyObject *args) {
     if (frames == 0) {
         result = Py_NewRef(Py_None);
     } else {
-        result = Py_BuildValue("(nnOOOnn)", (Py_ssize_t)(at - data), first_sid, subjects,
-                               replies, payloads, frames, payload_bytes);
+        PyObject *ack_columns = !acks_read
+            ? Py_NewRef(Py_None)
+            : PyTuple_Pack(ACK_FIELDS, acks[0], acks[1], acks[2], acks[3]);
+        if (ack_columns == NULL) goto done;
+        result = Py_BuildValue("(nnOOOnnN)", (Py_ssize_t)(at - data), first_sid, subjects,
+                               replies, payloads, frames, payload_bytes, ack_columns);
     }
 done:
+    for (int i = 0; i < ACK_FIELDS; i++) Py_XDECREF(acks[i]);
     Py_XDECREF(subject);
     Py_XDECREF(subjects);
     Py_XDECREF(replies);
@@ -128,8 +204,8 @@ done:
 
 static PyMethodDef frames_methods[] = {
     {"bulk_frames", bulk_frames, METH_VARARGS,
-     "bulk_frames(data, pos) -> (end, sid, subjects, replies, payloads, frames, payload_bytes)"
-     " or None: the run of plain MSG frames of one sid from pos on."},
+     "bulk_frames(data, pos) -> (end, sid, subjects, replies, payloads, frames, payload_bytes,"
+     " acks) or None: the run of plain MSG frames of one sid from pos on."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -7,6 +7,9 @@ metadata object, for a whole batch of replies at once.
 
 from dataclasses import dataclass
 
+AckColumns = tuple[list[int], list[int], list[int], list[int]]
+"""Stream sequences, consumer sequences, timestamps (ns) and pending counts, one per reply."""
+
 
 @dataclass(frozen=True)
 class AckMetadata:
@@ -75,6 +78,22 @@ def ack_fields(replies: list[bytes], width: int) -> list[list[bytes]] | None:
         return None
     start = stream_seq_token(width)
     return [flat[i::width] for i in range(start, start + 4)]
+
+
+def reply_fields(reply: bytes) -> tuple[int, int, int, int] | None:
+    """Stream sequence, consumer sequence, timestamp and pending count of one reply subject.
+
+    ``None`` when ``reply`` is not a ``$JS.ACK`` subject (a status message has none).
+    """
+    tokens = reply.split(b".")
+    width = len(tokens)
+    if width not in (9, 11, 12) or tokens[0] != b"$JS" or tokens[1] != b"ACK":
+        return None
+    at = stream_seq_token(width)
+    try:
+        return int(tokens[at]), int(tokens[at + 1]), int(tokens[at + 2]), int(tokens[at + 3])
+    except ValueError:
+        return None
 
 
 def ack_fields_each(replies: list[bytes]) -> list[list[bytes]]:

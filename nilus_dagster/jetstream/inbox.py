@@ -33,6 +33,7 @@ from nats.aio.client import Client
 from nats.aio.subscription import Subscription
 from nats.errors import ProtocolError
 
+from nilus_dagster.jetstream.ack import AckColumns, reply_fields
 from nilus_dagster.jetstream.bulk import read_bulk as _bulk_frames
 
 try:
@@ -114,14 +115,16 @@ class ColumnInbox:
 
     Filled by :class:`FastParser` on the event loop; emptied with :meth:`take`. A status
     message (no reply subject) sits among the data in the order it arrived; ``headers`` holds
-    the parsed headers of the frames that had any (``None`` when none had).
+    the parsed headers of the frames that had any (``None`` when none had); ``acks`` what the
+    reply subjects say, as read by the compiled bulk read (``None`` once a frame came any other
+    way: then the replies are read by whoever takes them).
 
     Args:
         wake: Called (without arguments) when the inbox goes from empty to non-empty, so a
             waiting reader can be woken once per burst rather than once per message.
     """
 
-    __slots__ = ("headers", "payloads", "replies", "subjects", "wake", "woken")
+    __slots__ = ("acks", "headers", "payloads", "replies", "subjects", "wake", "woken")
 
     def __init__(self, wake: Any):
         self.wake = wake
@@ -130,6 +133,7 @@ class ColumnInbox:
         self.replies: list[bytes] = []
         self.payloads: list[bytes] = []
         self.headers: list[dict[str, str] | None] | None = None
+        self.acks: AckColumns | None = ([], [], [], [])
 
     def __len__(self) -> int:
         return len(self.replies)
@@ -138,13 +142,43 @@ class ColumnInbox:
         self,
     ) -> tuple[list[bytes], list[bytes], list[bytes], list[dict[str, str] | None] | None]:
         """Everything received since the last call: ``(subjects, replies, payloads, headers)``."""
-        taken = (self.subjects, self.replies, self.payloads, self.headers)
+        return self.take_with_acks()[:4]  # type: ignore[return-value]
+
+    def take_with_acks(
+        self,
+    ) -> tuple[
+        list[bytes], list[bytes], list[bytes], list[dict[str, str] | None] | None, AckColumns | None
+    ]:
+        """:meth:`take`, and what the replies say when every frame came with it read."""
+        taken = (self.subjects, self.replies, self.payloads, self.headers, self.acks)
         self.subjects, self.replies, self.payloads, self.headers = [], [], [], None
+        self.acks = ([], [], [], [])
         self.woken = False
         return taken
 
+    def add_acks(self, acks: AckColumns | None) -> None:
+        """Record what the replies of frames just added say (``None``: it was not read)."""
+        if self.acks is None:
+            return
+        if acks is None:
+            self.acks = None
+            return
+        for column, values in zip(self.acks, acks, strict=True):
+            column += values
+
+    def add_ack(self, fields: tuple[int, int, int, int] | None) -> None:
+        """Record what the reply of one frame just added says (``None``: it says nothing)."""
+        if self.acks is None:
+            return
+        if fields is None:
+            self.acks = None
+            return
+        for column, value in zip(self.acks, fields, strict=True):
+            column.append(value)
+
     def add_message(self, msg: Any) -> None:
         """Add one nats-py ``Msg`` (the public path: a subscription callback)."""
+        self.acks = None
         headers = dict(msg.headers) if msg.headers else None
         if headers is not None or self.headers is not None:
             self.add_headers(len(self.replies), headers)
@@ -242,6 +276,10 @@ class FastParser(_ParserBase):
                         inbox.add_headers(len(inbox.replies), parsed)
                     elif inbox.headers is not None:
                         inbox.headers.append(None)
+                    if inbox.acks is not None:
+                        # A frame that ended a read or starts one: its reply alone is read
+                        # here, so that the frames read in bulk around it keep theirs.
+                        inbox.add_ack(reply_fields(reply))
                     inbox.subjects.append(subject)
                     inbox.replies.append(reply)
                     inbox.payloads.append(data[start + header_size : end])

@@ -19,7 +19,7 @@ from typing import Any
 
 from nats.aio.client import Client
 
-from nilus_dagster.jetstream.ack import ack_fields, ack_fields_each
+from nilus_dagster.jetstream.ack import AckColumns, ack_fields, ack_fields_each
 from nilus_dagster.jetstream.admin import API_PREFIX, next_subject
 from nilus_dagster.jetstream.errors import NATS_CONNECTION_GONE, PullInterrupted
 from nilus_dagster.jetstream.inbox import ColumnInbox, ColumnSubscription, subscribe_columns
@@ -176,7 +176,7 @@ class BulkPuller:
                 # others is unknown, so this consumer's order can no longer be vouched for.
                 self.interrupt("a message of the pull inbox bypassed its column reader")
         if len(self._inbox_columns):
-            self._collect(*self._inbox_columns.take())
+            self._collect(*self._inbox_columns.take_with_acks())
 
     def _collect(
         self,
@@ -184,11 +184,12 @@ class BulkPuller:
         replies: list[bytes],
         payloads: list[bytes],
         headers: list[dict[str, str] | None] | None,
+        acks: AckColumns | None = None,
     ) -> None:
         # Column at a time (list comprehensions), not message at a time: this is the loop
         # every message goes through. A frame without a reply subject is a status message.
         if all(replies):
-            self._collect_data(subjects, replies, payloads, headers)
+            self._collect_data(subjects, replies, payloads, headers, acks)
             return
         data = [i for i, reply in enumerate(replies) if reply]
         if data:
@@ -209,19 +210,27 @@ class BulkPuller:
         replies: list[bytes],
         payloads: list[bytes],
         headers: list[dict[str, str] | None] | None,
+        acks: AckColumns | None = None,
     ) -> None:
         count = len(replies)
         self._credit -= count
         self.delivered += count
         self._last_activity = time.monotonic()
-        # One consumer's replies all have the same form (see ack.stream_seq_token).
-        width = replies[0].count(b".") + 1
-        fields = ack_fields(replies, width)
-        if fields is None:
-            fields = ack_fields_each(replies)
-        seq_tokens, cseq_tokens, time_tokens, pending_tokens = fields
-        first_cseq = int(cseq_tokens[0])
-        last_cseq = int(cseq_tokens[-1])
+        if acks is not None:  # read by the compiled bulk read
+            sequences, cseqs, times, pendings = acks
+            first_cseq, last_cseq, pending = cseqs[0], cseqs[-1], pendings[-1]
+        else:
+            # One consumer's replies all have the same form (see ack.stream_seq_token).
+            width = replies[0].count(b".") + 1
+            fields = ack_fields(replies, width)
+            if fields is None:
+                fields = ack_fields_each(replies)
+            seq_tokens, cseq_tokens, time_tokens, pending_tokens = fields
+            first_cseq = int(cseq_tokens[0])
+            last_cseq = int(cseq_tokens[-1])
+            pending = int(pending_tokens[-1])
+            sequences = list(map(int, seq_tokens))
+            times = list(map(int, time_tokens))
         # Deliveries of one consumer are numbered without holes; a hole is a lost message.
         expected = self._next_cseq or first_cseq
         if first_cseq != expected or last_cseq - expected + 1 != count:
@@ -231,7 +240,6 @@ class BulkPuller:
             )
             return
         self._next_cseq = last_cseq + 1
-        sequences = list(map(int, seq_tokens))
         last = self._last_seq
         if sequences[0] <= last or not all(map(operator.lt, sequences, sequences[1:])):
             # Duplicates after a reconnect, or redeliveries (ack policies): keep only what
@@ -244,7 +252,7 @@ class BulkPuller:
             self.duplicates += count - len(keep)
             if not keep:
                 return
-            time_tokens = [time_tokens[i] for i in keep]
+            times = [times[i] for i in keep]
             sequences = [sequences[i] for i in keep]
             subjects = [subjects[i] for i in keep]
             payloads = [payloads[i] for i in keep]
@@ -253,7 +261,7 @@ class BulkPuller:
         cols = self._cols
         had = len(cols.sequences)
         cols.sequences += sequences
-        cols.timestamps_ns += map(int, time_tokens)
+        cols.timestamps_ns += times
         cols.subjects += self._subject_column(subjects)
         cols.payloads += payloads
         if headers is not None and any(h is not None for h in headers):
@@ -263,7 +271,7 @@ class BulkPuller:
         elif cols.headers is not None:
             cols.headers += [None] * len(sequences)
         self._last_seq = sequences[-1]
-        cols.pending = int(pending_tokens[-1])
+        cols.pending = pending
 
     def _subject_column(self, subjects: list[bytes]) -> list[str]:
         """The subjects as text: a pull of one subject (the usual case) decodes it once."""
