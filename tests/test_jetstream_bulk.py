@@ -42,7 +42,7 @@ def acks_of(data: bytes):  # type: ignore[no-untyped-def]
     return inbox.take_with_acks()[4]
 
 
-tokens = st.binary(min_size=1, max_size=12).filter(lambda b: not set(b) & set(b" \r\n"))
+tokens = st.binary(min_size=1, max_size=12).filter(lambda b: not set(b) & set(b" \t\n\x0b\x0c\r"))
 payloads = st.binary(max_size=300).filter(lambda b: b"\r\n" not in b)
 frames = st.lists(st.tuples(st.sampled_from([b"orders.a", b"orders.b"]), tokens, payloads))
 
@@ -99,6 +99,22 @@ def test_the_compiled_read_stops_where_the_frames_stop_being_plain_ones_of_its_s
 )
 def test_the_compiled_read_leaves_what_it_cannot_read_to_the_frame_reader(line):
     assert read(bulk.read_bulk_compiled, line + b"{}\r\n") is None
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"MSG s\x0b 7 r 2\r\n", b"MSG s 7\tr 2\r\n", b"MSG s\r 7 r 2\r\n", b"MSG s 7 r\x0c 2\r\n"],
+    ids=["vertical-tab", "tab", "lone-cr", "form-feed"],
+)
+@pytest.mark.parametrize("reader", ["compiled", "python"])
+def test_whitespace_other_than_single_spaces_is_left_to_the_frame_reader(line, reader):
+    # nats-py separates a control line's arguments at any whitespace; only the frame reader
+    # reads such a line as it does (a server passes a vertical tab on in a subject).
+    if reader == "compiled" and not bulk.COMPILED:
+        pytest.skip("_frames was not built (no C compiler)")
+    read_bulk = bulk.read_bulk_compiled if reader == "compiled" else bulk.read_bulk_python
+
+    assert read(read_bulk, line + b"{}\r\n") is None
 
 
 @compiled

@@ -241,6 +241,33 @@ def test_runs_of_plain_frames_are_read_in_bulk_with_the_same_result(
     assert bulk_reads  # (a chunk holding a CRLF payload or a cut frame is read frame by frame)
 
 
+@pytest.mark.parametrize("seed", range(10))
+def test_a_subject_followed_by_other_whitespace_reads_as_nats_py_reads_it(seed: int) -> None:
+    # A server passes a vertical tab that a publisher put in a subject on; nats-py's pattern
+    # takes it for a separator, wherever the reads happen to be cut.
+    frames = [
+        b"MSG _INBOX.abc\x0b %d $JS.ACK.S.C.1.%d.%d.1.0 2\r\n{}\r\n" % (OURS, i, i)
+        if i % 3 == 0
+        else frame(OURS, b"[]", b"$JS.ACK.S.C.1.%d.%d.1.0" % (i, i))
+        for i in range(60)
+    ]
+    data = b"".join(frames)
+    rng = random.Random(seed)
+    chunks = split(data, rng.sample(range(1, len(data)), rng.randint(0, 12)))
+
+    async def go() -> None:
+        ref = await reference(data, chunks)
+        expected = [(c[2], c[3], c[4]) for c in ref.calls if c[0] == "msg"]
+        client, inbox = _installed()
+        for chunk in chunks:
+            await client._ps.parse(chunk)
+        subjects, replies, payloads, _ = inbox.take()
+        assert list(zip(subjects, replies, payloads, strict=True)) == expected
+        assert {s for s, _, _ in expected} == {b"_INBOX.abc"}
+
+    asyncio.run(go())
+
+
 def _installed() -> tuple[FakeClient, ColumnInbox]:
     client = FakeClient()
     client._ps = Parser(client)

@@ -96,9 +96,15 @@ static const char *line_end(const char *line, const char *end) {
     return cr;
 }
 
-/* Splits the arguments of a MSG line at single spaces: exactly subject, sid, reply, size. */
+/* Splits the arguments of a MSG line at single spaces: exactly subject, sid, reply, size.
+ * nats-py separates them by any run of whitespace; a line with whitespace other than single
+ * spaces (a tab, a lone CR or LF, a vertical tab a server passed on in a subject) is left to the
+ * frame reader, which reads it as nats-py does. */
 static int msg_arguments(const char *args, const char *eol, const char **token,
                          Py_ssize_t *length) {
+    for (const char *c = args; c < eol; c++) {
+        if (*c >= '\t' && *c <= '\r') return -1; /* \t \n \v \f \r */
+    }
     int count = 0;
     const char *start = args;
     for (;;) {

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 COMPILED = _frames is not None
 """Whether the compiled bulk read was built and is used."""
 
+_OTHER_WHITESPACE = (b"\t", b"\n", b"\x0b", b"\x0c", b"\r")
+
 
 def read_bulk_compiled(
     data: bytes, pos: int, inboxes: "dict[int, ColumnInbox]"
@@ -71,9 +73,12 @@ def read_bulk_python(
         return None
     controls = pieces[0 : 2 * frames : 2]
     payloads = pieces[1 : 2 * frames : 2]
-    tokens = b" ".join(controls).split(b" ")
+    joined = b" ".join(controls)
+    tokens = joined.split(b" ")
     if len(tokens) != 5 * frames or tokens[0::5].count(b"MSG") != frames:
         return None
+    if any(space in joined for space in _OTHER_WHITESPACE):
+        return None  # nats-py separates arguments at any whitespace: read frame by frame
     sids = tokens[2::5]
     if sids.count(sids[0]) != frames:
         return None
