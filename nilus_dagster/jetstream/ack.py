@@ -85,15 +85,11 @@ def reply_fields(reply: bytes) -> tuple[int, int, int, int] | None:
 
     ``None`` when ``reply`` is not a ``$JS.ACK`` subject (a status message has none).
     """
-    tokens = reply.split(b".")
-    width = len(tokens)
-    if width not in (9, 11, 12) or tokens[0] != b"$JS" or tokens[1] != b"ACK":
-        return None
-    at = stream_seq_token(width)
     try:
-        return int(tokens[at]), int(tokens[at + 1]), int(tokens[at + 2]), int(tokens[at + 3])
-    except ValueError:
+        meta = parse_ack_reply(reply.decode())
+    except ValueError:  # UnicodeDecodeError included
         return None
+    return meta.stream_seq, meta.consumer_seq, meta.timestamp_ns, meta.pending
 
 
 def ack_fields_each(replies: list[bytes]) -> list[list[bytes]]:

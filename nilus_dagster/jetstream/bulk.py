@@ -40,12 +40,7 @@ def read_bulk_compiled(
     inbox = inboxes.get(sid)
     if inbox is None:
         return None
-    inbox.subjects += subjects
-    inbox.replies += replies
-    inbox.payloads += payloads
-    inbox.add_acks(acks)
-    if inbox.headers is not None:
-        inbox.headers += [None] * frames
+    inbox.add_run(subjects, replies, payloads, acks)
     return end, inbox, frames, payload_bytes
 
 
@@ -89,12 +84,7 @@ def read_bulk_python(
         return None
     if inbox is None or sizes != list(map(len, payloads)):
         return None
-    inbox.subjects += tokens[1::5]
-    inbox.replies += tokens[3::5]
-    inbox.payloads += payloads
-    inbox.acks = None  # the puller reads the replies
-    if inbox.headers is not None:
-        inbox.headers += [None] * frames
+    inbox.add_run(tokens[1::5], tokens[3::5], payloads, None)  # the puller reads the replies
     payload_bytes = sum(sizes)
     end = pos + sum(map(len, controls)) + payload_bytes + 4 * frames
     return end, inbox, frames, payload_bytes

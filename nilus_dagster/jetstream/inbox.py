@@ -156,6 +156,21 @@ class ColumnInbox:
         self.woken = False
         return taken
 
+    def add_run(
+        self,
+        subjects: list[bytes],
+        replies: list[bytes],
+        payloads: list[bytes],
+        acks: AckColumns | None,
+    ) -> None:
+        """Add a run of frames without headers read at once (``acks``: see :meth:`add_acks`)."""
+        self.subjects += subjects
+        self.replies += replies
+        self.payloads += payloads
+        self.add_acks(acks)
+        if self.headers is not None:
+            self.headers += [None] * len(replies)
+
     def add_acks(self, acks: AckColumns | None) -> None:
         """Record what the replies of frames just added say (``None``: it was not read)."""
         if self.acks is None:
