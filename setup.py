@@ -1,7 +1,10 @@
-"""The one compiled part: nilus_dagster/jetstream/_frames.c (the metadata is in pyproject.toml).
+"""The two compiled parts; the package's metadata is in pyproject.toml.
 
-Optional: where it cannot be compiled (no C compiler or Python headers), the install goes on
-without it and the pull reads frames in Python (slower, the same result).
+The pull's frame reader is nilus_dagster/jetstream/_frames.c, the decoder's join
+nilus_dagster/sink/_lines.c.
+
+Both are optional: where they cannot be compiled (no C compiler or Python headers), the install
+goes on without them and the same work is done in Python (slower, the same result).
 """
 
 from setuptools import Extension, setup
@@ -12,6 +15,11 @@ setup(
             "nilus_dagster.jetstream._frames",
             ["nilus_dagster/jetstream/_frames.c"],
             optional=True,
-        )
+        ),
+        Extension(
+            "nilus_dagster.sink._lines",
+            ["nilus_dagster/sink/_lines.c"],
+            optional=True,
+        ),
     ]
 )

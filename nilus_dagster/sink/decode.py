@@ -28,6 +28,7 @@ from nilus_dagster.sink.json_types import (
     value_depth,
     with_valid_null_lists,
 )
+from nilus_dagster.sink.lines import join_lines
 from nilus_dagster.sink.schema import (
     DATA_COLUMN,
     DEAD_LETTER_SCHEMA,
@@ -117,31 +118,22 @@ class BatchDecoder:
 
     def _fast(self, payloads: Sequence[bytes]) -> pa.Table | None:
         n = len(payloads)
-        joined = b"\n".join(payloads)
-        # Every line must start with '{' and no payload may hold a line break: then Arrow can
-        # neither skip a blank payload nor split one, so row i is payload i whenever it returns
-        # n rows (a line holding two objects would give more). With the n - 1 line breaks all
-        # separators, every payload starts with '{' when the first does and every break is
-        # followed by one (counted in C, not a slice per payload).
-        if (
-            joined.count(b"\n") != n - 1
-            or b"\r" in joined
-            or not joined.startswith(b"{")
-            or joined.count(b"\n{") != n - 1
-        ):
+        lines = join_lines(payloads)
+        if lines is None:
             return None
-        if not joined.isascii():
+        joined, longest, ascii = lines
+        if not ascii:
             try:
                 joined.decode("utf-8")  # Arrow checks string values but not field names
             except UnicodeDecodeError:
                 return None
-        longest = max(map(len, payloads))
         if longest > _ARROW_SAFE_BRACKETS and any(_many_brackets(p) for p in payloads):
             return None
         try:
             table = self._read(joined, longest)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
             return None
+        # One line per payload: row i is payload i unless a line held two objects (more rows).
         if table.num_rows != n or _too_deep(table.schema, self.max_nesting):
             return None
         return table
