@@ -13,7 +13,7 @@ import pytest
 from nilus_dagster.sink import postgres_connection
 from nilus_dagster.sink.postgres_connection import PostgresConnection
 from nilus_dagster.sink.postgres_types import column_for
-from nilus_dagster.sink.schema import TIMESTAMP_TYPE
+from nilus_dagster.sink.schema import HEADERS_TYPE, TIMESTAMP_TYPE
 
 # Runs the CLI in a fresh interpreter (the test session's own imports do not count) and prints
 # which of the modules ADBC's DB-API module brings along a PostgreSQL run imported: the DB-API
@@ -161,6 +161,23 @@ def test_a_bulk_load_of_many_batches_writes_every_row_once_in_order(conn) -> Non
         assert loaded.column(name).to_pylist() == expected.column(name).to_pylist(), name
     items = [None if t is None else json.loads(t) for t in loaded.column("items").to_pylist()]
     assert items == expected.column("items").to_pylist()
+
+
+def test_a_json_column_with_chunks_of_nulls_only_loads_nulls_beside_values(conn) -> None:
+    # A run without headers has an all-null _nats_headers: its chunks skip the text building.
+    headers = pa.chunked_array(
+        [pa.nulls(3, HEADERS_TYPE), pa.array([[("k", "v")], None], HEADERS_TYPE)]
+    )
+    nothing = pa.chunked_array([pa.nulls(3), pa.nulls(2)])
+    rows = pa.table({"h": column_for(headers, "jsonb"), "n": column_for(nothing, "jsonb")})
+    conn.execute("CREATE SCHEMA s")
+    conn.execute("CREATE TABLE s.t (h jsonb, n jsonb)")
+    conn.bulk_load("t", rows, schema="s")
+    conn.commit()
+
+    loaded = conn.read_arrow("SELECT h::text AS h, n::text AS n FROM s.t")
+    assert loaded.column("h").to_pylist() == [None, None, None, '{"k": "v"}', None]
+    assert loaded.column("n").to_pylist() == [None] * 5
 
 
 def test_closing_twice_is_harmless(postgres_database) -> None:

@@ -126,6 +126,10 @@ def json_text(array: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray:
     chunks = array.chunks if isinstance(array, pa.ChunkedArray) else [array]
     out = []
     for chunk in chunks:
+        if chunk.null_count == len(chunk):
+            # Usually _nats_headers, null for every message without headers: no text to build.
+            out.append(pa.nulls(len(chunk), pa.string()))
+            continue
         text = _json(chunk)
         out.append(pc.if_else(chunk.is_null(), pa.scalar(None, pa.string()), text))
     return pa.chunked_array(out, pa.string())
