@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+from leftovers import stop_left_behind
 
 from nilus_dagster.demo import sample_order
 from nilus_dagster.jetstream.local_cluster import LocalNatsCluster
@@ -60,6 +61,15 @@ def start_cli_run(
         errors="replace",
         env=os.environ.copy(),
     )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Before any test (in the controller, not in each xdist worker): stop the nats-servers a
+    killed earlier session left running (``tests/leftovers.py``)."""
+    if not hasattr(config, "workerinput"):
+        stopped = stop_left_behind()
+        if stopped:
+            print(f"stopped {len(stopped)} nats-server(s) an earlier test session left running")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
