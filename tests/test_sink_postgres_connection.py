@@ -180,6 +180,20 @@ def test_a_json_column_with_chunks_of_nulls_only_loads_nulls_beside_values(conn)
     assert loaded.column("n").to_pylist() == [None] * 5
 
 
+def test_binary_values_in_a_json_column_are_hex_text_even_when_all_are_null(conn) -> None:
+    kind = pa.struct([("b", pa.binary())])
+    only_null = pa.chunked_array([pa.array([{"b": None}], kind)])  # a null-typed list before
+    mixed = pa.chunked_array([pa.array([{"b": b"\x01\xff"}, None], kind)])
+    conn.execute("CREATE SCHEMA s")
+    conn.execute("CREATE TABLE s.t (v jsonb)")
+    for values in (only_null, mixed):
+        conn.bulk_load("t", pa.table({"v": column_for(values, "jsonb")}), schema="s")
+    conn.commit()
+
+    loaded = conn.read_arrow("SELECT v::text AS v FROM s.t")
+    assert loaded.column("v").to_pylist() == ['{"b": null}', '{"b": "01ff"}', None]
+
+
 def test_closing_twice_is_harmless(postgres_database) -> None:
     connection = PostgresConnection(postgres_database.url)
     connection.close()

@@ -156,7 +156,8 @@ def _json(array: pa.Array) -> pa.Array:
     elif pa.types.is_temporal(dtype):
         text = _quoted(_iso_text(array))
     elif pa.types.is_binary(dtype) or pa.types.is_large_binary(dtype):
-        text = _quoted(pa.array([None if v is None else v.hex() for v in array.to_pylist()]))
+        hexed = [None if v is None else v.hex() for v in array.to_pylist()]
+        text = _quoted(pa.array(hexed, pa.string()))  # typed: all nulls would be null-typed
     elif pa.types.is_map(dtype):
         keys = _quoted(array.keys.cast(pa.string()))  # type: ignore[attr-defined]
         values = _json(array.items)  # type: ignore[attr-defined]
