@@ -11,6 +11,8 @@ from nilus_dagster.errors import SinkError
 from nilus_dagster.messages import MessageBatch
 from nilus_dagster.sink import PositionConflict, sink_writer
 from nilus_dagster.sink.postgres import PostgresSink
+from nilus_dagster.sink.postgres_catalog import ensure_schema
+from nilus_dagster.sink.postgres_connection import PostgresConnection
 
 APP = "nilus-dagster/orders"
 CREATED = "2025-01-01T00:00:00+00:00"
@@ -236,6 +238,32 @@ def test_a_second_writer_waits_on_the_position_lock_then_conflicts(postgres_data
     thread.join(10)
     assert isinstance(outcome[0], PositionConflict)
     assert db.query("SELECT count(*) FROM analytics.orders") == [(2,)]
+
+
+def test_two_writers_creating_the_same_schema_at_once_both_go_on(postgres_database) -> None:
+    # CREATE SCHEMA IF NOT EXISTS is not safe against a concurrent one: the loser of the race
+    # gets a unique violation on pg_namespace (seen when two runs of one pipeline started).
+    connections = [PostgresConnection(postgres_database.url) for _ in range(2)]
+    names = [f"race_{i}" for i in range(40)]
+    start = threading.Barrier(2)
+    outcomes: list[object] = []
+
+    def create_all(conn: PostgresConnection) -> None:
+        for name in names:
+            start.wait()
+            outcomes.append(_attempt(lambda n=name: ensure_schema(conn, n, where="test")))
+
+    threads = [threading.Thread(target=create_all, args=(c,)) for c in connections]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    for conn in connections:
+        conn.close()
+
+    assert outcomes == [None] * 80
+    found = postgres_database.query("SELECT count(*) FROM pg_namespace WHERE nspname ~ '^race_'")
+    assert found == [(40,)]
 
 
 def _attempt(fn):  # type: ignore[no-untyped-def]

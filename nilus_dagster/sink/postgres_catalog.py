@@ -101,11 +101,7 @@ def ensure_schema(conn: PostgresConnection, schema: str, *, where: str) -> None:
     Raises:
         SinkError: It is missing and may not be created, or the user lacks USAGE.
     """
-    rows = conn.query(
-        "SELECT has_schema_privilege(oid, 'USAGE'), current_user, current_database() "
-        "FROM pg_namespace WHERE nspname = $1",
-        [schema],
-    )
+    rows = _schema_usage(conn, schema)
     if not rows:
         user, db = conn.query("SELECT current_user, current_database()")[0]
         may_create = conn.query("SELECT has_database_privilege(current_database(), 'CREATE')")
@@ -116,15 +112,32 @@ def ensure_schema(conn: PostgresConnection, schema: str, *, where: str) -> None:
                 f"(CREATE SCHEMA {quote(schema)}) or GRANT CREATE ON DATABASE {quote(db)} "
                 f"TO {quote(user)}"
             )
-        conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote(schema)}")
-        conn.commit()
-        return
+        try:
+            conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote(schema)}")
+            conn.commit()
+            return
+        except Exception:
+            # IF NOT EXISTS does not cover a schema created by another writer at the same
+            # moment: that one is a unique violation on pg_namespace. Its schema will do.
+            conn.rollback()
+            rows = _schema_usage(conn, schema)
+            if not rows:
+                raise
     usage, user, _ = rows[0]
     if not usage:
         raise SinkError(
             f"{where}: user {user!r} lacks USAGE on schema {schema!r}: "
             f"GRANT USAGE ON SCHEMA {quote(schema)} TO {quote(user)}"
         )
+
+
+def _schema_usage(conn: PostgresConnection, schema: str) -> list[tuple[Any, ...]]:
+    """``[(may use, current user, current database)]`` if ``schema`` exists, else ``[]``."""
+    return conn.query(
+        "SELECT has_schema_privilege(oid, 'USAGE'), current_user, current_database() "
+        "FROM pg_namespace WHERE nspname = $1",
+        [schema],
+    )
 
 
 def check_create(conn: PostgresConnection, schema: str, what: str, where: str) -> None:
