@@ -109,6 +109,7 @@ async def replay_window(
     newest_ts = await asyncio.to_thread(sink.newest_timestamp)
     duration = time.monotonic() - started
     log.info("%s: replaced window %s..%s with %d rows", pipeline.name, start, end, rows_written)
+    row_count, estimated = await asyncio.to_thread(sink.counted_rows)
     return RunReport(
         pipeline=pipeline.name,
         stream=pipeline.stream,
@@ -121,13 +122,14 @@ async def replay_window(
         sequence_lag=await src.pending_after(position) if position < final.last_seq else 0,
         lag_seconds=(datetime.now(timezone.utc) - newest_ts).total_seconds() if newest_ts else None,
         gap=0,
-        row_count=await asyncio.to_thread(sink.row_count),
+        row_count=row_count,
         rows_written=rows_written,
         dead_letters=dead_count,
         messages=len(collected),
         bytes=collected.nbytes,
         commits=1,
         duration_seconds=duration,
+        row_count_estimated=estimated,
     )
 
 

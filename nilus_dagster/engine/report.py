@@ -46,6 +46,8 @@ class RunReport:
     ``durable`` names the durable consumer the run kept at the table's position (``None`` when
     there is none, and for window replays, which leave it alone); ``realign_reasons`` says why
     the run found it away from the table's position (empty when it was in place).
+    ``row_count_estimated`` says ``row_count`` is the store's estimate (a PostgreSQL table past
+    a million rows), not a count.
     """
 
     pipeline: str
@@ -68,6 +70,7 @@ class RunReport:
     duration_seconds: float
     durable: str | None = None
     realign_reasons: tuple[str, ...] = ()
+    row_count_estimated: bool = False
 
     @property
     def realigned(self) -> bool:
@@ -100,4 +103,6 @@ class RunReport:
             "nilus/table_uri": self.table_uri,
             **({"nilus/durable": self.durable} if self.durable else {}),
             **({"nilus/realigned": "; ".join(self.realign_reasons)} if self.realigned else {}),
+            # Only where the row count is the store's estimate (a large PostgreSQL table).
+            **({"nilus/row_count_estimated": True} if self.row_count_estimated else {}),
         }

@@ -359,7 +359,7 @@ async def build_report(run: Ingestion, *, gap: int, since: float) -> RunReport:
     position = sink.position
     sequence_lag = await src.pending_after(position) if position < final.last_seq else 0
     newest = committer.newest_ns
-    row_count = await asyncio.to_thread(sink.row_count)
+    row_count, estimated = await asyncio.to_thread(sink.counted_rows)
     if newest is None:
         newest_ts = await asyncio.to_thread(sink.newest_timestamp)
         lag_seconds = (
@@ -388,6 +388,7 @@ async def build_report(run: Ingestion, *, gap: int, since: float) -> RunReport:
         duration_seconds=time.monotonic() - since,
         durable=src.spec.durable,
         realign_reasons=tuple(src.realign_reasons),
+        row_count_estimated=estimated,
     )
 
 

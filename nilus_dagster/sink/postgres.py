@@ -27,6 +27,7 @@ from nilus_dagster.sink import postgres_load as load
 from nilus_dagster.sink.decode import BatchDecoder, Decoded, PayloadFormat
 from nilus_dagster.sink.postgres_ahead import Ahead, Loads
 from nilus_dagster.sink.postgres_connection import PostgresConnection
+from nilus_dagster.sink.postgres_facts import EXACT_COUNT_ROWS, count_rows
 from nilus_dagster.sink.postgres_position import (
     lock_position,
     move_position,
@@ -195,14 +196,25 @@ class PostgresSink(SinkWriter):
 
     def row_count(self) -> int:
         """Rows in the table (``count(*)``), 0 without a table."""
+        return self._count(exact_up_to=None)[0]
+
+    def counted_rows(self) -> tuple[int, bool]:
+        """Counted up to ``EXACT_COUNT_ROWS`` rows, PostgreSQL's estimate beyond.
+
+        See :func:`~nilus_dagster.sink.postgres_facts.count_rows`: the estimate is the
+        planner's (rows per page as last analyzed, times the pages now), and a table that was
+        never analyzed is counted.
+        """
+        return self._count(exact_up_to=EXACT_COUNT_ROWS)
+
+    def _count(self, *, exact_up_to: int | None) -> tuple[int, bool]:
         if self._columns is None:
-            return 0
+            return 0, False
         conn = self._require_conn()
         self.discard_ahead()  # its commit ends the transaction: never with rows written ahead
-        table = qualified(self.schema_name, self.table_name)
-        count = conn.query(f"SELECT count(*) FROM {table}")[0][0]
+        counted = count_rows(conn, self.schema_name, self.table_name, exact_up_to)
         conn.commit()
-        return int(count)
+        return counted
 
     def newest_timestamp(self) -> datetime | None:
         """The newest ``_nats_timestamp`` committed, from the position row."""

@@ -229,6 +229,15 @@ class SinkWriter(ABC):
     def row_count(self) -> int:
         """Rows in the table (0 when it does not exist)."""
 
+    def counted_rows(self) -> tuple[int, bool]:
+        """``(rows, estimated)``: the table's rows for run metadata, and if that is an estimate.
+
+        The table formats count from their own metadata, so by default this is
+        :meth:`row_count`; a database may answer with its estimate where a count would scan a
+        large table at every run and report.
+        """
+        return self.row_count(), False
+
     @abstractmethod
     def newest_timestamp(self) -> datetime | None:
         """The newest ``_nats_timestamp`` in the table, ``None`` when it is empty or missing."""
