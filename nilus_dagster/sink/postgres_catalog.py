@@ -116,9 +116,12 @@ def ensure_schema(conn: PostgresConnection, schema: str, *, where: str) -> None:
             conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote(schema)}")
             conn.commit()
             return
-        except Exception:
+        except Exception as exc:
             # IF NOT EXISTS does not cover a schema created by another writer at the same
             # moment: that one is a unique violation on pg_namespace. Its schema will do.
+            state = str(getattr(exc, "sqlstate", "") or "")
+            if state != "23505" or not _is_catalog_race(exc, error_text(exc)):
+                raise
             conn.rollback()
             rows = _schema_usage(conn, schema)
             if not rows:
