@@ -47,7 +47,8 @@ class RunReport:
     there is none, and for window replays, which leave it alone); ``realign_reasons`` says why
     the run found it away from the table's position (empty when it was in place).
     ``row_count_estimated`` says ``row_count`` is the store's estimate (a PostgreSQL table past
-    a million rows), not a count.
+    a million rows), not a count; ``row_count`` is ``None`` where the store could give neither
+    (a PostgreSQL user without SELECT on a table not analyzed yet).
     """
 
     pipeline: str
@@ -61,7 +62,7 @@ class RunReport:
     sequence_lag: int
     lag_seconds: float | None
     gap: int
-    row_count: int
+    row_count: int | None
     rows_written: int
     dead_letters: int
     messages: int
@@ -95,7 +96,7 @@ class RunReport:
             "nats/sequence_lag": self.sequence_lag,
             "nats/lag_seconds": self.lag_seconds if self.lag_seconds is not None else 0.0,
             "nats/gap": self.gap,
-            "dagster/row_count": self.row_count,
+            **({"dagster/row_count": self.row_count} if self.row_count is not None else {}),
             "nilus/rows_written": self.rows_written,
             "nilus/dead_letters": self.dead_letters,
             "nilus/messages_per_second": round(self.messages_per_second, 1),

@@ -195,19 +195,19 @@ class PostgresSink(SinkWriter):
         )
 
     def row_count(self) -> int:
-        """Rows in the table (``count(*)``), 0 without a table."""
-        return self._count(exact_up_to=None)[0]
+        """Rows in the table (``count(*)``, which needs SELECT), 0 without a table."""
+        return self._count(exact_up_to=None)[0] or 0
 
-    def counted_rows(self) -> tuple[int, bool]:
+    def counted_rows(self) -> tuple[int | None, bool]:
         """Counted up to ``EXACT_COUNT_ROWS`` rows, PostgreSQL's estimate beyond.
 
         See :func:`~nilus_dagster.sink.postgres_facts.count_rows`: the estimate is the
-        planner's (rows per page as last analyzed, times the pages now), and a table that was
-        never analyzed is counted.
+        planner's (rows per page as last analyzed, times the pages now), a table that was
+        never analyzed is counted, and a user without SELECT gets the estimate or nothing.
         """
         return self._count(exact_up_to=EXACT_COUNT_ROWS)
 
-    def _count(self, *, exact_up_to: int | None) -> tuple[int, bool]:
+    def _count(self, *, exact_up_to: int | None) -> tuple[int | None, bool]:
         if self._columns is None:
             return 0, False
         conn = self._require_conn()

@@ -229,12 +229,12 @@ class SinkWriter(ABC):
     def row_count(self) -> int:
         """Rows in the table (0 when it does not exist)."""
 
-    def counted_rows(self) -> tuple[int, bool]:
+    def counted_rows(self) -> tuple[int | None, bool]:
         """``(rows, estimated)``: the table's rows for run metadata, and if that is an estimate.
 
         The table formats count from their own metadata, so by default this is
         :meth:`row_count`; a database may answer with its estimate where a count would scan a
-        large table at every run and report.
+        large table at every run and report, and with ``None`` where it can do neither.
         """
         return self.row_count(), False
 
