@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from leftovers import stop_left_behind
+from leftovers import mark_session, stop_left_behind
 
 from nilus_dagster.demo import sample_order
 from nilus_dagster.jetstream.local_cluster import LocalNatsCluster
@@ -65,11 +65,12 @@ def start_cli_run(
 
 def pytest_configure(config: pytest.Config) -> None:
     """Before any test (in the controller, not in each xdist worker): stop the nats-servers a
-    killed earlier session left running (``tests/leftovers.py``)."""
+    killed earlier session left running, and mark this session's (``tests/leftovers.py``)."""
     if not hasattr(config, "workerinput"):
         stopped = stop_left_behind()
         if stopped:
             print(f"stopped {len(stopped)} nats-server(s) an earlier test session left running")
+        mark_session()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -2,48 +2,64 @@
 
 Test servers run in sessions of their own (``LocalNatsServer``), so that a Ctrl-C meant for
 pytest does not reach them first; a pytest killed outright (``timeout``, SIGKILL) therefore
-leaves them running, each holding a port and a store. The next session stops those: servers
-whose parent is gone (adopted by PID 1) and whose configuration file lies in a folder the
-tests or ``LocalNatsServer`` make. The machine's own NATS (its configuration is not in such a
-folder) and the servers of a session still running (their parent is alive) are left alone.
+leaves them running, each holding a port and a store. Every session marks its environment
+with its own identity (:func:`mark_session`), which the servers it starts inherit; the next
+session stops the servers whose marking session is gone. The machine's own NATS, servers
+that users of ``LocalNatsServer`` start, and the servers of a session still running are left
+alone.
 """
 
 import os
 import signal
-import tempfile
 from pathlib import Path
 
-_TEST_FOLDERS = ("pytest-of-", "nilus-nats-")
+MARKER = "NILUS_TEST_SESSION"
+"""Environment variable holding ``<pid>:<start time>`` of the test session that set it."""
 
 
-def left_behind(temp_root: str | None = None) -> list[int]:
-    """PIDs of this user's orphaned nats-servers configured from a test's temporary folder."""
-    root = os.path.realpath(temp_root or tempfile.gettempdir()) + os.sep
+def _start_time(pid: int, proc: Path) -> str | None:
+    try:
+        return (proc / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def mark_session(proc: Path = Path("/proc")) -> None:
+    """Mark this process's environment (and so its children's) as this test session's."""
+    os.environ[MARKER] = f"{os.getpid()}:{_start_time(os.getpid(), proc)}"
+
+
+def left_behind(proc: Path = Path("/proc")) -> list[int]:
+    """PIDs of this user's nats-servers whose test session is gone (none without ``/proc``)."""
+    if not proc.is_dir():
+        return []
     found = []
-    for entry in Path("/proc").iterdir():
+    prefix = f"{MARKER}=".encode()
+    for entry in proc.iterdir():
         if not entry.name.isdigit():
             continue
         try:
             if entry.stat().st_uid != os.getuid():
                 continue
-            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
-            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
+            argv0 = (entry / "cmdline").read_bytes().split(b"\0", 1)[0]
+            if os.path.basename(argv0) != b"nats-server":
+                continue
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
             continue  # gone meanwhile, or not ours to read
-        if parent != 1 or not argv or os.path.basename(argv[0]) != "nats-server":
+        owner = next((v[len(prefix) :].decode() for v in environ if v.startswith(prefix)), None)
+        if owner is None:
             continue
-        config = argv[argv.index("-c") + 1] if "-c" in argv[:-1] else ""
-        if not config.startswith(root):
-            continue
-        if any(part.startswith(_TEST_FOLDERS) for part in config[len(root) :].split(os.sep)):
-            found.append(int(entry.name))
+        pid, _, started = owner.partition(":")
+        if not pid.isdigit() or _start_time(int(pid), proc) != started:
+            found.append(int(entry.name))  # its session ended (or its PID is another's now)
     return found
 
 
-def stop_left_behind(temp_root: str | None = None) -> list[int]:
+def stop_left_behind(proc: Path = Path("/proc")) -> list[int]:
     """SIGKILL what :func:`left_behind` finds (its store is a test's, not worth a clean stop)."""
     stopped = []
-    for pid in left_behind(temp_root):
+    for pid in left_behind(proc):
         try:
             os.kill(pid, signal.SIGKILL)
         except OSError:
