@@ -8,6 +8,7 @@ from datetime import datetime, timedelta, timezone
 
 from nilus_dagster.engine.report import RunReport
 from nilus_dagster.engine.settings import RuntimeSettings
+from nilus_dagster.engine.table import sink_call
 from nilus_dagster.jetstream import JetStreamSource, StreamState
 from nilus_dagster.messages import MessageBatch
 from nilus_dagster.sink import STREAM_CREATED_KEY, PositionConflict, SinkWriter
@@ -64,7 +65,7 @@ async def replay_window(
             if batch.last_seq >= position or batch.timestamps_ns[-1] >= end_ns:
                 break
     decoded = (
-        await asyncio.to_thread(sink.prepare, collected, format=settings.address.format)
+        await sink_call(sink.prepare, collected, format=settings.address.format)
         if len(collected)
         else None
     )
@@ -82,7 +83,7 @@ async def replay_window(
         }
         for attempt in range(1, WINDOW_COMMIT_ATTEMPTS + 1):
             try:
-                result = await asyncio.to_thread(
+                result = await sink_call(
                     sink.replace_window,
                     rows,
                     None,
@@ -103,13 +104,13 @@ async def replay_window(
                     pipeline.name,
                 )
                 await asyncio.sleep(random.uniform(0.05, 0.3) * attempt)
-                await asyncio.to_thread(sink.open)
+                await sink_call(sink.open)
         rows_written = result.rows_written
     final = await src.stream_state()
-    newest_ts = await asyncio.to_thread(sink.newest_timestamp)
+    newest_ts = await sink_call(sink.newest_timestamp)
     duration = time.monotonic() - started
     log.info("%s: replaced window %s..%s with %d rows", pipeline.name, start, end, rows_written)
-    row_count, estimated = await asyncio.to_thread(sink.counted_rows)
+    row_count, estimated = await sink_call(sink.counted_rows)
     return RunReport(
         pipeline=pipeline.name,
         stream=pipeline.stream,

@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 
 from nilus_dagster.engine.report import LagReport
 from nilus_dagster.engine.settings import runtime_settings
-from nilus_dagster.engine.table import check_stream_identity, open_sink
+from nilus_dagster.engine.table import check_stream_identity, open_sink, sink_call
 from nilus_dagster.errors import PositionError
 from nilus_dagster.jetstream import JetStreamSource
 from nilus_dagster.jetstream.connection import DEFAULT_CONNECT_TIMEOUT_SECONDS
@@ -30,7 +30,7 @@ async def measure_lag_async(
     settings = runtime_settings(pipeline, env=env, servers=servers)
     sink = open_sink(settings)
     with sink:
-        state = await asyncio.to_thread(sink.open)
+        state = await sink_call(sink.open)
         async with JetStreamSource(
             settings.address,
             pipeline.stream,
@@ -48,7 +48,7 @@ async def measure_lag_async(
             if problem is None and position < stream.last_seq:
                 pending = await source.pending_after(position)
                 gap = await source.removed_after(position, stream)
-        newest = await asyncio.to_thread(sink.newest_timestamp) if state.exists else None
+        newest = await sink_call(sink.newest_timestamp) if state.exists else None
     return LagReport(
         stream=pipeline.stream,
         subject=settings.address.subject,

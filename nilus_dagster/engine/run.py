@@ -22,7 +22,12 @@ from nilus_dagster.engine.backfill import replay_window
 from nilus_dagster.engine.committer import Committer
 from nilus_dagster.engine.report import RunReport
 from nilus_dagster.engine.settings import RuntimeSettings, runtime_settings
-from nilus_dagster.engine.table import check_stream_identity, identity_problem, open_sink
+from nilus_dagster.engine.table import (
+    check_stream_identity,
+    identity_problem,
+    open_sink,
+    sink_call,
+)
 from nilus_dagster.jetstream import JetStreamSource, StreamState
 from nilus_dagster.manifest.loader import Pipeline
 from nilus_dagster.messages import MessageBatch
@@ -359,9 +364,9 @@ async def build_report(run: Ingestion, *, gap: int, since: float) -> RunReport:
     position = sink.position
     sequence_lag = await src.pending_after(position) if position < final.last_seq else 0
     newest = committer.newest_ns
-    row_count, estimated = await asyncio.to_thread(sink.counted_rows)
+    row_count, estimated = await sink_call(sink.counted_rows)
     if newest is None:
-        newest_ts = await asyncio.to_thread(sink.newest_timestamp)
+        newest_ts = await sink_call(sink.newest_timestamp)
         lag_seconds = (
             (datetime.now(timezone.utc) - newest_ts).total_seconds() if newest_ts else None
         )
