@@ -11,7 +11,7 @@ from nilus_dagster.errors import SinkError
 from nilus_dagster.messages import MessageBatch
 from nilus_dagster.sink import PositionConflict, sink_writer
 from nilus_dagster.sink.postgres import PostgresSink
-from nilus_dagster.sink.postgres_catalog import ensure_schema
+from nilus_dagster.sink.postgres_catalog import ensure_positions_table, ensure_schema
 from nilus_dagster.sink.postgres_connection import PostgresConnection
 
 APP = "nilus-dagster/orders"
@@ -252,6 +252,8 @@ def test_two_writers_creating_the_same_schema_at_once_both_go_on(postgres_databa
         for name in names:
             start.wait()
             outcomes.append(_attempt(lambda n=name: ensure_schema(conn, n, where="test")))
+            start.wait()  # then the position table in it, raced the same way
+            outcomes.append(_attempt(lambda n=name: ensure_positions_table(conn, n, "test")))
 
     threads = [threading.Thread(target=create_all, args=(c,)) for c in connections]
     for thread in threads:
@@ -261,9 +263,13 @@ def test_two_writers_creating_the_same_schema_at_once_both_go_on(postgres_databa
     for conn in connections:
         conn.close()
 
-    assert outcomes == [None] * 80
+    assert outcomes == [None] * 160
     found = postgres_database.query("SELECT count(*) FROM pg_namespace WHERE nspname ~ '^race_'")
     assert found == [(40,)]
+    tables = postgres_database.query(
+        "SELECT count(*) FROM pg_tables WHERE tablename = 'nilus_positions'"
+    )
+    assert tables == [(40,)]
 
 
 def _attempt(fn):  # type: ignore[no-untyped-def]

@@ -119,8 +119,7 @@ def ensure_schema(conn: PostgresConnection, schema: str, *, where: str) -> None:
         except Exception as exc:
             # IF NOT EXISTS does not cover a schema created by another writer at the same
             # moment: that one is a unique violation on pg_namespace. Its schema will do.
-            state = str(getattr(exc, "sqlstate", "") or "")
-            if state != "23505" or not _is_catalog_race(exc, error_text(exc)):
+            if not _lost_race(exc):
                 raise
             conn.rollback()
             rows = _schema_usage(conn, schema)
@@ -338,8 +337,10 @@ def ensure_positions_table(conn: PostgresConnection, schema: str, where: str) ->
                 "PRIMARY KEY (pipeline, table_name))",
             )
             conn.commit()
-        except Exception:
+        except Exception as exc:
             # Another writer created it at the same moment (a unique violation on the type).
+            if not _lost_race(exc):
+                raise
             conn.rollback()
             if table_columns(conn, schema, POSITIONS_TABLE) is None:
                 raise
@@ -390,13 +391,19 @@ def _is_catalog_race(exc: Exception, text: str) -> bool:
     return bool(_CATALOG_RACE.search(text))
 
 
+def _lost_race(exc: Exception) -> bool:
+    """Whether ``exc`` is another writer creating or changing the same object at that moment."""
+    state = str(getattr(exc, "sqlstate", "") or "")
+    return state in _RACES or (state == "23505" and _is_catalog_race(exc, error_text(exc)))
+
+
 def write_error(exc: Exception, where: str) -> SinkError:
     """The clear error for a failed commit (rolled back: nothing was written)."""
     if isinstance(exc, SinkError):
         return exc
     text = error_text(exc)
     state = str(getattr(exc, "sqlstate", "") or "")
-    if state in _RACES or (state == "23505" and _is_catalog_race(exc, text)):
+    if _lost_race(exc):
         return PositionConflict(f"{where}: another writer changed the table ({text}); open() again")
     if state == "23505":
         return _refused_as_duplicates(text, where)
