@@ -183,7 +183,13 @@ class ColumnInbox:
 
     def add_ack(self, fields: tuple[int, int, int, int] | None) -> None:
         """Record what the reply of one frame just added says (``None``: it says nothing)."""
-        self.add_acks(None if fields is None else tuple([value] for value in fields))  # type: ignore[arg-type]
+        if self.acks is None:
+            return
+        if fields is None:
+            self.acks = None
+            return
+        for column, value in zip(self.acks, fields, strict=True):
+            column.append(value)
 
     def add_message(self, msg: Any) -> None:
         """Add one nats-py ``Msg`` (the public path: a subscription callback)."""
