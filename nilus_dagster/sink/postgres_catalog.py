@@ -366,11 +366,13 @@ _LOST = (
     "could not send data to server",
 )
 
-# SQLSTATEs of a lost race with another writer creating the same table, column or index.
-# A unique violation (23505) is one only on the system catalogs' own indexes (pg_type, pg_class
-# for a table or index created at the same time); on the table it is the rows that are refused,
-# and they would be refused again at every retry.
-_RACES = ("42P07", "42701", "40P01", "40001")
+# SQLSTATEs of a lost race with another writer creating the same schema, table, column or
+# index: duplicate table, column, schema, and object (a table's row type, seen when two runs
+# created the position table at once), a deadlock, a serialization failure. A unique violation
+# (23505) is one only on the system catalogs' own indexes (pg_type, pg_class for a table or
+# index created at the same time); on the table it is the rows that are refused, and they would
+# be refused again at every retry.
+_RACES = ("42P07", "42701", "42P06", "42710", "40P01", "40001")
 _CATALOG_RACE = re.compile(r'unique constraint "pg_[a-z_]+"')
 _DUPLICATE_KEY = re.compile(r"Key \((?P<key>[^)]*)\)=")
 
