@@ -2,16 +2,19 @@
 conflicts, backfill windows, partitioning and maintenance, on SQLite and PostgreSQL catalogs."""
 
 import json
+import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+import sqlalchemy
 
 from nilus_dagster.errors import SinkError
 from nilus_dagster.manifest.depots import TableLocation
 from nilus_dagster.messages import MessageBatch
 from nilus_dagster.sink.iceberg import IcebergSink
+from nilus_dagster.sink.iceberg_catalog import catalog_init_race, connect
 from nilus_dagster.sink.writer import STREAM_CREATED_KEY, CommitResult, PositionConflict
 
 DAY0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
@@ -155,6 +158,61 @@ def test_two_writers_creating_the_table_at_once_write_the_first_batch_once(any_l
         write(second, batch([{"id": 1}], start=1))
     assert second.open().position == 1
     assert [r["_nats_seq"] for r in scan(loc)] == [1]
+
+
+def test_two_runs_opening_a_new_postgresql_catalog_at_once_both_go_on(
+    postgres_database, iceberg_pg_catalog_uri: str, tmp_path: Path
+) -> None:
+    # Both create the catalog's tables; the loser fails with a unique violation or a duplicate
+    # table, by timing, and must open the winner's.
+    schemas = [f"race_{i}" for i in range(10)]
+    for schema in schemas:
+        postgres_database.query(f"CREATE SCHEMA {schema}")
+    start = threading.Barrier(2)
+    outcomes: list[object] = []
+
+    def open_all() -> None:
+        for schema in schemas:
+            loc = _locations(
+                tmp_path, f"{iceberg_pg_catalog_uri}?options=-csearch_path%3D{schema}"
+            )()
+            start.wait()
+            try:
+                catalog = connect(loc)
+            except Exception as exc:
+                outcomes.append(exc)
+            else:
+                outcomes.append(None)
+                catalog.engine.dispose()  # type: ignore[attr-defined]
+
+    threads = [threading.Thread(target=open_all) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+
+    assert outcomes == [None] * 20
+    tables = postgres_database.query(
+        "SELECT count(*) FROM pg_tables WHERE tablename = 'iceberg_tables'"
+    )
+    assert tables == [(10,)]
+
+
+def test_a_duplicate_row_type_is_a_lost_creation_race_too(
+    postgres_database, iceberg_pg_catalog_uri: str
+) -> None:
+    # The rarest timing of that race (seen once in CI): the winner commits between the loser's
+    # check for the table's name and for its row type's, so the loser gets duplicate_object.
+    # A type left in the way gives PostgreSQL's very error for certain.
+    postgres_database.query("CREATE TYPE iceberg_tables AS ENUM ('a')")
+    engine = sqlalchemy.create_engine(iceberg_pg_catalog_uri)
+    try:
+        with pytest.raises(sqlalchemy.exc.DBAPIError) as caught, engine.begin() as conn:
+            conn.execute(sqlalchemy.text("CREATE TABLE iceberg_tables (a int)"))
+    finally:
+        engine.dispose()
+    assert 'type "iceberg_tables" already exists' in str(caught.value)
+    assert catalog_init_race(caught.value)
 
 
 def test_new_fields_add_columns_and_a_conflicting_type_is_a_dead_letter(location) -> None:

@@ -136,7 +136,7 @@ def connect(location: TableLocation) -> Catalog:
             # and the slower one fails (measured on PostgreSQL: a unique violation); the
             # tables exist by then, so opening again succeeds.
             error = exc
-            if not _catalog_init_race(exc):
+            if not catalog_init_race(exc):
                 break
             time.sleep(0.2 * (attempt + 1))
     raise SinkError(
@@ -146,12 +146,17 @@ def connect(location: TableLocation) -> Catalog:
     ) from None
 
 
-# SQLSTATEs of two processes creating the catalog's tables at once (measured on PostgreSQL 15:
-# unique_violation on the type catalog, or duplicate_table).
-_INIT_RACE_STATES = ("23505", "42P07")
+# SQLSTATEs of two processes creating the catalog's tables at once (measured on PostgreSQL 15,
+# by timing: unique_violation on the type catalog, duplicate_table, or duplicate_object for
+# the table's row type).
+_INIT_RACE_STATES = ("23505", "42P07", "42710")
 
 
-def _catalog_init_race(exc: BaseException) -> bool:
+def catalog_init_race(exc: BaseException) -> bool:
+    """Whether ``exc`` is what the slower of two openers of a new catalog gets.
+
+    The faster one created the catalog's tables, so opening again succeeds.
+    """
     if isinstance(exc, IntegrityError):
         return True
     if not isinstance(exc, DBAPIError):
