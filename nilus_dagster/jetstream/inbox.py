@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,23 +174,19 @@ class ColumnInbox:
 
     def add_acks(self, acks: AckColumns | None) -> None:
         """Record what the replies of frames just added say (``None``: it was not read)."""
-        if self.acks is None:
-            return
-        if acks is None:
-            self.acks = None
-            return
-        for column, values in zip(self.acks, acks, strict=True):
+        for column, values in self._ack_pairs(acks):
             column += values
 
     def add_ack(self, fields: tuple[int, int, int, int] | None) -> None:
         """Record what the reply of one frame just added says (``None``: it says nothing)."""
-        if self.acks is None:
-            return
-        if fields is None:
-            self.acks = None
-            return
-        for column, value in zip(self.acks, fields, strict=True):
+        for column, value in self._ack_pairs(fields):
             column.append(value)
+
+    def _ack_pairs(self, given: Sequence[Any] | None) -> Iterable[tuple[list[int], Any]]:
+        """Each ack column with ``given``'s; none from the first frame whose reply is unknown."""
+        if given is None:
+            self.acks = None
+        return () if self.acks is None else zip(self.acks, given, strict=True)
 
     def add_message(self, msg: Any) -> None:
         """Add one nats-py ``Msg`` (the public path: a subscription callback)."""
